@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# The virtual environment reuses a torch that is already installed (system site
+# packages are visible); where none is, it takes the CPU build on a machine
+# without a GPU and the default build where nvidia-smi finds one.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_TORCH ?= torch==2.13.0
+TRITON ?= triton==3.6.0
+# Without a GPU the Triton kernels run under Triton's interpreter (set before triton loads).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "reusing installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif [ -n "$(HAS_GPU)" ]; then \
+		$(PY) -m pip install torch; \
+	else \
+		$(PY) -m pip install $(CPU_TORCH); \
+	fi
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install $(TRITON)
+	$(PY) -m pip install -e ".[test,bench]"
+	touch $@
+
+demo: setup
+	$(INTERPRET) $(PY) -m llama_adapter_fast.demo
+
+test: setup
+	$(INTERPRET) $(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

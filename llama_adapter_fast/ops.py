@@ -1,0 +1,116 @@
+"""The fused op as torch.library custom ops with autograd.
+
+Forward and backward launchers are registered as `llama_adapter_fast::gpa_forward` and
+`llama_adapter_fast::gpa_backward`, each with a fake implementation, and tied together with
+`register_autograd`, so torch.compile sees one opaque op (no graph break) and
+`torch.library.opcheck` can test the registration.
+"""
+
+
+import torch
+
+try:  # triton is optional off Linux; the "sdpa" and "eager" backends work without it
+    from llama_adapter_fast.kernels import backward as _bwd
+    from llama_adapter_fast.kernels import forward as _fwd
+    from llama_adapter_fast.kernels.utils import can_run_on
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    TRITON_AVAILABLE = False
+
+    def can_run_on(device: torch.device) -> bool:
+        return False
+
+
+@torch.library.custom_op("llama_adapter_fast::gpa_forward", mutates_args=())
+def gpa_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: returns out and the two base-2 log-sum-exps (float32, (B, Hq, T))."""
+    return _fwd.forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale)
+
+
+@gpa_forward.register_fake
+def _(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale):
+    B, H, T, D = q.shape
+    lse = q.new_empty((B, H, T), dtype=torch.float32)
+    return q.new_empty((B, H, T, D)), lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("llama_adapter_fast::gpa_backward", mutates_args=())
+def gpa_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse1: torch.Tensor,
+    lse2: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: gradients of q, k, v, prefix_k, prefix_v and gate_act."""
+    return _bwd.backward(
+        grad_out, q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask,
+        out, lse1, lse2, causal, softmax_scale,
+    )
+
+
+@gpa_backward.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, out, lse1, lse2,
+      causal, softmax_scale):
+    def like(t: torch.Tensor) -> torch.Tensor:
+        return t.new_empty(t.shape)
+
+    return like(q), like(k), like(v), like(prefix_k), like(prefix_v), like(gate_act)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale = inputs
+    out, lse1, lse2 = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, out, lse1, lse2)
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse1, lse2)
+
+
+def _backward(ctx, grad_out, _grad_lse1, _grad_lse2):
+    q, k, v, prefix_k, prefix_v, gate_act, mask, out, lse1, lse2 = ctx.saved_tensors
+    grads = gpa_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, gate_act, mask, out, lse1, lse2,
+        ctx.causal, ctx.softmax_scale,
+    )
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(
+    "llama_adapter_fast::gpa_forward", _backward, setup_context=_setup_context
+)
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """The fused path on validated inputs; gate_act is act(gate) as float32 of shape (Hq,)."""
+    out, _, _ = gpa_forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale)
+    return out

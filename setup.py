@@ -1,0 +1,36 @@
+"""Install metadata for llama-adapter-fast.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository and are
+installed as the subpackage ``llama_adapter_fast.kernels`` (never as a top-level
+``kernels`` module, a name that belongs to another package on the index).
+"""
+
+from setuptools import setup
+
+setup(
+    name="llama-adapter-fast",
+    version="0.1.0",
+    description="Fused Triton kernels for LLaMA-Adapter's zero-initialized gated attention",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "llama_adapter_fast",
+        "llama_adapter_fast.kernels",
+    ],
+    package_dir={
+        "llama_adapter_fast": "llama_adapter_fast",
+        "llama_adapter_fast.kernels": "kernels",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.2; sys_platform == 'linux'",
+    ],
+    extras_require={
+        # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 rejects.
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy<2.4"],
+        "bench": ["matplotlib", "tqdm", "pandas"],
+        "hf": ["transformers>=4.48", "peft>=0.13", "safetensors", "accelerate"],
+    },
+)

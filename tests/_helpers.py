@@ -1,0 +1,141 @@
+"""Shared test helpers: random inputs, the float64 oracle, error measures, launch counts."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from llama_adapter_fast import eager_attention, gated_prefix_attention
+from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
+
+
+@dataclass
+class Case:
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    T: int = 21
+    S: int | None = None  # defaults to T
+    D: int = 32
+    P: int = 10
+    causal: bool = True
+    shared_prefix: bool = False
+    gate_shape: tuple = ("Hq",)
+    gate_activation: str = "tanh"
+    softmax_scale: float | None = None
+    mask: str | None = None  # None, "random" or "empty_rows" (some batch with no key at all)
+    transposed: bool = False  # q, k, v as (B, T, H, D).transpose(1, 2)
+    dtype: torch.dtype = torch.float32
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def seq_k(self) -> int:
+        return self.T if self.S is None else self.S
+
+
+def make_inputs(c: Case, seed: int = 0) -> tuple[list[torch.Tensor], dict]:
+    """Fresh random inputs with non-zero gates; returns (tensors, keyword arguments)."""
+    g = torch.Generator().manual_seed(seed)
+    S = c.seq_k
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(c.dtype).to(DEVICE)
+
+    if c.transposed:
+        q = rand(c.B, c.T, c.Hq, c.D).transpose(1, 2)
+        k = rand(c.B, S, c.Hkv, c.D).transpose(1, 2)
+        v = rand(c.B, S, c.Hkv, c.D).transpose(1, 2)
+    else:
+        q, k, v = rand(c.B, c.Hq, c.T, c.D), rand(c.B, c.Hkv, S, c.D), rand(c.B, c.Hkv, S, c.D)
+    prefix_shape = (c.Hkv, c.P, c.D) if c.shared_prefix else (c.B, c.Hkv, c.P, c.D)
+    pk, pv = rand(*prefix_shape), rand(*prefix_shape)
+    gate_shape = tuple(c.Hq if d == "Hq" else d for d in c.gate_shape)
+    gate = (torch.rand(gate_shape, generator=g) * 1.5 + 0.25).to(DEVICE)  # non-zero, both signs below
+    if gate.dim() > 0 and gate.numel() > 1:
+        gate[::2] = -gate[::2]
+    mask = None
+    if c.mask is not None:
+        mask = (torch.rand(c.B, S, generator=g) > 0.35).to(DEVICE)
+        if c.mask == "empty_rows" and c.B > 0:
+            mask[0] = False
+    kwargs = dict(causal=c.causal, gate_activation=c.gate_activation,
+                  softmax_scale=c.softmax_scale, key_padding_mask=mask)
+    return [q, k, v, pk, pv, gate], kwargs
+
+
+def with_grad(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Leaf copies that require grad (keeping strides), optionally cast (never the gate)."""
+    out = []
+    for i, t in enumerate(tensors):
+        t = t.detach()
+        if dtype is not None and i < 5:
+            t = t.to(dtype)
+        out.append(t.requires_grad_())
+    return out
+
+
+def forward_backward(fn, tensors, kwargs, grad_out=None, dtype=None):
+    """Run fn on grad-requiring copies; returns (out, grad_out, [six gradients])."""
+    leaves = with_grad(tensors, dtype)
+    out = fn(*leaves, **kwargs)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    return out, grad_out, list(grads)
+
+
+def oracle(tensors, kwargs, grad_out):
+    """The eager reference in float64 (gate too)."""
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    out = eager_attention(*leaves, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out.double(), allow_unused=True)
+    return out, list(grads)
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.1) -> float:
+    """||x - ref|| / ||ref||, with a floor on the denominator of `floor` per element (RMS):
+    inputs are unit normal, so a reference far below that is zero up to rounding (for
+    example the prefix keys' gradient when P = 1) and is judged on the problem's scale."""
+    diff = (x.double() - ref.double()).norm().item()
+    return diff / max(ref.double().norm().item(), floor * max(ref.numel(), 1) ** 0.5)
+
+
+def triton_fn(*args, **kwargs):
+    return gated_prefix_attention(*args, backend="triton", **kwargs)
+
+
+@contextlib.contextmanager
+def expect_launches(*names: str):
+    """Assert that each named kernel launcher of the package ran inside the block."""
+    before = dict(LAUNCH_COUNTS)
+    yield
+    for name in names:
+        assert LAUNCH_COUNTS[name] > before.get(name, 0), f"Triton kernel {name!r} did not run"
+
+
+ALL_KERNELS = ("forward", "backward_preprocess", "backward_dkdv", "backward_dq")
+
+
+def check_against_oracle(c: Case, tol: float = 2e-5, seed: int = 0) -> dict[str, float]:
+    """Triton forward and all six gradients against the float64 oracle; returns the errors."""
+    tensors, kwargs = make_inputs(c, seed)
+    kernels = [n for n in ALL_KERNELS if n != "backward_dkdv" or c.seq_k > 0]
+    if c.B * c.T == 0:
+        kernels = []
+    with expect_launches(*kernels):
+        out, grad_out, grads = forward_backward(triton_fn, tensors, kwargs)
+    ref, ref_grads = oracle(tensors, kwargs, grad_out)
+    assert out.shape == ref.shape and out.dtype == c.dtype
+    errors = {"out": rel_error(out, ref)}
+    for name, g, r, t in zip(GRAD_NAMES, grads, ref_grads, tensors, strict=True):
+        assert g is not None and g.shape == t.shape and g.dtype == t.dtype, name
+        assert torch.isfinite(g).all(), name
+        errors["d" + name] = rel_error(g, r)
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"errors over {tol}: {bad}"
+    return errors
