@@ -106,6 +106,7 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
 
 
 def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot take q, or None when they can."""
     if not ops.TRITON_AVAILABLE:
         return "triton is not installed"
     if not ops.can_run_on(q.device):
@@ -122,7 +123,8 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "triton":
         reason = _triton_unavailable_reason(q)
         if reason is not None:
-            raise ValueError(f"backend='triton' cannot run: {reason}")
+            error = TypeError if q.dtype not in KERNEL_DTYPES else ValueError
+            raise error(f"backend='triton' cannot run: {reason}")
         return backend
     if backend == "auto":
         # CUDA tensors the kernels support take the fused path; everything else takes the

@@ -3,7 +3,8 @@ gradients over the features of DESIGN.md (float32 inputs, IEEE products)."""
 
 import pytest
 import torch
-from _helpers import Case, check_against_oracle
+
+from llama_adapter_fast.testing import Case, check_against_oracle
 
 CASES = {
     "mha_causal": Case(Hq=2, Hkv=2),
@@ -46,7 +47,7 @@ def test_triton_matches_oracle(name):
 
 def test_gradient_with_zero_strides():
     """The gradient of out.sum() arrives expanded (stride 0); the kernels read any strides."""
-    from _helpers import expect_launches, make_inputs, oracle, rel_error, triton_fn, with_grad
+    from llama_adapter_fast.testing import expect_launches, make_inputs, oracle, rel_error, triton_fn, with_grad
 
     tensors, kwargs = make_inputs(Case(T=18))
     leaves = with_grad(tensors)
@@ -61,7 +62,7 @@ def test_gradient_with_zero_strides():
 @pytest.mark.parametrize("subset", [("q",), ("k", "v"), ("prefix_k", "gate"), ("gate",)])
 def test_gradient_subsets(subset):
     """Only some inputs require grad: those get correct gradients, the others none."""
-    from _helpers import GRAD_NAMES, make_inputs, oracle, rel_error, triton_fn
+    from llama_adapter_fast.testing import GRAD_NAMES, make_inputs, oracle, rel_error, triton_fn
 
     tensors, kwargs = make_inputs(Case(T=17, Hkv=1))
     leaves = [t.detach().requires_grad_(n in subset) for n, t in zip(GRAD_NAMES, tensors, strict=True)]
@@ -79,7 +80,7 @@ def test_gradient_subsets(subset):
 @pytest.mark.parametrize("B,T", [(0, 9), (2, 0)])
 def test_empty_inputs(B, T):
     """Empty batches and T == 0 return empty outputs, and empty gradients."""
-    from _helpers import make_inputs, triton_fn, with_grad
+    from llama_adapter_fast.testing import make_inputs, triton_fn, with_grad
 
     tensors, kwargs = make_inputs(Case(B=B, T=T, S=5))
     leaves = with_grad(tensors)

@@ -1,4 +1,5 @@
-"""Shared test helpers: random inputs, the float64 oracle, error measures, launch counts."""
+"""Correctness tooling shared by the tests and the GPU check: random problems, the float64
+oracle, the error measure, and launch counts that prove the Triton kernels ran."""
 
 from __future__ import annotations
 
@@ -119,23 +120,47 @@ def expect_launches(*names: str):
 
 
 ALL_KERNELS = ("forward", "backward_preprocess", "backward_dkdv", "backward_dq")
+ERROR_NAMES = ("out",) + tuple("d" + n for n in GRAD_NAMES)
 
 
-def check_against_oracle(c: Case, tol: float = 2e-5, seed: int = 0) -> dict[str, float]:
-    """Triton forward and all six gradients against the float64 oracle; returns the errors."""
-    tensors, kwargs = make_inputs(c, seed)
-    kernels = [n for n in ALL_KERNELS if n != "backward_dkdv" or c.seq_k > 0]
-    if c.B * c.T == 0:
-        kernels = []
-    with expect_launches(*kernels):
-        out, grad_out, grads = forward_backward(triton_fn, tensors, kwargs)
+def errors_against_oracle(fn, tensors, kwargs) -> dict[str, float]:
+    """Relative errors of fn's output and six gradients against the float64 oracle."""
+    out, grad_out, grads = forward_backward(fn, tensors, kwargs)
     ref, ref_grads = oracle(tensors, kwargs, grad_out)
-    assert out.shape == ref.shape and out.dtype == c.dtype
-    errors = {"out": rel_error(out, ref)}
+    assert out.shape == ref.shape and out.dtype == tensors[0].dtype
+    errors = [rel_error(out, ref)]
     for name, g, r, t in zip(GRAD_NAMES, grads, ref_grads, tensors, strict=True):
         assert g is not None and g.shape == t.shape and g.dtype == t.dtype, name
         assert torch.isfinite(g).all(), name
-        errors["d" + name] = rel_error(g, r)
+        errors.append(rel_error(g, r))
+    return dict(zip(ERROR_NAMES, errors, strict=True))
+
+
+def kernels_for(c: Case) -> list[str]:
+    """The kernels a forward and backward of this case must launch."""
+    if c.B * c.T == 0:
+        return []
+    return [n for n in ALL_KERNELS if n != "backward_dkdv" or c.seq_k > 0]
+
+
+def check_against_oracle(c: Case, tol: float = 2e-5, seed: int = 0) -> dict[str, float]:
+    """Triton forward and all six gradients in float32 against the float64 oracle."""
+    tensors, kwargs = make_inputs(c, seed)
+    with expect_launches(*kernels_for(c)):
+        errors = errors_against_oracle(triton_fn, tensors, kwargs)
     bad = {k: v for k, v in errors.items() if not v < tol}
     assert not bad, f"errors over {tol}: {bad}"
     return errors
+
+
+def check_low_precision(c: Case, floor: float = 1e-4, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """FlashAttention's criterion: the Triton error at most twice the eager backend's error
+    in the same dtype (both against the float64 oracle), plus a small floor."""
+    tensors, kwargs = make_inputs(c, seed)
+    with expect_launches(*kernels_for(c)):
+        fused = errors_against_oracle(triton_fn, tensors, kwargs)
+    eager = errors_against_oracle(eager_attention, tensors, kwargs)
+    pairs = {k: (fused[k], eager[k]) for k in ERROR_NAMES}
+    bad = {k: p for k, p in pairs.items() if not p[0] <= 2 * p[1] + floor}
+    assert not bad, f"(triton, eager) errors over the criterion: {bad}"
+    return pairs
