@@ -22,6 +22,8 @@ import triton.language as tl
 from .forward import LOG2E, prefix_strides, strides
 from .utils import (
     AUTOTUNE,
+    DKDV_CONFIGS,
+    DQ_CONFIGS,
     INTERPRET,
     block_d,
     block_p,
@@ -130,7 +132,7 @@ def _dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     H, HKV, T, S, D, GROUP, softmax_scale, scale_log2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -235,7 +237,7 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, S, P, D, GROUP, N_SPLITS, softmax_scale, scale_log2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -325,10 +327,9 @@ def _dq_kernel(
                  dq.to(DQ.dtype.element_ty), mask=md_valid)
 
 
-_PAIRS = [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128)]
 _dkdv_kernel_tuned = (
     triton.autotune(
-        configs=make_configs(_PAIRS),
+        configs=make_configs(DKDV_CONFIGS),
         key=["BLOCK_D", "CAUSAL", "HAS_MASK", "T_BUCKET", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune_by_shared_memory},
     )(_dkdv_kernel)
@@ -337,7 +338,7 @@ _dkdv_kernel_tuned = (
 )
 _dq_kernel_tuned = (
     triton.autotune(
-        configs=make_configs([(64, 32), (64, 64), (128, 32), (128, 64)]),
+        configs=make_configs(DQ_CONFIGS),
         key=["BLOCK_D", "CAUSAL", "HAS_MASK", "T_BUCKET", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune_by_shared_memory},
         # The partial prefix gradients are accumulated: start each tuning run from zero.

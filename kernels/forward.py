@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .utils import (
     AUTOTUNE,
+    FORWARD_CONFIGS,
     block_d,
     block_p,
     count_launch,
@@ -85,7 +86,7 @@ def _fwd_kernel(
     stride_mb, stride_ms,
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T, S, P, D, GROUP, scale_log2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -176,7 +177,7 @@ def _fwd_kernel(
 
 _fwd_kernel_tuned = (
     triton.autotune(
-        configs=make_configs([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]),
+        configs=make_configs(FORWARD_CONFIGS),
         key=["BLOCK_D", "CAUSAL", "HAS_MASK", "T_BUCKET", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune_by_shared_memory},
     )(_fwd_kernel)

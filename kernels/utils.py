@@ -44,7 +44,8 @@ def block_p(prefix_len: int) -> int:
 
 
 def t_bucket(seq_len: int) -> int:
-    """Autotuning key for the query length: powers of two from 128 to 16k."""
+    """Autotuning key for the query length: powers of two from 128 to 16k. Passed as a plain
+    int (not a constexpr), so buckets share compiled kernels and differ only in tuning."""
     return min(16384, max(128, triton.next_power_of_2(max(seq_len, 1))))
 
 
@@ -59,20 +60,27 @@ def num_sms(device_index: int) -> int:
 
 
 def prune_by_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose tiles are too large for the head dim (shared memory is finite)."""
+    """Drop configs whose tiles are too large for the head dim (shared memory and registers
+    are finite): tiles of at most 128 x 128 elements, and two stages for head dim 256."""
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    budget = 64 * 128 if d >= 256 else 128 * 128
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * d <= budget and c.kwargs["BLOCK_N"] * d <= budget]
-    return kept or configs[-1:]
-
-
-def make_configs(pairs, warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n in pairs
-        for w in warps
-        for s in stages
+    budget = 128 * 128
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] * d <= budget and c.kwargs["BLOCK_N"] * d <= budget and (d < 256 or c.num_stages <= 2)
     ]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+def make_configs(specs) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples. The lists are short on
+    purpose: every config is compiled once per (head dim, causal, mask, dtype)."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
+
+
+# Forward and dQ: many queries per program, a loop over keys. dK/dV: the transpose.
+FORWARD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+DKDV_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)]
 
 
 def fixed_blocks(head_dim_block: int) -> dict:
