@@ -27,3 +27,20 @@ def test_importing_the_package_does_not_register_a_top_level_kernels():
     assert "kernels" not in sys.modules or getattr(sys.modules["kernels"], "__file__", "") != str(
         ROOT / "kernels" / "__init__.py"
     )
+
+
+def test_uninstalled_checkout_finds_its_kernels(tmp_path):
+    """Run from a copy of the sources with no install (as on a machine with only torch and
+    triton): llama_adapter_fast.kernels still resolves to the checkout's kernels/."""
+    import shutil
+
+    for folder in ("llama_adapter_fast", "kernels"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "import llama_adapter_fast.kernels.forward as f\n"
+        "print(f.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.strip() == str(tmp_path / "kernels" / "forward.py")
