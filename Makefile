@@ -11,7 +11,7 @@ TRITON ?= triton==3.6.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo demo-op test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,14 +25,23 @@ $(VENV)/.installed: setup.py
 		$(PY) -m pip install $(CPU_TORCH); \
 	fi
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install $(TRITON)
-	$(PY) -m pip install -e ".[test,bench]"
+	$(PY) -m pip install -e ".[test,bench,hf]"
 	touch $@
 
+# Pretrain a tiny LLaMA, fine-tune its adapter on the bundled instructions, answer held-out ones.
 demo: setup
+	$(INTERPRET) $(PY) -m llama_adapter_fast.cli demo --out runs/demo
+
+# The op alone through every backend, with errors against the float64 oracle and timings.
+demo-op: setup
 	$(INTERPRET) $(PY) -m llama_adapter_fast.demo
 
 test: setup
 	$(INTERPRET) $(PY) -m pytest -q tests
+
+# The GPU suite where there is a GPU; elsewhere the CPU part (kernel timings need a GPU).
+bench: setup
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

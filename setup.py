@@ -23,14 +23,21 @@ setup(
         "llama_adapter_fast.kernels": "kernels",
     },
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "numpy",
         "triton>=3.2; sys_platform == 'linux'",
+        "sentencepiece",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
     ],
+    entry_points={"console_scripts": ["llama-adapter-fast = llama_adapter_fast.cli:main"]},
+    package_data={"llama_adapter_fast": ["assets/tokenizer.model", "assets/synthetic/*.jsonl"]},
+    include_package_data=True,
     extras_require={
         # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 rejects.
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy<2.4"],
-        "bench": ["matplotlib", "tqdm", "pandas"],
-        "hf": ["transformers>=4.48", "peft>=0.13", "safetensors", "accelerate"],
+        "bench": ["matplotlib", "tqdm", "transformers>=4.48", "peft>=0.14"],
+        "hf": ["transformers>=4.48", "peft>=0.14", "safetensors", "accelerate"],
     },
 )

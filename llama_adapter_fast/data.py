@@ -1,0 +1,212 @@
+"""Alpaca-format instruction data: loading with clear errors, the Alpaca prompt templates,
+tokenization with the loss on response tokens only, truncation and right padding.
+
+A record is {"instruction": str, "input": str (optional), "output": str}; a file is a JSON
+list of records or JSON Lines (one record per line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_adapter_fast.tokenizer import ASSETS
+
+IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and padding)
+
+# The prompts of Stanford Alpaca, which LLaMA-Adapter trains and answers with.
+PROMPT_DICT = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+SYNTHETIC = ASSETS / "synthetic"
+SYNTHETIC_FILES = {
+    "pretrain": SYNTHETIC / "pretrain.jsonl",
+    "train": SYNTHETIC / "instructions_train.jsonl",
+    "heldout": SYNTHETIC / "instructions_heldout.jsonl",
+}
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for an instruction (and its optional input); the answer follows it."""
+    if input:
+        return PROMPT_DICT["prompt_input"].format(instruction=instruction, input=input)
+    return PROMPT_DICT["prompt_no_input"].format(instruction=instruction)
+
+
+class DataError(ValueError):
+    """A malformed data file or record; the message names the file and the record."""
+
+
+def _check_record(record: Any, where: str, require_output: bool) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with 'instruction', 'input' and 'output', "
+                        f"got {type(record).__name__}")
+    needed = ("instruction", "output") if require_output else ("instruction",)
+    for key in needed:
+        if key not in record:
+            raise DataError(f"{where}: missing key {key!r} (keys: {sorted(record)})")
+    out = {}
+    for key in ("instruction", "input", "output"):
+        value = record.get(key, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        out[key] = value
+    if not out["instruction"].strip():
+        raise DataError(f"{where}: 'instruction' is empty")
+    return out
+
+
+def load_instructions(path: str | os.PathLike, require_output: bool = True) -> list[dict[str, str]]:
+    """Read Alpaca-format records from a JSON list or a JSON Lines file (a .jsonl file, or
+    any file that does not start with "[").
+
+    Raises DataError (a ValueError) naming the file and the record (index, and line for
+    JSON Lines) for a file that is not JSON, a record that is not an object, a missing
+    instruction or output, or a field that is not a string.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: the file is empty")
+    records: list[dict[str, str]] = []
+    if path.suffix != ".jsonl" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        for i, record in enumerate(data):
+            records.append(_check_record(record, f"{path}: record {i}", require_output))
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: record {len(records)} (line {lineno})"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+            records.append(_check_record(record, where, require_output))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def encode_example(record: dict[str, str], tokenizer, max_seq_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one record, already shifted: labels[t] is the token that
+    follows inputs[t], or IGNORE_INDEX inside the prompt. The sequence is BOS prompt output
+    EOS, truncated to max_seq_len + 1 tokens (so at most max_seq_len inputs)."""
+    prompt = format_prompt(record["instruction"], record.get("input", ""))
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    # Encoding prompt and answer together (as the original does) keeps the tokenization of
+    # the boundary the one the model will see at generation time only if they split there;
+    # encoding them apart guarantees the prompt tokens are exactly those of generation.
+    answer_ids = tokenizer.encode(record["output"], bos=False, eos=True)
+    ids = (prompt_ids + answer_ids)[: max_seq_len + 1]
+    labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids
+    labels = labels[: len(ids) - 1]
+    return ids[:-1], labels
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Tokenized Alpaca records: item i is {"tokens": LongTensor, "labels": LongTensor}."""
+
+    def __init__(self, records: Sequence[dict[str, str]] | str | os.PathLike, tokenizer, max_seq_len: int = 512):
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if isinstance(records, (str, os.PathLike)):
+            records = load_instructions(records)
+        self.records = list(records)
+        self.max_seq_len = max_seq_len
+        self.examples = [encode_example(r, tokenizer, max_seq_len) for r in self.records]
+        # Records whose prompt fills max_seq_len keep no response token and teach nothing.
+        self.num_without_response = sum(all(y == IGNORE_INDEX for y in lab) for _, lab in self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens, labels = self.examples[index]
+        return {"tokens": torch.tensor(tokens, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """Plain text for pretraining a small base model, every token carrying loss: a JSON
+    Lines file of {"text": ...} records, or a .txt file with one document per line.
+
+    Each document is BOS text EOS. With pack=True (the default) the documents are joined
+    into one stream cut into blocks of max_seq_len + 1 tokens, as language models are
+    usually pretrained: no padding, so every position computed teaches something. With
+    pack=False each document is one item, truncated to max_seq_len + 1 tokens.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer, max_seq_len: int = 512, pack: bool = True):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"text file {path} does not exist")
+        texts = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {lineno}: invalid JSON: {exc.msg}") from exc
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise DataError(f"{path}: line {lineno}: expected an object with a string 'text'")
+                line = record["text"]
+            texts.append(line)
+        if not texts:
+            raise DataError(f"{path}: no text")
+        docs = [tokenizer.encode(text, bos=True, eos=True) for text in texts]
+        if pack:
+            stream = [t for doc in docs for t in doc]
+            block = max_seq_len + 1
+            # Blocks overlap by one token so that every token of the stream is a target once.
+            docs = [stream[i:i + block] for i in range(0, max(1, len(stream) - 1), block - 1)]
+            docs = [d for d in docs if len(d) >= 2]
+        self.examples = [(ids[: max_seq_len + 1][:-1], ids[: max_seq_len + 1][1:]) for ids in docs]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens, labels = self.examples[index]
+        return {"tokens": torch.tensor(tokens, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch: tokens with pad_id, labels with
+    IGNORE_INDEX. With right padding and causal attention, no real token sees a pad, so
+    training needs no attention mask."""
+    length = max(item["tokens"].numel() for item in batch)
+    tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    for i, item in enumerate(batch):
+        n = item["tokens"].numel()
+        tokens[i, :n] = item["tokens"]
+        labels[i, :n] = item["labels"]
+    return {"tokens": tokens, "labels": labels}

@@ -1,0 +1,152 @@
+"""Text generation with a KV cache: greedy, temperature and top-p sampling, stop at EOS,
+batched prompts of different lengths.
+
+Prompts are padded on the left so that every sequence ends at the same cache slot; the
+padded keys are masked out and each sequence's rotary positions count its own tokens
+only, so a prompt gives the same answer alone or in a batch. The adapter's prefix keys
+and values are computed once per call (when the cache is made), not at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llama_adapter_fast.data import format_prompt
+from llama_adapter_fast.model import KVCache, LLaMAAdapter
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab): argmax when temperature is
+    0, else a draw from softmax(logits / temperature) restricted to the smallest set of
+    tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token if the mass before it is below top_p (so the most likely one always stays).
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(prompts, max_new_tokens, temperature, top_p) -> None:
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token id lists")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Sequence) or len(p) == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate(
+    model: LLaMAAdapter,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) and return the new tokens of each, cut
+    before the first EOS.
+
+    With use_cache=False every step runs the whole sequence again (slow; the reference the
+    cached path is tested against). Sampling draws from `generator` when given.
+    """
+    _check_args(prompts, max_new_tokens, temperature, top_p)
+    device = model.tok_embeddings.weight.device
+    B = len(prompts)
+    prompt_len = max(len(p) for p in prompts)
+    total = prompt_len + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise ValueError(f"the longest prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's max_seq_len ({model.args.max_seq_len})")
+    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, total), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, prompt_len - len(p):prompt_len] = True
+    # Positions count each sequence's own tokens: a left-padded prompt sees the same rotary
+    # positions as it would alone.
+    positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(model, B, total) if use_cache else None
+    start = 0
+    for cur in range(prompt_len, total):
+        if use_cache:
+            logits = model(tokens[:, start:cur], positions=positions[:, start:cur], key_padding_mask=mask[:, :cur],
+                           cache=cache, last_only=True)
+            start = cur
+        else:
+            logits = model(tokens[:, :cur], positions=positions[:, :cur], key_padding_mask=mask[:, :cur],
+                           last_only=True)
+        next_token = sample_next(logits[:, -1], temperature, top_p, generator)
+        next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
+        tokens[:, cur] = next_token
+        mask[:, cur] = True
+        positions[:, cur] = positions[:, cur - 1] + 1
+        if eos_id is not None:
+            done |= next_token == eos_id
+            if bool(done.all()):
+                break
+    out = []
+    for i in range(B):
+        new = tokens[i, prompt_len:].tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[:new.index(eos_id)]
+        out.append(new)
+    return out
+
+
+def answer(
+    model: LLaMAAdapter,
+    tokenizer,
+    instructions: Sequence[str | dict],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    template: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Answers to instructions: each a string or an Alpaca record {"instruction", "input"},
+    put in the Alpaca prompt (unless template=False: the text is the prompt as it is).
+    An answer ends at EOS, after max_new_tokens, or at the end of the model's context."""
+    prompts = []
+    for item in instructions:
+        if isinstance(item, dict):
+            text = format_prompt(item["instruction"], item.get("input", "") or "") if template else item["instruction"]
+        else:
+            text = format_prompt(item) if template else item
+        prompts.append(tokenizer.encode(text, bos=True, eos=False))
+    answers = []
+    context = model.args.max_seq_len
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        longest = max(len(p) for p in batch)
+        if longest >= context:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context}")
+        # Answers stop at the end of the context rather than failing.
+        new = generate(model, batch, max_new_tokens=min(max_new_tokens, context - longest), temperature=temperature,
+                       top_p=top_p,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+        answers.extend(tokenizer.decode(ids).strip() for ids in new)
+    return answers
