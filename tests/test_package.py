@@ -21,12 +21,12 @@ def test_kernels_are_a_subpackage():
     assert out.split() == ["llama_adapter_fast.kernels.forward", "False"]
 
 
-def test_importing_the_package_does_not_register_a_top_level_kernels():
-    import llama_adapter_fast  # noqa: F401
-
-    assert "kernels" not in sys.modules or getattr(sys.modules["kernels"], "__file__", "") != str(
-        ROOT / "kernels" / "__init__.py"
-    )
+def test_probing_for_a_top_level_kernels_is_harmless():
+    """Libraries that probe for a package named `kernels` import this folder when the
+    repository root is on sys.path: that import must define nothing and load nothing."""
+    code = "import sys; before = set(sys.modules); import kernels; print(sorted(set(sys.modules) - before))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "['kernels']"
 
 
 def test_uninstalled_checkout_finds_its_kernels(tmp_path):
