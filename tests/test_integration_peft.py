@@ -22,7 +22,6 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-import llama_adapter_fast.integrations.transformers as hf_integration  # noqa: E402
 from llama_adapter_fast.integrations.peft import (  # noqa: E402
     FusedAdaptedAttention,
     disable_fused_adaption_prompt,
@@ -94,20 +93,6 @@ def logits_and_grads(model, inputs: dict) -> tuple[torch.Tensor, dict[str, torch
     params = adaption_parameters(model)
     grads = torch.autograd.grad(loss, list(params.values()))
     return out[valid].detach(), {n: g.float() for n, g in zip(params, grads, strict=True)}
-
-
-@pytest.fixture
-def op_calls(monkeypatch) -> list:
-    """Records the backend of every call of the fused op made by the integrations."""
-    calls = []
-    op = hf_integration.gated_prefix_attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["backend"])
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(hf_integration, "gated_prefix_attention", counted)
-    return calls
 
 
 def assert_close(got, ref, tol: float, what: str = "") -> None:

@@ -72,20 +72,6 @@ def batch(left_padding: bool = True) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture
-def op_calls(monkeypatch) -> list:
-    """Records the backend of every call of the fused op made by the integration."""
-    calls = []
-    op = hf_integration.gated_prefix_attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["backend"])
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(hf_integration, "gated_prefix_attention", counted)
-    return calls
-
-
 def valid_logits(model, inputs) -> torch.Tensor:
     return model(**inputs).logits[inputs["attention_mask"].bool()]
 
