@@ -359,8 +359,8 @@ def compile_only(config_shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
     Every autotuning candidate of every kernel is compiled (into Triton's on-disk cache)
     and nothing runs on the GPU, so several processes can compile in parallel on the CPU
     cores and a later timing process finds every binary ready. Outputs computed inside the
-    block are garbage. config_shard = (i, n) compiles only every n-th candidate, from the
-    i-th, to split one kernel's candidates among processes.
+    block are garbage. config_shard = (i, n) compiles only every n-th candidate that the
+    kernel's prune keeps, from the i-th, to split one kernel's candidates among processes.
     """
     import inspect
 
@@ -375,8 +375,11 @@ def compile_only(config_shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
         for jit in jits:
             jit.run = functools.partial(_run_without_launch, type(jit).run.__get__(jit))
         for tuner in tuners:
-            saved[tuner] = (tuner.configs, vars(tuner).get("do_bench"), getattr(tuner, "cache_results", False))
-            tuner.configs = tuner.configs[index::count] or tuner.configs[:1]
+            saved[tuner] = (vars(tuner).get("early_config_prune"), vars(tuner).get("do_bench"),
+                            getattr(tuner, "cache_results", False))
+            # Shard what the kernel's own prune keeps for the call (its candidates that fit).
+            tuner.early_config_prune = functools.partial(_shard_pruned, getattr(tuner, "early_config_prune", None),
+                                                         index, count)
             tuner.do_bench = _compile_and_pretend_to_time
             # The pretended timings must never reach Triton's on-disk autotuning cache.
             tuner.cache_results = False
@@ -384,14 +387,19 @@ def compile_only(config_shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
     finally:
         for jit in jits:
             jit.__dict__.pop("run", None)
-        for tuner, (configs, do_bench, cache_results) in saved.items():
-            tuner.configs = configs
+        for tuner, (prune, do_bench, cache_results) in saved.items():
+            tuner.early_config_prune = prune
             tuner.cache_results = cache_results
             if do_bench is None:
                 tuner.__dict__.pop("do_bench", None)
             else:
                 tuner.do_bench = do_bench
             tuner.cache.clear()
+
+
+def _shard_pruned(prune: Callable | None, index: int, count: int, configs, named_args, **kwargs) -> list:
+    kept = prune(configs, named_args, **kwargs) if prune is not None else list(configs)
+    return kept[index::count] or kept[:1]
 
 
 def _run_without_launch(run: Callable, *args, **kwargs):

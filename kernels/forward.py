@@ -1,14 +1,21 @@
 """Forward kernel of gated prefix attention.
 
-One program owns BLOCK_M queries of one (batch, query head). It keeps two online-softmax
-states: one over the P prefix keys (m2, l2, acc2) and one flash-attention pass over the
-allowed word keys (m1, l1, acc1), then writes
+One program owns BLOCK_M queries of one (sequence, query head). It runs the word part as
+FlashAttention does (one online softmax over the allowed word keys, accumulated in `acc`),
+normalizes it, then folds the prefix part into the same accumulator:
 
-    out = acc1 / l1 + a * acc2 / l2,   lse1 = m1 + log2 l1,   lse2 = m2 + log2 l2
+    out = acc / l1 + (a / l2) * exp2(s2 - m2) @ Vp,   lse1 = m1 + log2 l1,   lse2 = m2 + log2 l2
 
-Scores are kept in base 2 (the softmax scale is folded with log2(e)), so both log-sum-exps
-are base-2. A query row with no allowed word key stores lse1 = +inf: the backward then
-recomputes probabilities exp2(s - lse1) = 0 for it instead of NaN.
+The prefix runs after the word loop so that only one BLOCK_M x D float32 accumulator is
+alive at any time (its statistics come from a first, cheap pass over the P prefix keys).
+Scores are kept in base 2 (the softmax scale is folded with log2(e) into one multiply-add),
+so both log-sum-exps are base-2. A query with no allowed word key stores lse1 = +inf: the
+backward then recomputes probabilities exp2(s - lse1) = 0 for it instead of NaN.
+
+The same kernel serves padded batches (B sequences of T queries over S keys, with an
+optional key padding mask) and packed ones (VARLEN: sequence b holds rows
+cu_seqlens[b] .. cu_seqlens[b + 1] of a (total, H, D) tensor); no program crosses a
+sequence boundary.
 """
 
 from __future__ import annotations
@@ -17,67 +24,124 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import autotuner, launch
 from .utils import (
-    AUTOTUNE,
-    FORWARD_CONFIGS,
+    LOG2E,
     block_d,
     block_p,
-    count_launch,
     dot_precision,
-    fixed_blocks,
-    make_configs,
-    prune_by_shared_memory,
+    prefix_strides,
+    strides,
     t_bucket,
 )
 
-LOG2E = 1.4426950408889634
+
+@triton.jit
+def load_tile(ptr, offs_r, stride_r, offs_d, stride_d, r_valid, d_valid,
+              MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load rows `offs_r` (64-bit offsets: row index times stride may pass 2**31) of a
+    (rows, D) tile, masking only what can be out of range."""
+    ptrs = ptr + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :] * stride_d
+    if MASK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=r_valid[:, None], other=0.0)
+        return tl.load(ptrs, mask=r_valid[:, None] & d_valid[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_valid[None, :], other=0.0)
 
 
 @triton.jit
-def _online_softmax_update(s, m_i, l_i, acc, v, DOT_PRECISION: tl.constexpr):
-    """Fold one block of base-2 scores `s` (masked entries at -inf) and values `v` into the
-    running (max, sum, accumulator). Safe when every score seen so far is -inf."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+def store_tile(ptr, x, offs_r, stride_r, offs_d, stride_d, r_valid, d_valid, EVEN_D: tl.constexpr):
+    ptrs = ptr + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :] * stride_d
+    if EVEN_D:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=r_valid[:, None])
+    else:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=r_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
-def _word_block(
-    q, k_base, v_base, mask_base, offs_m, start_n, offs_d, d_valid,
-    stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
-    m_i, l_i, acc, S, causal_shift, scale_log2,
-    CAUSAL_MASK: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def sequence_bounds(CU_Q, CU_K, b, T_MAX, S_MAX, VARLEN: tl.constexpr):
+    """(first query row, T, first key row, S) of sequence b."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
+    return 0, T_MAX, 0, S_MAX
+
+
+@triton.jit
+def word_key_ranges(start_m, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of the query rows start_m .. start_m + BLOCK_M: [0, full) need no mask
+    (below every row's diagonal and inside S), [full, hi) need the causal or range mask.
+    Causal masking is aligned bottom-right: query t sees keys j <= t + S - T."""
+    if CAUSAL:
+        shift = S - T
+        hi = tl.minimum(S, tl.maximum(start_m + BLOCK_M + shift, 0))
+        full = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def _words(
+    acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_valid, lo, hi, T, S,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, scale_log2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < S
-    kt = tl.load(
-        k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-        mask=n_valid[None, :] & d_valid[:, None], other=0.0,
-    )
-    v = tl.load(
-        v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-        mask=n_valid[:, None] & d_valid[None, :], other=0.0,
-    )
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-    allowed = n_valid[None, :]
-    if CAUSAL_MASK:
-        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-    if HAS_MASK:
-        key_ok = tl.load(mask_base + offs_n * stride_ms, mask=n_valid, other=0) != 0
-        allowed = allowed & key_ok[None, :]
-    s = tl.where(allowed, s, float("-inf"))
-    return _online_softmax_update(s, m_i, l_i, acc, v, DOT_PRECISION)
+    """The online softmax over key blocks lo .. hi. MASKED blocks may cross the diagonal or
+    the end of the keys; the others are loaded and used without any mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < S
+        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, n_valid, d_valid, MASKED, EVEN_D)
+        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, n_valid, d_valid, MASKED, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED or HAS_MASK:
+            allowed = n_valid[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+            if HAS_MASK:
+                key_ok = tl.load(mask_base + offs_n.to(tl.int64) * stride_ms, mask=n_valid, other=0) != 0
+                allowed = allowed & key_ok[None, :]
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        # A row whose keys so far are all masked keeps m = -inf; shift it by 0 instead (its
+        # probabilities are exp2(-inf) = 0 either way).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_log2,
+                 EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Max and sum of the prefix softmax of each query (base 2), over all P prefix keys."""
+    m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l2 = tl.zeros([BLOCK_M], tl.float32)
+    for start_p in range(0, P, BLOCK_P):
+        offs_p = start_p + tl.arange(0, BLOCK_P)
+        p_valid = offs_p < P
+        pk = load_tile(pk_base, offs_p, stride_pkp, offs_d, stride_pkd, p_valid, d_valid, True, EVEN_D)
+        s2 = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION)
+        s2 = tl.where(p_valid[None, :], s2 * scale_log2, float("-inf"))
+        m_new = tl.maximum(m2, tl.max(s2, 1))
+        l2 = l2 * tl.math.exp2(m2 - m_new) + tl.sum(tl.math.exp2(s2 - m_new[:, None]), 1)
+        m2 = m_new
+    return m2, l2
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, A, MASK, OUT, LSE1, LSE2,
+    Q, K, V, PK, PV, A, MASK, CU_Q, CU_K, OUT, LSE1, LSE2,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -85,117 +149,78 @@ def _fwd_kernel(
     stride_pvb, stride_pvh, stride_pvp, stride_pvd,
     stride_mb, stride_ms,
     stride_ob, stride_oh, stride_ot, stride_od,
-    H, T, S, P, D, GROUP, scale_log2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, T_BUCKET,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_lb, stride_lh,
+    H, BH, T_MAX, S_MAX, P, GROUP, scale_log2,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+    T_BUCKET, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # 64-bit base offsets: a tensor may hold more than 2**31 elements.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    # One flat grid (CUDA's y and z dimensions stop at 65,535). The (sequence, head) index
+    # varies fastest and query blocks run last to first: under causal masking the last
+    # blocks see the most keys, so the heaviest programs start first.
+    pid = tl.program_id(0)
+    bh = pid % BH
+    start_m = (tl.cdiv(T_MAX, BLOCK_M) - 1 - pid // BH) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     g = h // GROUP
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    pk_base = PK + b * stride_pkb + g * stride_pkh
-    pv_base = PV + b * stride_pvb + g * stride_pvh
-    mask_base = MASK + b * stride_mb
+    q_start, T, k_start, S = sequence_bounds(CU_Q, CU_K, b, T_MAX, S_MAX, VARLEN)
+    if start_m >= T:
+        return
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    start_m = pid_m * BLOCK_M
+    q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qt
+    k_base = K + b * stride_kb + g * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + g * stride_vh + k_start * stride_vs
+    mask_base = MASK + b * stride_mb
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < T
-    d_valid = offs_d < D
-    q = tl.load(
-        q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-        mask=m_valid[:, None] & d_valid[None, :], other=0.0,
-    )
+    d_valid = offs_d < HEAD_DIM
+    q = load_tile(q_base, offs_m, stride_qt, offs_d, stride_qd, m_valid, d_valid, True, EVEN_D)
 
-    # Prefix: its own softmax over all P keys, never masked.
-    m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l2 = tl.zeros([BLOCK_M], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Words: unmasked key blocks, then the blocks on the diagonal or at the end of the keys.
+    full, hi = word_key_ranges(start_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
+    m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l1 = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m1, l1 = _words(
+        acc, m1, l1, q, k_base, v_base, mask_base, offs_m, offs_d, d_valid, 0, full, T, S,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, scale_log2,
+        False, CAUSAL, HAS_MASK, EVEN_D, BLOCK_N, DOT_PRECISION,
+    )
+    acc, m1, l1 = _words(
+        acc, m1, l1, q, k_base, v_base, mask_base, offs_m, offs_d, d_valid, full, hi, T, S,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, scale_log2,
+        True, CAUSAL, HAS_MASK, EVEN_D, BLOCK_N, DOT_PRECISION,
+    )
+    empty = l1 == 0.0  # no allowed word key: the word part is 0
+    l1 = tl.where(empty, 1.0, l1)
+    acc = acc / l1[:, None]
+
+    # Prefix: its own softmax over all P keys (never masked), weighted by a = act(gate).
+    pk_base = PK + b * stride_pkb + g * stride_pkh
+    pv_base = PV + b * stride_pvb + g * stride_pvh
+    m2, l2 = prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_log2,
+                          EVEN_D, BLOCK_M, BLOCK_P, DOT_PRECISION)
+    weight = tl.load(A + h) / l2
     for start_p in range(0, P, BLOCK_P):
         offs_p = start_p + tl.arange(0, BLOCK_P)
         p_valid = offs_p < P
-        pkt = tl.load(
-            pk_base + offs_p[None, :] * stride_pkp + offs_d[:, None] * stride_pkd,
-            mask=p_valid[None, :] & d_valid[:, None], other=0.0,
-        )
-        pv = tl.load(
-            pv_base + offs_p[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
-            mask=p_valid[:, None] & d_valid[None, :], other=0.0,
-        )
-        s2 = tl.dot(q, pkt, input_precision=DOT_PRECISION) * scale_log2
-        s2 = tl.where(p_valid[None, :], s2, float("-inf"))
-        m2, l2, acc2 = _online_softmax_update(s2, m2, l2, acc2, pv, DOT_PRECISION)
+        pk = load_tile(pk_base, offs_p, stride_pkp, offs_d, stride_pkd, p_valid, d_valid, True, EVEN_D)
+        pv = load_tile(pv_base, offs_p, stride_pvp, offs_d, stride_pvd, p_valid, d_valid, True, EVEN_D)
+        s2 = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION)
+        p2 = tl.where(p_valid[None, :], tl.math.exp2(s2 * scale_log2 - m2[:, None]), 0.0) * weight[:, None]
+        acc = tl.dot(p2.to(pv.dtype), pv, acc, input_precision=DOT_PRECISION)
 
-    # Words. Causal masking is aligned bottom-right: query t sees keys j <= t + S - T.
-    causal_shift = S - T
-    if CAUSAL:
-        hi = tl.minimum(S, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
-        # Keys below every row's diagonal need no causal comparison.
-        full = tl.maximum(start_m + causal_shift + 1, 0) // BLOCK_N * BLOCK_N
-        full = tl.minimum(full, S // BLOCK_N * BLOCK_N)
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
-    m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l1 = tl.zeros([BLOCK_M], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, full, BLOCK_N):
-        m1, l1, acc1 = _word_block(
-            q, k_base, v_base, mask_base, offs_m, start_n, offs_d, d_valid,
-            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
-            m1, l1, acc1, S, causal_shift, scale_log2,
-            False, HAS_MASK, BLOCK_N, DOT_PRECISION,
-        )
-    for start_n in range(full, hi, BLOCK_N):
-        m1, l1, acc1 = _word_block(
-            q, k_base, v_base, mask_base, offs_m, start_n, offs_d, d_valid,
-            stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
-            m1, l1, acc1, S, causal_shift, scale_log2,
-            CAUSAL, HAS_MASK, BLOCK_N, DOT_PRECISION,
-        )
-
-    a = tl.load(A + h)
-    empty = l1 == 0.0
-    l1 = tl.where(empty, 1.0, l1)
-    out = acc1 / l1[:, None] + a * (acc2 / l2[:, None])
-    o_base = OUT + b * stride_ob + h * stride_oh
-    tl.store(
-        o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :] * stride_od,
-        out.to(OUT.dtype.element_ty),
-        mask=m_valid[:, None] & d_valid[None, :],
-    )
-    row = pid_bh.to(tl.int64) * T + offs_m
-    tl.store(LSE1 + row, tl.where(empty, float("inf"), m1 + tl.math.log2(l1)), mask=m_valid)
-    tl.store(LSE2 + row, m2 + tl.math.log2(l2), mask=m_valid)
+    o_base = OUT + b * stride_ob + h * stride_oh + q_start * stride_ot
+    store_tile(o_base, acc, offs_m, stride_ot, offs_d, stride_od, m_valid, d_valid, EVEN_D)
+    lse_base = b * stride_lb + h * stride_lh + q_start + offs_m
+    tl.store(LSE1 + lse_base, tl.where(empty, float("inf"), m1 + tl.math.log2(l1)), mask=m_valid)
+    tl.store(LSE2 + lse_base, m2 + tl.math.log2(l2), mask=m_valid)
 
 
-_fwd_kernel_tuned = (
-    triton.autotune(
-        configs=make_configs(FORWARD_CONFIGS),
-        key=["BLOCK_D", "CAUSAL", "HAS_MASK", "T_BUCKET", "DOT_PRECISION"],
-        prune_configs_by={"early_config_prune": prune_by_shared_memory},
-    )(_fwd_kernel)
-    if AUTOTUNE
-    else None
-)
-
-
-def strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
-    """Strides of `t` as a kernel expects them, with zeros for an absent tensor."""
-    return tuple(t.stride()) if t is not None else (0,) * ndim
-
-
-def prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int, int]:
-    """(batch, head, position, dim) strides; a prefix shared by the batch has batch stride 0."""
-    if prefix.dim() == 3:
-        return (0, *prefix.stride())
-    return tuple(prefix.stride())
+_fwd_kernel_tuned = autotuner("forward", _fwd_kernel)
 
 
 def forward(
@@ -209,41 +234,90 @@ def forward(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Inputs are already validated.
+    """Launch the forward kernel on a padded batch. Inputs are already validated.
 
     gate_act: (Hq,) float32, the activated gate of each query head.
-    key_padding_mask: (B, S) uint8 or bool (nonzero = may be attended), or None.
+    key_padding_mask: (B, S) bool (True = may be attended), or None.
     Returns out (B, Hq, T, D) in q's dtype and the base-2 log-sum-exps lse1, lse2 (B, Hq, T)
     in float32.
     """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    P = prefix_k.shape[-2]
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse1 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(lse1)
     if out.numel() == 0:
         return out, lse1, lse2
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    args = (
-        q, k, v, prefix_k, prefix_v, gate_act, mask if mask is not None else q, out, lse1, lse2,
-        *q.stride(), *k.stride(), *v.stride(),
-        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
-        *strides(mask, 2), *out.stride(),
-        H, T, S, P, D, H // Hkv, softmax_scale * LOG2E,
+    launch_forward(
+        q, k, v, prefix_k, prefix_v, gate_act, mask, None, None, out, lse1, lse2,
+        q.stride(), k.stride(), v.stride(), out.stride(), lse1.stride()[:2],
+        B, H, k.shape[1], T, k.shape[2], causal, softmax_scale,
     )
-    meta = dict(
-        CAUSAL=causal, HAS_MASK=mask is not None, T_BUCKET=t_bucket(T),
-        BLOCK_D=block_d(D), BLOCK_P=block_p(P), DOT_PRECISION=dot_precision(q.dtype),
-    )
-    if _fwd_kernel_tuned is not None:
-        grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
-        _fwd_kernel_tuned[grid](*args, **meta)
-    else:
-        cfg = fixed_blocks(meta["BLOCK_D"])
-        _fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](*args, **meta, **cfg)
-    count_launch("forward")
     return out, lse1, lse2
 
 
-__all__ = ["forward", "prefix_strides", "strides", "LOG2E"]
+def packed_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(b, h, t, d) strides of a packed (total, H, D) tensor: rows are found through the
+    cumulative sequence lengths, so the batch stride is 0."""
+    return 0, x.stride(1), x.stride(0), x.stride(2)
+
+
+def varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on packed sequences: q (total_q, Hq, D), k and v
+    (total_k, Hkv, D), sequence i at rows cu_seqlens[i] .. cu_seqlens[i + 1]; the prefix is
+    (Hkv, P, D) or one per sequence (N, Hkv, P, D). Returns out like q and lse1, lse2 of
+    shape (Hq, total_q) in float32."""
+    total_q, H, D = q.shape
+    n_seqs = cu_seqlens_q.numel() - 1
+    out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    lse1 = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(lse1)
+    if out.numel() == 0 or n_seqs == 0:
+        return out, lse1, lse2
+    launch_forward(
+        q, k, v, prefix_k, prefix_v, gate_act, None, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2,
+        packed_strides(q), packed_strides(k), packed_strides(v), packed_strides(out), (0, lse1.stride(0)),
+        n_seqs, H, k.shape[1], max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+    )
+    return out, lse1, lse2
+
+
+def launch_forward(q, k, v, prefix_k, prefix_v, gate_act, mask, cu_q, cu_k, out, lse1, lse2,
+                   q_strides, k_strides, v_strides, out_strides, lse_strides,
+                   n_seqs, H, Hkv, T_max, S_max, causal, softmax_scale) -> None:
+    """Shared by the padded and the packed launcher: strides are (b, h, t, d) for both (b
+    stride 0 when packed); lse_strides are (b, h) with t contiguous."""
+    D = q.shape[-1]
+    P = prefix_k.shape[-2]
+    group = H // Hkv
+    bh = n_seqs * H
+    args = (
+        q, k, v, prefix_k, prefix_v, gate_act, mask if mask is not None else q,
+        cu_q if cu_q is not None else gate_act, cu_k if cu_k is not None else gate_act, out, lse1, lse2,
+        *q_strides, *k_strides, *v_strides,
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *strides(mask, 2), *out_strides, *lse_strides,
+        H, bh, T_max, S_max, P, group, softmax_scale * LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=D, CAUSAL=causal, HAS_MASK=mask is not None, VARLEN=cu_q is not None,
+        T_BUCKET=t_bucket(T_max), BLOCK_D=block_d(D), BLOCK_P=block_p(P), DOT_PRECISION=dot_precision(q.dtype),
+    )
+    launch("forward", _fwd_kernel, _fwd_kernel_tuned, lambda cfg: (triton.cdiv(T_max, cfg["BLOCK_M"]) * bh,),
+           args, meta)
+
+
+__all__ = ["forward", "varlen_forward", "launch_forward", "packed_strides"]

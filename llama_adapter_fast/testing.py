@@ -90,10 +90,10 @@ def forward_backward(fn, tensors, kwargs, grad_out=None, dtype=None):
     return out, grad_out, list(grads)
 
 
-def oracle(tensors, kwargs, grad_out):
+def oracle(tensors, kwargs, grad_out, reference=eager_attention):
     """The eager reference in float64 (gate too)."""
     leaves = [t.detach().double().requires_grad_() for t in tensors]
-    out = eager_attention(*leaves, **kwargs)
+    out = reference(*leaves, **kwargs)
     grads = torch.autograd.grad(out, leaves, grad_out.double(), allow_unused=True)
     return out, list(grads)
 
@@ -119,14 +119,14 @@ def expect_launches(*names: str):
         assert LAUNCH_COUNTS[name] > before.get(name, 0), f"Triton kernel {name!r} did not run"
 
 
-ALL_KERNELS = ("forward", "backward_preprocess", "backward_dkdv", "backward_dq")
+ALL_KERNELS = ("forward", "backward_dq", "backward_dkdv")
 ERROR_NAMES = ("out",) + tuple("d" + n for n in GRAD_NAMES)
 
 
-def errors_against_oracle(fn, tensors, kwargs) -> dict[str, float]:
+def errors_against_oracle(fn, tensors, kwargs, reference=eager_attention) -> dict[str, float]:
     """Relative errors of fn's output and six gradients against the float64 oracle."""
     out, grad_out, grads = forward_backward(fn, tensors, kwargs)
-    ref, ref_grads = oracle(tensors, kwargs, grad_out)
+    ref, ref_grads = oracle(tensors, kwargs, grad_out, reference)
     assert out.shape == ref.shape and out.dtype == tensors[0].dtype
     errors = [rel_error(out, ref)]
     for name, g, r, t in zip(GRAD_NAMES, grads, ref_grads, tensors, strict=True):
@@ -146,21 +146,95 @@ def kernels_for(c: Case) -> list[str]:
 def check_against_oracle(c: Case, tol: float = 2e-5, seed: int = 0) -> dict[str, float]:
     """Triton forward and all six gradients in float32 against the float64 oracle."""
     tensors, kwargs = make_inputs(c, seed)
-    with expect_launches(*kernels_for(c)):
-        errors = errors_against_oracle(triton_fn, tensors, kwargs)
-    bad = {k: v for k, v in errors.items() if not v < tol}
-    assert not bad, f"errors over {tol}: {bad}"
-    return errors
+    return _check_float32(tensors, kwargs, triton_fn, eager_attention, kernels_for(c), tol)
 
 
 def check_low_precision(c: Case, floor: float = 1e-4, seed: int = 0) -> dict[str, tuple[float, float]]:
     """FlashAttention's criterion: the Triton error at most twice the eager backend's error
     in the same dtype (both against the float64 oracle), plus a small floor."""
     tensors, kwargs = make_inputs(c, seed)
-    with expect_launches(*kernels_for(c)):
-        fused = errors_against_oracle(triton_fn, tensors, kwargs)
-    eager = errors_against_oracle(eager_attention, tensors, kwargs)
-    pairs = {k: (fused[k], eager[k]) for k in ERROR_NAMES}
+    return _check_low_precision(tensors, kwargs, triton_fn, eager_attention, kernels_for(c), floor)
+
+
+def _check_float32(tensors, kwargs, fused, reference, kernels, tol: float) -> dict[str, float]:
+    with expect_launches(*kernels):
+        errors = errors_against_oracle(fused, tensors, kwargs, reference)
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"errors over {tol}: {bad}"
+    return errors
+
+
+def _check_low_precision(tensors, kwargs, fused, reference, kernels, floor: float):
+    with expect_launches(*kernels):
+        fused_errors = errors_against_oracle(fused, tensors, kwargs, reference)
+    eager_errors = errors_against_oracle(reference, tensors, kwargs, reference)
+    pairs = {k: (fused_errors[k], eager_errors[k]) for k in ERROR_NAMES}
     bad = {k: p for k, p in pairs.items() if not p[0] <= 2 * p[1] + floor}
     assert not bad, f"(triton, eager) errors over the criterion: {bad}"
     return pairs
+
+
+# ----------------------------------------------------------------------------------------
+# Packed sequences (gated_prefix_attention_varlen)
+
+
+@dataclass
+class PackedCase:
+    lens_q: tuple[int, ...]
+    lens_k: tuple[int, ...] | None = None  # defaults to lens_q
+    Hq: int = 4
+    Hkv: int = 2
+    D: int = 32
+    P: int = 10
+    causal: bool = True
+    per_sequence_prefix: bool = True
+    dtype: torch.dtype = torch.float32
+
+
+def make_packed_inputs(c: PackedCase, seed: int = 0) -> tuple[list[torch.Tensor], dict, tuple]:
+    """Random packed inputs with non-zero gates: (tensors, keyword arguments, (cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k))."""
+    g = torch.Generator().manual_seed(seed)
+    lens_k = c.lens_k or c.lens_q
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(c.dtype).to(DEVICE)
+
+    def cumulative(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    q, k, v = rand(sum(c.lens_q), c.Hq, c.D), rand(sum(lens_k), c.Hkv, c.D), rand(sum(lens_k), c.Hkv, c.D)
+    prefix = (len(c.lens_q), c.Hkv, c.P, c.D) if c.per_sequence_prefix else (c.Hkv, c.P, c.D)
+    pk, pv = rand(*prefix), rand(*prefix)
+    gate = (torch.rand(c.Hq, generator=g) + 0.25).to(DEVICE)
+    gate[::2] = -gate[::2]
+    packing = (cumulative(c.lens_q), cumulative(lens_k), max(c.lens_q, default=0), max(lens_k, default=0))
+    return [q, k, v, pk, pv, gate], dict(causal=c.causal), packing
+
+
+def packed_fns(packing: tuple, backend: str = "triton"):
+    """(the packed op on this packing with `backend`, the padded eager reference run on each
+    sequence), both with the padded op's argument order (q, k, v, prefix_k, prefix_v, gate)."""
+    from llama_adapter_fast.varlen import gated_prefix_attention_varlen, varlen_reference
+
+    cu_q, cu_k, max_q, max_k = packing
+
+    def fused(q, k, v, pk, pv, gate, **kwargs):
+        return gated_prefix_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, pk, pv, gate, backend=backend,
+                                             **kwargs)
+
+    def reference(q, k, v, pk, pv, gate, **kwargs):
+        return varlen_reference(eager_attention, q, k, v, cu_q, cu_k, pk, pv, gate, **kwargs)
+
+    return fused, reference
+
+
+def check_packed(c: PackedCase, tol: float = 2e-5, floor: float = 1e-4, seed: int = 0):
+    """The packed op's forward and six gradients: against the float64 oracle (float32), or
+    FlashAttention's criterion against the eager reference in the same dtype."""
+    tensors, kwargs, packing = make_packed_inputs(c, seed)
+    fused, reference = packed_fns(packing)
+    kernels = ALL_KERNELS if sum(c.lens_q) > 0 and len(c.lens_q) > 0 else ()
+    if c.dtype == torch.float32:
+        return _check_float32(tensors, kwargs, fused, reference, kernels, tol)
+    return _check_low_precision(tensors, kwargs, fused, reference, kernels, floor)

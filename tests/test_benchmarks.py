@@ -143,18 +143,22 @@ def test_compile_only_patches_launches_and_restores(monkeypatch):
         def run(self, *args, grid=None, warmup=False, **kwargs):
             return "compiled" if warmup else "launched"
 
+    def keep_odd(configs, named_args, **kwargs):
+        return [c for c in configs if c % 2]
+
     class FakeTuner:
         def __init__(self):
-            self.configs, self.cache = list(range(6)), {"key": 1}
+            self.configs, self.cache = list(range(12)), {"key": 1}
+            self.early_config_prune = keep_odd
 
     jit, tuner = FakeJit(), FakeTuner()
     monkeypatch.setattr(common, "kernel_objects", lambda: ([jit], [tuner]))
     with common.compile_only((1, 4)):
         assert jit.run(grid=(1,), warmup=False) == "compiled"
-        assert tuner.configs == [1, 5]
+        assert tuner.early_config_prune(tuner.configs, {}) == [3, 11]  # every 4th of the kept, from the 2nd
         assert tuner.do_bench(lambda: None, quantiles=(0.5,)) == [1.0, 1.0, 1.0]
     assert jit.run(grid=(1,), warmup=False) == "launched"
-    assert tuner.configs == list(range(6)) and tuner.cache == {} and "do_bench" not in vars(tuner)
+    assert tuner.early_config_prune is keep_odd and tuner.cache == {} and "do_bench" not in vars(tuner)
     assert tuner.cache_results is False
 
 

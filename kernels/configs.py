@@ -1,0 +1,219 @@
+"""Launch configurations of the kernels, and the one place where a kernel is launched.
+
+Each kernel has a short list of (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per
+element size (2 bytes: float16 and bfloat16; 4 bytes: float32 through tf32x3) and head-dim
+class (up to 64; 80 and 96; 128; 256). BLOCK_M counts queries and BLOCK_N keys in every kernel. The lists
+were chosen with `benchmarks/compile_report.py`, which compiles every candidate for sm_90
+and sm_80 with the launchers' own arguments and reports shared memory, registers and
+spills: no 16-bit candidate spills on sm_90 at head dims 64 to 128, and at 256 each kernel
+has a spill-free candidate that uses wgmma. The first candidate that fits is the one used
+when autotuning is off.
+
+Shared memory is accounted exactly: a candidate is kept when its compiled kernel (the
+binary the launch would use, for the device's architecture) fits the device's opt-in
+shared memory per block. The autotuner then times the candidates that fit. Under Triton's
+interpreter one small config is used, so that small test shapes still cross block
+boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import triton
+
+from .utils import AUTOTUNE, INTERPRET, count_launch
+
+# Shared memory a block may use (the opt-in maximum), in bytes, of the architectures the
+# compile report checks.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by kernel, element size and head-dim block.
+# BLOCK_M counts queries and BLOCK_N keys in every kernel.
+CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = {
+    "forward": {
+        (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        (2, 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        (2, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        (2, 256): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+        (4, 64): [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)],
+        (4, 96): [(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        (4, 128): [(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        (4, 256): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    },
+    # Every dQ candidate of a key has the same BLOCK_M (see dq_block_m).
+    "backward_dq": {
+        (2, 64): [(128, 64, 8, 2), (128, 32, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3)],
+        (2, 96): [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        (2, 128): [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        (2, 256): [(64, 32, 8, 2), (64, 64, 8, 2)],
+        (4, 64): [(64, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2)],
+        (4, 96): [(64, 32, 8, 2), (64, 16, 4, 2)],
+        (4, 128): [(64, 32, 8, 2), (64, 16, 4, 2)],
+        (4, 256): [(64, 16, 4, 2)],
+    },
+    "backward_dkdv": {
+        (2, 64): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
+        (2, 96): [(32, 128, 8, 2), (64, 64, 8, 2)],
+        (2, 128): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3)],
+        (2, 256): [(16, 64, 8, 2), (32, 64, 8, 2)],
+        (4, 64): [(32, 32, 4, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+        (4, 96): [(16, 16, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 128): [(16, 16, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 256): [(16, 16, 4, 2)],
+    },
+}
+
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def head_dim_class(head_dim: int) -> int:
+    """64 (head dims up to 64), 96 (65 to 127: a block of 128 with masked columns, which
+    costs registers), 128, or 256 (129 to 256)."""
+    if head_dim <= 64:
+        return 64
+    if head_dim < 128:
+        return 96
+    return 128 if head_dim == 128 else 256
+
+
+@dataclass(frozen=True)
+class Candidate:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def as_config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def kwargs(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n,
+                "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def candidates(kernel: str, head_dim: int, elem_bytes: int) -> list[Candidate]:
+    """The configs the launcher may pick for this kernel, head dim and element size, in
+    order of preference."""
+    return [Candidate(*s) for s in CANDIDATES[kernel][(elem_bytes, head_dim_class(head_dim))]]
+
+
+def fitting(kernel: str, found: list, shared_bytes: Callable[[object], int], limit: int) -> list:
+    """The configs whose compiled kernels fit `limit` bytes of shared memory, in order.
+    Raises a ValueError when none does (the compile report checks that one always does on
+    sm_80 and sm_90)."""
+    kept = [c for c in found if shared_bytes(c) <= limit]
+    if not kept:
+        raise _no_fit(kernel, limit)
+    return kept
+
+
+def _no_fit(kernel: str, limit: int) -> ValueError:
+    return ValueError(f"no configuration of the {kernel} kernel fits this GPU's {limit} bytes of shared memory "
+                      f"per block: use a smaller head dim or float16/bfloat16")
+
+
+def dq_block_m(head_dim: int, elem_bytes: int) -> int:
+    """The dQ kernel's BLOCK_M, shared by all its candidates of a head-dim class and element
+    size: its per-block partial gradients are allocated before the launch."""
+    if INTERPRET:
+        return INTERPRETER_BLOCKS["BLOCK_M"]
+    return candidates("backward_dq", head_dim, elem_bytes)[0].block_m
+
+
+@functools.cache
+def device_shared_limit(index: int) -> int:
+    """The opt-in shared memory per block of a CUDA device, in bytes."""
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def compiled_shared_bytes(fn, args: dict | tuple, meta: dict, config: dict) -> int:
+    """Shared memory of the binary a launch with this config would use on the current
+    device: compiles it (into the cache the launch then reads) without running it."""
+    if isinstance(args, dict):
+        kernel = fn.warmup(grid=(1,), **args, **meta, **config)
+    else:
+        kernel = fn.warmup(*args, grid=(1,), **meta, **config)
+    kernel = kernel.result() if hasattr(kernel, "result") else kernel
+    return int(kernel.metadata.shared)
+
+
+def autotuner(kernel: str, fn):
+    """Wrap a JIT function in Triton's autotuner over every candidate of the kernel, pruned
+    at each new key to those of the call's head dim and dtype whose binaries fit the
+    device's shared memory."""
+    if not AUTOTUNE:
+        return None
+    pool = list(dict.fromkeys(Candidate(*s) for specs in CANDIDATES[kernel].values() for s in specs))
+
+    def prune(configs, named_args, **meta):
+        q = named_args["Q"]
+        wanted = set(candidates(kernel, meta["HEAD_DIM"], q.element_size()))
+        found = [c for c in configs
+                 if Candidate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        limit = device_shared_limit(q.device.index or 0)
+        return fitting(kernel, found, lambda c: compiled_shared_bytes(fn, named_args, meta, c.all_kwargs()), limit)
+
+    return triton.autotune(
+        configs=[c.as_config() for c in pool],
+        key=["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET", "DOT_PRECISION"],
+        prune_configs_by={"early_config_prune": prune},
+    )(fn)
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the launcher would make it (what `capture_launches` records)."""
+
+    kernel: str
+    fn: object  # the JITFunction
+    grid: Callable[[dict], tuple]
+    args: tuple
+    meta: dict
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[Launch]]:
+    """Record the launches the launchers make inside the block instead of running them
+    (outputs stay unwritten). Used to compile every config with the launcher's own
+    arguments on a machine without a GPU."""
+    global _captured
+    saved, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = saved
+
+
+def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict) -> None:
+    """Launch `fn` (or its autotuner `tuned`) on a grid computed from the chosen config."""
+    if _captured is not None:
+        _captured.append(Launch(kernel, fn, grid, args, meta))
+        return
+    if tuned is not None:
+        tuned[grid](*args, **meta)
+    else:
+        cfg = dict(INTERPRETER_BLOCKS) if INTERPRET else _first_fitting(kernel, fn, args, meta)
+        fn[grid(cfg)](*args, **meta, **cfg)
+    count_launch(kernel)
+
+
+def _first_fitting(kernel: str, fn, args: tuple, meta: dict) -> dict:
+    q = args[0]
+    found = [c.kwargs() for c in candidates(kernel, meta["HEAD_DIM"], q.element_size())]
+    limit = device_shared_limit(q.device.index or 0)
+    # Candidates are compiled in order until one fits (the first, on the cards the lists
+    # were made for).
+    for cfg in found:
+        if compiled_shared_bytes(fn, args, meta, cfg) <= limit:
+            return cfg
+    raise _no_fit(kernel, limit)
