@@ -11,7 +11,7 @@ TRITON ?= triton==3.6.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo demo-op test bench lint clean
+.PHONY: setup demo demo-op test bench compile-report lint clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ test: setup
 # The GPU suite where there is a GPU; elsewhere the CPU part (kernel timings need a GPU).
 bench: setup
 	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
+
+# Every kernel config the launchers can pick, compiled for sm_90 and sm_80 with the bundled
+# ptxas (no GPU needed): shared memory, registers, spills, wgmma; CSV and table under
+# benchmarks/results/.
+compile-report: setup
+	$(PY) -m benchmarks.compile_report --check --spill-targets
 
 lint: setup
 	$(PY) -m ruff check .

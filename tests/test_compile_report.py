@@ -1,0 +1,46 @@
+"""The kernels compiled for an H100 (sm_90) on this machine, with ptxas: every launch has
+a config that fits the shared memory, the configs the launcher can pick fit, and the
+16-bit spill targets hold (no spills at head dims 64 and 128, a spill-free wgmma config at
+256). The full sweep (sm_80 too, all dtypes, head dims and modes) is `make compile-report`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    return subprocess.run([sys.executable, "-m", "benchmarks.compile_report", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("modes", ["causal", "causal-padded,bidirectional"])
+def test_sm90_bf16_compile_report(modes):
+    result = _run("--archs", "90", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", modes,
+                  "--no-write", "--check", "--spill-targets")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "0 problems" in result.stdout, result.stdout[-4000:]
+
+
+def test_check_fails_on_a_config_that_does_not_fit(tmp_path):
+    """--check is not a formality: a kernel whose only candidate cannot fit fails it."""
+    script = tmp_path / "too_big.py"
+    script.write_text(
+        "import sys\n"
+        "from llama_adapter_fast.kernels import configs\n"
+        "configs.CANDIDATES['forward'][(2, 128)] = [(64, 64, 4, 8)]\n"
+        "from benchmarks import compile_report\n"
+        "sys.exit(compile_report.main(sys.argv[1:]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, str(script), "--archs", "90", "--dtypes", "bf16", "--head-dims", "128",
+                             "--modes", "causal", "--kernels", "forward", "--no-write", "--check", "--jobs", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "no configuration of the forward kernel fits" in result.stdout
