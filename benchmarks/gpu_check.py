@@ -3,9 +3,10 @@
     python benchmarks/gpu_check.py --out benchmarks/results/gpu-check-<card>-<date>
 
 1. The correctness grid of the test suite, on larger shapes that cross the GPU's block
-   sizes, in float32 (against the float64 oracle, well under 1e-4), float16 and bfloat16
-   (FlashAttention's criterion: at most twice the eager backend's error in the same dtype).
-   Forward and all six gradients, and a check that the Triton kernels ran.
+   sizes, padded and packed, in float32 (against the float64 oracle, well under 1e-4),
+   float16 and bfloat16 (FlashAttention's criterion: at most twice the eager backend's
+   error in the same dtype). Forward and all six gradients, and a check that the Triton
+   kernels ran.
 2. 64-bit indexing: a problem whose q holds more than 2**31 elements.
 3. Timing of forward and forward+backward, triton against sdpa and eager (medians of
    triton.testing.do_bench), bf16, head dim 128, causal, P = 10, B*T = 16k.
@@ -34,8 +35,10 @@ import triton  # noqa: E402
 from llama_adapter_fast import eager_attention, gated_prefix_attention, sdpa_attention  # noqa: E402
 from llama_adapter_fast.testing import (  # noqa: E402
     Case,
+    PackedCase,
     check_against_oracle,
     check_low_precision,
+    check_packed,
     expect_launches,
     rel_error,
 )
@@ -64,32 +67,44 @@ GRID = {
     "one_gate_scale": Case(T=180, gate_shape=(1,), softmax_scale=0.2, D=128),
     "long": Case(B=1, Hq=4, Hkv=2, T=2048, D=128),
 }
+# Packed sequences (gated_prefix_attention_varlen): boundaries inside and at the edges of
+# the GPU's blocks, one-token and empty sequences, one sequence far longer than the others.
+VARLEN_GRID = {
+    "varlen_gqa": PackedCase((128, 37, 300, 1, 64), Hq=8, Hkv=2, D=128),
+    "varlen_long_one": PackedCase((5, 700, 3), D=64, per_sequence_prefix=False),
+    "varlen_kv_chunks": PackedCase((9, 1, 40), lens_k=(200, 65, 40), D=128),
+    "varlen_bidirectional_d80": PackedCase((90, 0, 150), D=80, causal=False),
+}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def run_grid(rows: list[dict]) -> None:
-    for dtype in DTYPES:
-        for name, case in GRID.items():
-            case = Case(**{**case.__dict__, "dtype": dtype})
-            start = time.perf_counter()
-            try:
-                if dtype == torch.float32:
-                    errors = check_against_oracle(case, tol=1e-4)
-                    worst = max(errors.values())
-                    detail = f"max rel err {worst:.1e}"
-                else:
-                    pairs = check_low_precision(case)
-                    worst_key = max(pairs, key=lambda k: pairs[k][0] / (2 * pairs[k][1] + 1e-4))
-                    f, e = pairs[worst_key]
-                    detail = f"worst {worst_key}: triton {f:.1e} vs eager {e:.1e}"
-                status = "PASS"
-            except Exception as exc:  # a failure is reported, and the sweep goes on
-                status, detail = "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
-                traceback.print_exc()
-            row = dict(section="correctness", name=name, dtype=str(dtype).replace("torch.", ""),
-                       status=status, detail=detail, seconds=round(time.perf_counter() - start, 2))
-            rows.append(row)
-            print(f"[{row['status']}] {row['dtype']:8s} {name:26s} {detail}  ({row['seconds']} s)", flush=True)
+    grid = {**GRID, **VARLEN_GRID}
+    cases = [(name, type(case)(**{**case.__dict__, "dtype": dtype}), dtype)
+             for dtype in DTYPES for name, case in grid.items()]
+    for name, case, dtype in cases:
+        start = time.perf_counter()
+        try:
+            if isinstance(case, PackedCase):
+                result = check_packed(case, tol=1e-4)
+            elif dtype == torch.float32:
+                result = check_against_oracle(case, tol=1e-4)
+            else:
+                result = check_low_precision(case)
+            if dtype == torch.float32:
+                detail = f"max rel err {max(result.values()):.1e}"
+            else:
+                worst_key = max(result, key=lambda k: result[k][0] / (2 * result[k][1] + 1e-4))
+                f, e = result[worst_key]
+                detail = f"worst {worst_key}: triton {f:.1e} vs eager {e:.1e}"
+            status = "PASS"
+        except Exception as exc:  # a failure is reported, and the sweep goes on
+            status, detail = "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
+            traceback.print_exc()
+        row = dict(section="correctness", name=name, dtype=str(dtype).replace("torch.", ""),
+                   status=status, detail=detail, seconds=round(time.perf_counter() - start, 2))
+        rows.append(row)
+        print(f"[{row['status']}] {row['dtype']:8s} {name:26s} {detail}  ({row['seconds']} s)", flush=True)
 
 
 def run_large_index(rows: list[dict]) -> None:

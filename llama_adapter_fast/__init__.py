@@ -24,6 +24,13 @@ _map_checkout_kernels()
 
 from llama_adapter_fast.attention import gated_prefix_attention  # noqa: E402
 from llama_adapter_fast.reference import concat_attention, eager_attention, sdpa_attention  # noqa: E402
+from llama_adapter_fast.varlen import gated_prefix_attention_varlen  # noqa: E402
 
-__all__ = ["gated_prefix_attention", "eager_attention", "sdpa_attention", "concat_attention"]
+__all__ = [
+    "gated_prefix_attention",
+    "gated_prefix_attention_varlen",
+    "eager_attention",
+    "sdpa_attention",
+    "concat_attention",
+]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 MAX_TRITON_HEAD_DIM = 256
 
 
-def _check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> torch.Tensor:
+def check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in ndims:
@@ -30,9 +30,8 @@ def _check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, softmax_scale,
-                  key_padding_mask, backend) -> torch.Tensor:
-    """Raise a ValueError or TypeError naming the bad argument. Returns gate as a tensor."""
+def check_options(causal, gate_activation, softmax_scale, backend) -> None:
+    """The keyword options shared by the padded and the packed op."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if gate_activation not in GATE_ACTIVATIONS:
@@ -45,11 +44,52 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
         if not (0 < float(softmax_scale) < float("inf")):
             raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
 
-    q = _check_tensor("q", q, (4,))
-    k = _check_tensor("k", k, (4,))
-    v = _check_tensor("v", v, (4,))
-    prefix_k = _check_tensor("prefix_k", prefix_k, (3, 4))
-    prefix_v = _check_tensor("prefix_v", prefix_v, (3, 4))
+
+def check_like_q(q: torch.Tensor, **others: torch.Tensor) -> None:
+    """Every named tensor has q's dtype and device, and q's dtype is supported."""
+    for name, x in others.items():
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    if q.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+
+
+def check_prefix(prefix_k, prefix_v, n_seqs: int, Hkv: int, D: int, batch_name: str = "B") -> None:
+    if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D or (prefix_k.dim() == 4 and prefix_k.shape[0] != n_seqs):
+        want = f"({Hkv}, P, {D}) or ({n_seqs}, {Hkv}, P, {D}) (one per {batch_name})"
+        raise ValueError(f"prefix_k must have shape {want}, got {tuple(prefix_k.shape)}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
+    if prefix_k.shape[-2] == 0:
+        raise ValueError("prefix_k must hold at least one prefix token (P >= 1), got P = 0")
+
+
+def check_gate(gate: object, Hq: int, device: torch.device) -> torch.Tensor:
+    """The gate as a floating-point tensor of shape (), (1,) or (Hq,) on q's device."""
+    if isinstance(gate, numbers.Real) and not isinstance(gate, bool):
+        gate = torch.tensor(float(gate), device=device)
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
+    if gate.shape not in ((), (1,), (Hq,)):
+        raise ValueError(f"gate must have shape (), (1,) or ({Hq},) (one per query head), got {tuple(gate.shape)}")
+    if gate.device != device:
+        raise ValueError(f"gate must be on q's device {device}, got {gate.device}")
+    return gate
+
+
+def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, softmax_scale,
+                  key_padding_mask, backend) -> torch.Tensor:
+    """Raise a ValueError or TypeError naming the bad argument. Returns gate as a tensor."""
+    check_options(causal, gate_activation, softmax_scale, backend)
+    q = check_tensor("q", q, (4,))
+    k = check_tensor("k", k, (4,))
+    v = check_tensor("v", v, (4,))
+    prefix_k = check_tensor("prefix_k", prefix_k, (3, 4))
+    prefix_v = check_tensor("prefix_v", prefix_v, (3, 4))
     B, Hq, T, D = q.shape
     if k.shape[0] != B:
         raise ValueError(f"k must have q's batch size {B}, got shape {tuple(k.shape)}")
@@ -60,34 +100,11 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
-    if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D or (prefix_k.dim() == 4 and prefix_k.shape[0] != B):
-        want = f"({Hkv}, P, {D}) or ({B}, {Hkv}, P, {D})"
-        raise ValueError(f"prefix_k must have shape {want}, got {tuple(prefix_k.shape)}")
-    if prefix_v.shape != prefix_k.shape:
-        raise ValueError(f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
-    if prefix_k.shape[-2] == 0:
-        raise ValueError("prefix_k must hold at least one prefix token (P >= 1), got P = 0")
+    check_prefix(prefix_k, prefix_v, B, Hkv, D)
     if D == 0:
         raise ValueError("q must have a head dim of at least 1")
-
-    for name, x in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
-    if q.dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-
-    if isinstance(gate, numbers.Real) and not isinstance(gate, bool):
-        gate = torch.tensor(float(gate), device=q.device)
-    if not isinstance(gate, torch.Tensor):
-        raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
-    if not gate.is_floating_point():
-        raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
-    if gate.shape not in ((), (1,), (Hq,)):
-        raise ValueError(f"gate must have shape (), (1,) or ({Hq},) (one per query head), got {tuple(gate.shape)}")
-    if gate.device != q.device:
-        raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
+    check_like_q(q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    gate = check_gate(gate, Hq, q.device)
 
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
@@ -119,7 +136,7 @@ def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "triton":
         reason = _triton_unavailable_reason(q)
         if reason is not None:
@@ -133,7 +150,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
-def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Under torch.autocast, bring the inputs to the autocast dtype (custom ops are not
     autocast-aware by themselves)."""
     device_type = tensors[0].device.type
@@ -182,16 +199,20 @@ def gated_prefix_attention(
     """
     gate = _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation,
                          softmax_scale, key_padding_mask, backend)
-    q, k, v, prefix_k, prefix_v = _autocast(q, k, v, prefix_k, prefix_v)
-    backend = _resolve_backend(backend, q)
+    q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
+    backend = resolve_backend(backend, q)
     kwargs = dict(causal=causal, gate_activation=gate_activation, softmax_scale=softmax_scale,
                   key_padding_mask=key_padding_mask)
     if backend == "eager":
         return eager_attention(q, k, v, prefix_k, prefix_v, gate, **kwargs)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, prefix_k, prefix_v, gate, **kwargs)
-    # The kernels take act(gate) per query head in float32; autograd carries its gradient
-    # back through the activation to the gate in the gate's own dtype.
-    gate_act = activate_gate(gate.float(), gate_activation).reshape(-1).expand(q.shape[1]).contiguous()
+    gate_act = kernel_gate(gate, gate_activation, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return ops.triton_attention(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, scale)
+
+
+def kernel_gate(gate: torch.Tensor, gate_activation: str, num_heads: int) -> torch.Tensor:
+    """act(gate) per query head in float32, as the kernels take it; autograd carries its
+    gradient back through the activation to the gate in the gate's own dtype."""
+    return activate_gate(gate.float(), gate_activation).reshape(-1).expand(num_heads).contiguous()

@@ -1,8 +1,9 @@
 """The fused op as torch.library custom ops with autograd.
 
 Forward and backward launchers are registered as `llama_adapter_fast::gpa_forward` and
-`llama_adapter_fast::gpa_backward`, each with a fake implementation, and tied together with
-`register_autograd`, so torch.compile sees one opaque op (no graph break) and
+`llama_adapter_fast::gpa_backward` (padded batches), and `gpa_varlen_forward` and
+`gpa_varlen_backward` (packed sequences), each with a fake implementation, and tied
+together with `register_autograd`, so torch.compile sees one opaque op (no graph break) and
 `torch.library.opcheck` can test the registration.
 """
 
@@ -113,4 +114,110 @@ def triton_attention(
 ) -> torch.Tensor:
     """The fused path on validated inputs; gate_act is act(gate) as float32 of shape (Hq,)."""
     out, _, _ = gpa_forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale)
+    return out
+
+
+@torch.library.custom_op("llama_adapter_fast::gpa_varlen_forward", mutates_args=())
+def gpa_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward on packed sequences: out (total_q, Hq, D) and the two base-2
+    log-sum-exps (float32, (Hq, total_q))."""
+    return _fwd.varlen_forward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
+                               max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+
+
+@gpa_varlen_forward.register_fake
+def _(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      softmax_scale):
+    total_q, H, D = q.shape
+    lse = q.new_empty((H, total_q), dtype=torch.float32)
+    return q.new_empty((total_q, H, D)), lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("llama_adapter_fast::gpa_varlen_backward", mutates_args=())
+def gpa_varlen_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    out: torch.Tensor,
+    lse1: torch.Tensor,
+    lse2: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward on packed sequences: gradients of q, k, v, prefix_k, prefix_v, gate_act."""
+    return _bwd.varlen_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, out, lse1, lse2, causal, softmax_scale,
+    )
+
+
+@gpa_varlen_backward.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      out, lse1, lse2, causal, softmax_scale):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v, gate_act))
+
+
+def _setup_varlen_context(ctx, inputs, output) -> None:
+    (q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+     causal, softmax_scale) = inputs
+    out, lse1, lse2 = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse1, lse2)
+
+
+def _varlen_backward(ctx, grad_out, _grad_lse1, _grad_lse2):
+    q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2 = ctx.saved_tensors
+    grads = gpa_varlen_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen,
+        out, lse1, lse2, ctx.causal, ctx.softmax_scale,
+    )
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "llama_adapter_fast::gpa_varlen_forward", _varlen_backward, setup_context=_setup_varlen_context
+)
+
+
+def triton_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """The fused packed path on validated inputs; gate_act is act(gate) as float32 (Hq,)."""
+    out, _, _ = gpa_varlen_forward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, causal, softmax_scale)
     return out
