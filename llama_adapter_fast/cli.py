@@ -159,20 +159,23 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
                         dtype: str | None = None):
     """A base model with the adapter of `adapter` (its config read from the file), on `device`."""
-    import torch
 
     from llama_adapter_fast.model import read_adapter_config
-    from llama_adapter_fast.train import DTYPES, load_base
+    from llama_adapter_fast.train import DTYPES, check_attention_dtype, load_base, resolve_device
 
+    dev = resolve_device(device)
+    if dtype is not None:
+        check_attention_dtype(attention_backend, dev, DTYPES[dtype], f"--dtype {dtype}")
     kwargs = {"attention_backend": attention_backend}
     if adapter is not None:
         kwargs.update(read_adapter_config(adapter))
     else:
         kwargs["adapter_layers"] = 0
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
     if adapter is not None:
         model.load_adapter(adapter)
+    weights = model.tok_embeddings.weight.dtype
+    check_attention_dtype(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
     return model.eval()
 
 
@@ -248,17 +251,16 @@ def _score(answers: list[str], records: list[dict]) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    import torch
 
     from llama_adapter_fast.data import SYNTHETIC_FILES, load_instructions
     from llama_adapter_fast.generate import answer
     from llama_adapter_fast.model import LLaMAAdapter, ModelArgs
     from llama_adapter_fast.tokenizer import Tokenizer
-    from llama_adapter_fast.train import TrainConfig, finetune, load_base, pretrain
+    from llama_adapter_fast.train import TrainConfig, finetune, load_base, pretrain, resolve_device
 
     t0 = time.perf_counter()
     out = Path(a.out)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(a.device)
     backend = a.attention_backend
     shown = "triton" if backend == "auto" and device.type == "cuda" else ("sdpa" if backend == "auto" else backend)
     tokenizer = Tokenizer()

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llama_adapter_fast.attention import triton_dtype_problem
 from llama_adapter_fast.data import IGNORE_INDEX, InstructionDataset, TextDataset, collate
 from llama_adapter_fast.model import LLaMAAdapter, ModelArgs, atomic_write
 from llama_adapter_fast.tokenizer import Tokenizer
@@ -137,12 +138,31 @@ def init_distributed(device: str | None = None) -> tuple[Dist, torch.device]:
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device is None:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return info, dev
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device of a --device option (None: cuda where there is one, else cpu), checked
+    by allocating on it, so that a typo or a missing GPU is a clear error up front."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N, ...)") from None
+    if dev.type == "meta":
+        raise ValueError("--device meta holds no data: use cpu or cuda")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as exc:  # noqa: BLE001 - each backend fails its own way (AssertionError, RuntimeError, ...)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--device {name}: not available on this machine ({reason})") from None
+    return dev
 
 
 def _all_reduce_sum(x: torch.Tensor, info: Dist) -> torch.Tensor:
@@ -182,6 +202,25 @@ def load_tokenizer(path: str | None, base: str | None) -> Tokenizer:
         raise ValueError(f"base: {base} has no tokenizer.model: pass the base model's sentencepiece tokenizer "
                          f"with --tokenizer")
     return Tokenizer(Path(base) / "tokenizer.model")
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a --precision on a device (None: no autocast)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_attention_dtype(backend: str, device: torch.device, dtype: torch.dtype | None, option: str) -> None:
+    """Refuse, before anything loads or trains, a dtype that --attention-backend triton
+    cannot compute correctly on this device (bfloat16 under Triton's interpreter)."""
+    if backend != "triton" or dtype is None or triton_dtype_problem(device, dtype) is None:
+        return
+    raise ValueError(f"{option} with --attention-backend triton cannot run on {device}: Triton's interpreter has "
+                     f"no {str(dtype).removeprefix('torch.')} arithmetic (the results would be wrong); use "
+                     f"--attention-backend sdpa there, or float32")
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -327,6 +366,11 @@ class Trainer:
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.global_batch / 256
 
         self.amp_dtype = self._amp_dtype()
+        if model.args.adapter_layers > 0:
+            weights = model.tok_embeddings.weight.dtype
+            name = str(weights).removeprefix("torch.")
+            option = f"--precision {cfg.precision}" if self.amp_dtype else f"a {name} base (--dtype)"
+            check_attention_dtype(model.args.attention_backend, device, self.amp_dtype or weights, option)
         self.model = self._wrap(model)
         trainable_now = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(trainable_now, cfg.weight_decay), lr=self.peak_lr,
@@ -337,12 +381,7 @@ class Trainer:
         self.step = 0
 
     def _amp_dtype(self) -> torch.dtype | None:
-        p = self.cfg.precision
-        if p == "auto":
-            if self.device.type != "cuda":
-                return None
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+        return amp_dtype_for(self.cfg.precision, self.device)
 
     def _wrap(self, model: LLaMAAdapter) -> torch.nn.Module:
         model.to(self.device)
@@ -619,6 +658,10 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     """
     cfg.validate()
     info, device = init_distributed(cfg.device)
+    check_attention_dtype(cfg.attention_backend, device, amp_dtype_for(cfg.precision, device),
+                          f"--precision {cfg.precision}")
+    if cfg.dtype is not None:
+        check_attention_dtype(cfg.attention_backend, device, DTYPES[cfg.dtype], f"--dtype {cfg.dtype}")
     # The same seed on every process: FSDP does not broadcast the initial prompts.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
