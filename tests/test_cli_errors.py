@@ -50,3 +50,17 @@ def test_unknown_or_missing_devices(base_dir, data_file, tmp_path, capsys):  # n
                      "--device cuda: not available")
         expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--device", "cuda:1"),
                      "--device cuda:1: not available")
+
+
+def test_data_records_and_paths(base_dir, tmp_path, capsys):  # noqa: F811
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "x\\ud800y", "output": "b"}\n')
+    expect_error(capsys, finetune_args(base_dir, surrogate, tmp_path / "o"),
+                 f"{surrogate}: record 1 (line 2)", "'instruction'", "surrogate")
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--instructions", str(surrogate), "--device", "cpu"],
+                 f"{surrogate}: record 1 (line 2)")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    expect_error(capsys, finetune_args(base_dir, folder, tmp_path / "o"), f"{folder} is a folder")
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--instructions", str(folder), "--device", "cpu"],
+                 f"{folder} is a folder")
