@@ -179,6 +179,17 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
     return model.eval()
 
 
+def _check_generate_options(a: argparse.Namespace) -> None:
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if not 0 <= a.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
@@ -186,6 +197,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from llama_adapter_fast.generate import answer
     from llama_adapter_fast.train import base_format, load_tokenizer
 
+    _check_generate_options(a)
     base_format(a.base)
     tokenizer = load_tokenizer(a.tokenizer, a.base)
     model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,

@@ -86,26 +86,53 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
 
-    def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_every"):
+    def validate(self, world_size: int = 1) -> None:
+        """Raise a ValueError naming the option (as the command line spells it) of a setting
+        out of range."""
+        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_every", "adapter_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ValueError(f"{option_name(name)} must be a positive int, got {value!r}")
+        for name in ("adapter_layers", "warmup_steps", "print_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{option_name(name)} must be an int >= 0, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for name in ("epochs", "lr", "blr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{option_name(name)} must be a finite number, got {value}")
         if self.max_steps is None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("blr", "weight_decay", "min_lr", "clip_grad"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{option_name(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is None and not self.blr > 0:
+            raise ValueError(f"--blr must be > 0 (or give --lr), got {self.blr}")
+        if self.min_lr > self.peak_lr(world_size):
+            peak = f"--lr {self.lr}" if self.lr is not None else \
+                f"the learning rate {self.peak_lr(world_size):.3g} (--blr * global batch / 256)"
+            raise ValueError(f"--min-lr {self.min_lr} is above {peak}: the schedule decays from the peak to --min-lr")
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """--lr, or by default --blr * global batch / 256 (the original's rule)."""
+        if self.lr is not None:
+            return self.lr
+        return self.blr * self.batch_size * self.grad_accum * world_size / 256
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a TrainConfig field."""
+    return "--out" if field == "out_dir" else "--" + field.replace("_", "-")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -343,7 +370,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: LLaMAAdapter, dataset, tokenizer: Tokenizer, info: Dist,
                  device: torch.device, trainable: str = "adapter", title: str = "LLaMA-Adapter fine-tuning",
                  ylabel: str = "cross-entropy on response tokens", bar_label: str = "adapter"):
-        cfg.validate()
+        cfg.validate(info.world_size)
         self.cfg, self.dataset, self.tokenizer, self.info, self.device = cfg, dataset, tokenizer, info, device
         self.title, self.ylabel, self.bar_label = title, ylabel, bar_label
         self.out = Path(cfg.out_dir)
@@ -363,7 +390,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 10)
-        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.global_batch / 256
+        self.peak_lr = cfg.peak_lr(info.world_size)
 
         self.amp_dtype = self._amp_dtype()
         if model.args.adapter_layers > 0:
@@ -658,6 +685,7 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     """
     cfg.validate()
     info, device = init_distributed(cfg.device)
+    cfg.validate(info.world_size)
     check_attention_dtype(cfg.attention_backend, device, amp_dtype_for(cfg.precision, device),
                           f"--precision {cfg.precision}")
     if cfg.dtype is not None:

@@ -64,3 +64,30 @@ def test_data_records_and_paths(base_dir, tmp_path, capsys):  # noqa: F811
     expect_error(capsys, finetune_args(base_dir, folder, tmp_path / "o"), f"{folder} is a folder")
     expect_error(capsys, ["generate", "--base", str(base_dir), "--instructions", str(folder), "--device", "cpu"],
                  f"{folder} is a folder")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
+    (["--blr", "1e-3", "--min-lr", "1"], "--min-lr"),  # above the default lr = blr * batch / 256
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--clip-grad", "nan"], "--clip-grad"),
+    (["--lr", "inf"], "--lr"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--epochs", "inf", "--max-steps", "0"], "--max-steps"),
+    (["--save-every", "0"], "--save-every"),
+])
+def test_finetune_options_out_of_range(base_dir, data_file, tmp_path, capsys, options, fragment):  # noqa: F811
+    expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", *options), fragment)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-2"], "--batch-size"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+])
+def test_generate_options_out_of_range(base_dir, capsys, options, fragment):  # noqa: F811
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--device", "cpu", *options],
+                 fragment)
