@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llama-adapter-fast {a.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Training has already said where its checkpoint is; the traceback would only bury it.
+        print(f"llama-adapter-fast {a.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

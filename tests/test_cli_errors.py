@@ -91,3 +91,53 @@ def test_finetune_options_out_of_range(base_dir, data_file, tmp_path, capsys, op
 def test_generate_options_out_of_range(base_dir, capsys, options, fragment):  # noqa: F811
     expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--device", "cpu", *options],
                  fragment)
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, data_file, tmp_path_factory):  # noqa: F811
+    """An out folder of a finished 2-step run (adapter and checkpoint)."""
+    out = tmp_path_factory.mktemp("trained")
+    assert cli.main(finetune_args(base_dir, data_file, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("change, option", [(["--adapter-len", "3"], "--adapter-len"),
+                                            (["--scalar-gate"], "--scalar-gate")])
+def test_resume_with_a_changed_adapter_shape(base_dir, data_file, trained, capsys, change, option):  # noqa: F811
+    expect_error(capsys, finetune_args(base_dir, data_file, trained, "--max-steps", "3", "--resume", *change),
+                 f"resume: {option} was")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "corrupt", "not a checkpoint", "folder"])
+def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path, capsys, damage):  # noqa: F811
+    checkpoint = tmp_path / "checkpoint.pt"
+    good = (trained / "checkpoint.pt").read_bytes()
+    if damage == "folder":
+        checkpoint.mkdir()
+    else:
+        checkpoint.write_bytes({"empty": b"", "truncated": good[: len(good) // 2],
+                                "corrupt": good[:100] + bytes(range(256)) * 4 + good[1124:],
+                                "not a checkpoint": b""}[damage])
+        if damage == "not a checkpoint":
+            torch.save({"step": 3}, checkpoint)
+    expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--resume", str(checkpoint)),
+                 f"resume: {checkpoint}")
+
+
+def test_ctrl_c_ends_with_the_resume_line_and_no_traceback(base_dir, data_file, tmp_path, capsys,  # noqa: F811
+                                                           monkeypatch):
+    from llama_adapter_fast.train import Trainer
+
+    micro_batches = Trainer._micro_batches
+
+    def interrupted_in_step_2(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return micro_batches(self)
+
+    monkeypatch.setattr(Trainer, "_micro_batches", interrupted_in_step_2)
+    out = tmp_path / "o"
+    assert cli.main(finetune_args(base_dir, data_file, out, "--max-steps", "3")) == 130
+    captured = capsys.readouterr()
+    assert f"interrupted: checkpoint of step 1 in {out / 'checkpoint.pt'}; continue with --resume" in captured.out
+    assert captured.err.strip() == "llama-adapter-fast finetune: interrupted"
