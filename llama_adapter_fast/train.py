@@ -29,6 +29,7 @@ import math
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -431,6 +432,60 @@ def sigint_deferred():
             raise KeyboardInterrupt
 
 
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def out_folder_lock(folder: str | os.PathLike):
+    """Hold an exclusive lock on an out folder for the life of a run, so that two runs never
+    interleave their checkpoints, metrics and adapters; a second run gets a ValueError naming
+    the holder. The lock is an flock on folder/.lock (which records the holder's pid and
+    host): the system releases it when its process ends, however it ends, so a lock file
+    left by a run that died blocks nothing. Creating the folder and the file also checks,
+    before anything loads, that the folder is writable."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {folder}: cannot create the folder ({exc.strerror or exc})") from None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        print(f"warning: no file locking on this platform: nothing stops another run from writing to {folder}")
+        yield
+        return
+    path = folder / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ValueError(f"--out {folder} is not writable ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise ValueError(f"--out {folder} is in use by another run ({holder}): wait for it to end or choose "
+                             f"another --out") from None
+        # The previous holder may have removed the file between our open and our lock:
+        # then we hold a lock on a file nobody else sees, so open again.
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding the lock, so that no one locks the old file
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------
 # The loop
 
@@ -759,9 +814,7 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         elif info.main:
-            if (self.out / CHECKPOINT).exists() and not cfg.overwrite:
-                raise ValueError(f"--out {self.out} already holds a training checkpoint: pass --resume to continue "
-                                 f"it or --overwrite to start again")
+            _check_fresh_out(cfg)
             self.out.mkdir(parents=True, exist_ok=True)
             for name in (METRICS, CHECKPOINT, PLOT):
                 (self.out / name).unlink(missing_ok=True)
@@ -842,6 +895,12 @@ class Trainer:
                            tokens_per_s=total_tokens / max(seconds, 1e-9), history=history)
 
 
+def _check_fresh_out(cfg: TrainConfig) -> None:
+    if (Path(cfg.out_dir) / CHECKPOINT).exists() and not cfg.overwrite:
+        raise ValueError(f"--out {cfg.out_dir} already holds a training checkpoint: pass --resume to continue "
+                         f"it or --overwrite to start again")
+
+
 def _resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume is True or cfg.resume == "auto":
         path = Path(cfg.out_dir) / CHECKPOINT
@@ -858,8 +917,10 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     """Fine-tune the adapter of `model` (or of the base at cfg.base) on cfg.data.
 
     Writes into cfg.out_dir: adapter.safetensors (the result), checkpoint.pt (training state
-    for --resume), metrics.jsonl, loss.png and train_config.json. `callback(event, n)` is
-    called at each micro-step and after each step (tests use it to interrupt a run).
+    for --resume), metrics.jsonl, loss.png and train_config.json, holding the folder's lock
+    (out_folder_lock) meanwhile. `callback(event, n)` is called at each micro-step
+    ("micro_step"), right after each optimizer update ("optimizer_step") and after each step
+    ("step"); tests use it to interrupt a run.
     """
     cfg.validate()
     info, device = init_distributed(cfg.device)
@@ -868,6 +929,18 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
                           f"--precision {cfg.precision}")
     if cfg.dtype is not None:
         check_attention_dtype(cfg.attention_backend, device, DTYPES[cfg.dtype], f"--dtype {cfg.dtype}")
+    if cfg.base is not None and Path(cfg.out_dir).resolve() == Path(cfg.base).resolve():
+        raise ValueError(f"--out {cfg.out_dir} is the base folder: the run's files would mix with the base "
+                         f"model's; choose another --out")
+    # The out folder is checked (and taken) before minutes go into loading the base.
+    with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
+        return _finetune(cfg, info, device, model, tokenizer, callback)
+
+
+def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAdapter | None,
+              tokenizer: Tokenizer | None, callback: Callable[[str, int], None] | None) -> TrainResult:
+    if info.main and _resolve_resume(cfg) is None:
+        _check_fresh_out(cfg)
     # The same seed on every process: FSDP does not broadcast the initial prompts.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -935,6 +1008,7 @@ def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
         (out / "tokenizer.model").write_bytes(Path(tokenizer.path).read_bytes())
         return out
 
-    result = trainer.run(resume=_resolve_resume(cfg), save_final=save_base)
+    with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
+        result = trainer.run(resume=_resolve_resume(cfg), save_final=save_base)
     model.freeze_base()
     return model, result

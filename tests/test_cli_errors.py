@@ -3,6 +3,8 @@ option, exit code 2, and no traceback."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_train import base_dir, data_file  # noqa: F401  (module fixtures: a tiny base and its data)
@@ -141,3 +143,31 @@ def test_ctrl_c_ends_with_the_resume_line_and_no_traceback(base_dir, data_file, 
     captured = capsys.readouterr()
     assert f"interrupted: checkpoint of step 1 in {out / 'checkpoint.pt'}; continue with --resume" in captured.out
     assert captured.err.strip() == "llama-adapter-fast finetune: interrupted"
+
+
+def test_a_second_run_on_the_same_out_folder_stops(base_dir, data_file, tmp_path, capsys):  # noqa: F811
+    from llama_adapter_fast.train import LOCK, out_folder_lock
+
+    out = tmp_path / "o"
+    with out_folder_lock(out):  # a run holds the folder
+        expect_error(capsys, finetune_args(base_dir, data_file, out), f"--out {out} is in use by another run",
+                     f"pid {os.getpid()}")
+        assert not (out / "metrics.jsonl").exists()
+    # A lock file left by a run that died (its lock went with its process) does not block.
+    (out / LOCK).write_text("pid 999999999 on some-host\n")
+    assert cli.main(finetune_args(base_dir, data_file, out)) == 0
+    assert (out / "adapter.safetensors").is_file() and not (out / LOCK).exists()
+
+
+def test_an_unusable_out_folder_is_refused_before_loading(base_dir, data_file, tmp_path, capsys,  # noqa: F811
+                                                          monkeypatch):
+    import llama_adapter_fast.train as train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded before the out folder was checked")
+
+    monkeypatch.setattr(train, "load_base", no_loading)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    expect_error(capsys, finetune_args(base_dir, data_file, a_file / "out"), f"--out {a_file / 'out'}")
+    expect_error(capsys, finetune_args(base_dir, data_file, base_dir), "--out", "is the base folder")
