@@ -190,41 +190,70 @@ def _check_generate_options(a: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
 
 
+def _open_output(path: str):
+    """The --output file, opened for appending (so that an existing file stays as it is until
+    the model has loaded), or a ValueError naming it: checked before anything loads."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
     from llama_adapter_fast.data import load_instructions
-    from llama_adapter_fast.generate import answer
+    from llama_adapter_fast.generate import iter_answers, prompt_ids
     from llama_adapter_fast.train import base_format, load_tokenizer
 
     _check_generate_options(a)
     base_format(a.base)
     tokenizer = load_tokenizer(a.tokenizer, a.base)
-    model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
-                                dtype=a.dtype)
     if a.instructions:
         records = load_instructions(a.instructions, require_output=False)
     else:
         records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
-    generator = torch.Generator().manual_seed(a.seed)
-    answers = answer(model, tokenizer, records, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                     top_p=a.top_p, batch_size=a.batch_size, template=not a.raw, generator=generator)
-    rows = []
-    for record, text in zip(records, answers, strict=True):
-        print(f"### Instruction: {record['instruction']}")
-        if record.get("input"):
-            print(f"### Input: {record['input']}")
-        print(f"### Response: {text}")
-        if record.get("output"):
-            mark = "correct" if text.strip() == record["output"].strip() else "expected"
-            print(f"    ({mark}: {record['output']})")
-        print()
-        rows.append({**record, "response": text})
+    output = _open_output(a.output) if a.output else None
+    try:
+        model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
+                                    dtype=a.dtype)
+        context = model.args.max_seq_len
+        n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
+        if not a.instructions and n_prompt >= context:
+            raise ValueError(f"--prompt: its prompt of {n_prompt} tokens leaves no room in the model's context of "
+                             f"{context}")
+        if output is not None:
+            output.truncate(0)
+        generator = torch.Generator().manual_seed(a.seed)
+        answers = iter_answers(model, tokenizer, records, max_new_tokens=a.max_new_tokens,
+                               temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
+                               template=not a.raw, generator=generator, skip_too_long=True)
+        for i, text in answers:
+            record = records[i]
+            if text is None:
+                n = len(prompt_ids(tokenizer, record, not a.raw))
+                reason = f"its prompt of {n} tokens leaves no room in the model's context of {context}"
+                print(f"llama-adapter-fast generate: warning: {a.instructions}: record {i}: {reason}: skipped",
+                      file=sys.stderr)
+                row = {**record, "response": None, "skipped": reason}
+            else:
+                print(f"### Instruction: {record['instruction']}")
+                if record.get("input"):
+                    print(f"### Input: {record['input']}")
+                print(f"### Response: {text}")
+                if record.get("output"):
+                    mark = "correct" if text.strip() == record["output"].strip() else "expected"
+                    print(f"    ({mark}: {record['output']})")
+                print(flush=True)
+                row = {**record, "response": text}
+            if output is not None:  # each answer is safe on disk as soon as it exists
+                output.write(json.dumps(row) + "\n")
+                output.flush()
+    finally:
+        if output is not None:
+            output.close()
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.output, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         print(f"answers written to {a.output}")
     return 0
 

@@ -9,7 +9,7 @@ and values are computed once per call (when the cache is made), not at every ste
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -127,6 +127,60 @@ def generate(
     return out
 
 
+def prompt_ids(tokenizer, item: str | dict, template: bool = True) -> list[int]:
+    """Token ids of an instruction (a string or an Alpaca record {"instruction", "input"}) in
+    the Alpaca prompt, or of the text as it is with template=False."""
+    if isinstance(item, dict):
+        text = format_prompt(item["instruction"], item.get("input", "") or "") if template else item["instruction"]
+    else:
+        text = format_prompt(item) if template else item
+    return tokenizer.encode(text, bos=True, eos=False)
+
+
+def iter_answers(
+    model: LLaMAAdapter,
+    tokenizer,
+    instructions: Sequence[str | dict],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    template: bool = True,
+    generator: torch.Generator | None = None,
+    skip_too_long: bool = False,
+) -> Iterator[tuple[int, str | None]]:
+    """(index, answer) for each instruction, in order, as soon as its batch is done: see
+    `answer`. A prompt that leaves no room in the model's context raises a ValueError naming
+    it before anything is generated, or with skip_too_long=True comes as (index, None) while
+    the others are answered (and batched without it)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    context = model.args.max_seq_len
+    prompts = [prompt_ids(tokenizer, item, template) for item in instructions]
+    too_long = [i for i, p in enumerate(prompts) if len(p) >= context]
+    if too_long and not skip_too_long:
+        i = too_long[0]
+        raise ValueError(f"instructions[{i}]: its prompt of {len(prompts[i])} tokens leaves no room in the model's "
+                         f"context of {context}")
+    kept = [i for i in range(len(prompts)) if len(prompts[i]) < context]
+    done = 0  # instructions yielded so far
+    for start in range(0, len(kept), batch_size):
+        batch = kept[start:start + batch_size]
+        # Each answer stops at the end of the context (its own prompt's) rather than failing.
+        caps = [min(max_new_tokens, context - len(prompts[i])) for i in batch]
+        new = generate(model, [prompts[i] for i in batch], max_new_tokens=caps, temperature=temperature,
+                       top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+        for i, ids in zip(batch, new, strict=True):
+            while done < i:  # skipped prompts before this one
+                yield done, None
+                done += 1
+            yield i, tokenizer.decode(ids).strip()
+            done += 1
+    for i in range(done, len(prompts)):
+        yield i, None
+
+
 def answer(
     model: LLaMAAdapter,
     tokenizer,
@@ -141,24 +195,8 @@ def answer(
 ) -> list[str]:
     """Answers to instructions: each a string or an Alpaca record {"instruction", "input"},
     put in the Alpaca prompt (unless template=False: the text is the prompt as it is).
-    An answer ends at EOS, after max_new_tokens, or at the end of the model's context."""
-    prompts = []
-    for item in instructions:
-        if isinstance(item, dict):
-            text = format_prompt(item["instruction"], item.get("input", "") or "") if template else item["instruction"]
-        else:
-            text = format_prompt(item) if template else item
-        prompts.append(tokenizer.encode(text, bos=True, eos=False))
-    answers = []
-    context = model.args.max_seq_len
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        longest = max(len(p) for p in batch)
-        if longest >= context:
-            raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context}")
-        # Each answer stops at the end of the context (its own prompt's) rather than failing.
-        caps = [min(max_new_tokens, context - len(p)) for p in batch]
-        new = generate(model, batch, max_new_tokens=caps, temperature=temperature, top_p=top_p,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
-        answers.extend(tokenizer.decode(ids).strip() for ids in new)
-    return answers
+    An answer ends at EOS, after max_new_tokens, or at the end of the model's context. A
+    prompt that fills the context raises a ValueError naming it, before any generation."""
+    return [text for _, text in iter_answers(model, tokenizer, instructions, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                             template=template, generator=generator)]

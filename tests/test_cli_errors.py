@@ -3,6 +3,7 @@ option, exit code 2, and no traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -171,3 +172,72 @@ def test_an_unusable_out_folder_is_refused_before_loading(base_dir, data_file, t
     a_file.write_text("")
     expect_error(capsys, finetune_args(base_dir, data_file, a_file / "out"), f"--out {a_file / 'out'}")
     expect_error(capsys, finetune_args(base_dir, data_file, base_dir), "--out", "is the base folder")
+
+
+def instructions_file(path, long_at: int | None = None, n: int = 3):
+    records = [{"instruction": f"Give the opposite of the word. {i}", "input": "wet", "output": "dry"}
+               for i in range(n)]
+    if long_at is not None:
+        records[long_at]["input"] = " ".join(["red green blue"] * 60)  # far beyond the base's 96 positions
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_generate_skips_an_over_long_record_and_keeps_the_others(base_dir, tmp_path, capsys):  # noqa: F811
+    data, answers = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    records = instructions_file(data, long_at=1)
+    assert cli.main(["generate", "--base", str(base_dir), "--instructions", str(data), "--output", str(answers),
+                     "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"{data}: record 1: its prompt of" in captured.err and "skipped" in captured.err
+    assert "Traceback" not in captured.err and "error:" not in captured.err
+    assert captured.out.count("### Response:") == 2
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in records]
+    assert isinstance(rows[0]["response"], str) and isinstance(rows[2]["response"], str)
+    assert rows[1]["response"] is None and "leaves no room" in rows[1]["skipped"]
+    # One prompt given on the command line that cannot fit is an error, not a skip.
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", records[1]["instruction"], "--input",
+                          records[1]["input"], "--device", "cpu"], "--prompt", "leaves no room")
+
+
+def test_generate_writes_each_answer_as_it_comes(base_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import llama_adapter_fast.generate as generation
+
+    data, answers = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    instructions_file(data, n=5)
+    batches = []
+    real = generation.generate
+
+    def dies_in_the_second_batch(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", dies_in_the_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.main(["generate", "--base", str(base_dir), "--instructions", str(data), "--output", str(answers),
+                  "--max-new-tokens", "2", "--batch-size", "2", "--device", "cpu"])
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows)  # the first batch is safe
+
+
+def test_generate_checks_the_output_before_loading(base_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import llama_adapter_fast.train as train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded before --output was checked")
+
+    monkeypatch.setattr(train, "load_base", no_loading)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for output in (a_file / "answers.jsonl", tmp_path):
+        expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(output),
+                              "--device", "cpu"], f"--output {output}")
+    # An existing answers file stays as it was when loading fails.
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("earlier answers\n")
+    with pytest.raises(AssertionError, match="was loaded"):
+        cli.main(["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(answers), "--device", "cpu"])
+    assert answers.read_text() == "earlier answers\n"
