@@ -712,19 +712,42 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights a Hugging Face folder names: the shards of model.safetensors.index.json,
+    or model.safetensors. Other .safetensors files in the folder (an adapter saved there,
+    say) are not weights of the base and are not read."""
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {exc}") from None
+        root = folder.resolve()
+        for name in files:
+            if not isinstance(name, str) or not (folder / name).resolve().is_relative_to(root):
+                raise ValueError(f"{index}: the shard {name!r} lies outside {folder}; an index names files "
+                                 f"of its own folder only")
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
     else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder}: no .safetensors weights found")
+        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (the weights of a "
+                         f"Hugging Face folder)")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(folder / name)))
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{index}: names {name}, which {folder} does not hold")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot be read as safetensors ({_first_line(exc)})") from None
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def args_from_hf_config(config: Mapping[str, Any], **adapter: Any) -> ModelArgs:
