@@ -90,7 +90,12 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", default=None, help="also write the answers as JSON Lines")
+    p.add_argument("--output", default=None, help="also write the answers as JSON Lines, each as it comes")
+    p.add_argument("--adapter-len", type=int, default=None,
+                   help="for an original LLaMA-Adapter .pth, which does not record it (default: from its gates)")
+    p.add_argument("--adapter-layers", type=int, default=None, help="likewise (default: from its gates)")
+    p.add_argument("--gate-activation", default=None, choices=["tanh", "identity"],
+                   help="likewise (default: tanh, as the original fine-tuning code)")
     _add_model_options(p)
 
 
@@ -157,10 +162,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
-                        dtype: str | None = None):
-    """A base model with the adapter of `adapter` (its config read from the file), on `device`."""
+                        dtype: str | None = None, adapter_settings: dict | None = None):
+    """A base model with the adapter of `adapter` (its config read from the file, or from
+    `adapter_settings` where the file does not record it), on `device`."""
 
-    from llama_adapter_fast.model import read_adapter_config
+    from llama_adapter_fast.model import is_original_adapter, read_adapter_config
     from llama_adapter_fast.train import DTYPES, check_attention_dtype, load_base, resolve_device
 
     dev = resolve_device(device)
@@ -168,7 +174,12 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
         check_attention_dtype(attention_backend, dev, DTYPES[dtype], f"--dtype {dtype}")
     kwargs = {"attention_backend": attention_backend}
     if adapter is not None:
-        kwargs.update(read_adapter_config(adapter))
+        settings = read_adapter_config(adapter, **(adapter_settings or {}))
+        kwargs.update(settings)
+        if is_original_adapter(adapter):
+            print(f"adapter: {adapter} is an original LLaMA-Adapter file, read with adapter_len "
+                  f"{settings['adapter_len']} and adapter_layers {settings['adapter_layers']} and gate activation "
+                  f"{settings['gate_activation']} (--adapter-len, --adapter-layers and --gate-activation set them)")
     else:
         kwargs["adapter_layers"] = 0
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
@@ -216,8 +227,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
     output = _open_output(a.output) if a.output else None
     try:
+        settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
+                    "gate_activation": a.gate_activation}
         model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
-                                    dtype=a.dtype)
+                                    dtype=a.dtype, adapter_settings=settings)
         context = model.args.max_seq_len
         n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
         if not a.instructions and n_prompt >= context:

@@ -241,3 +241,86 @@ def test_generate_checks_the_output_before_loading(base_dir, tmp_path, capsys, m
     with pytest.raises(AssertionError, match="was loaded"):
         cli.main(["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(answers), "--device", "cpu"])
     assert answers.read_text() == "earlier answers\n"
+
+
+def generate_args(base, adapter, *extra: str) -> list[str]:
+    return ["generate", "--base", str(base), "--adapter", str(adapter), "--prompt", "Give the opposite of the word.",
+            "--input", "wet", "--max-new-tokens", "3", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("damage", ["missing", "folder", "empty", "truncated", "corrupt"])
+def test_damaged_adapter_files(base_dir, trained, tmp_path, capsys, suffix, damage):  # noqa: F811
+    good = trained / "adapter.safetensors"
+    if suffix == ".pth":
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(good)), tmp_path / "good.pth")
+        good = tmp_path / "good.pth"
+    path = tmp_path / f"adapter{suffix}"
+    data = good.read_bytes()
+    if damage == "folder":
+        path.mkdir()
+    elif damage != "missing":
+        path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                          "corrupt": bytes(range(256)) * 8}[damage])
+    expect_error(capsys, generate_args(base_dir, path), str(path))
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ('{"adapter_len": 2, "adapter_layers": 2, "colour": "red"}', "colour"),
+    ('{"adapter_len": "2"}', "adapter_len"),
+    ('{"scalar_gate": "no"}', "scalar_gate"),
+    ('{"gate_activation": "relu"}', "gate_activation"),
+    ('{"adapter_len": 2', "adapter_config"),
+    ('[2, 2]', "adapter_config"),
+    ('{"adapter_len": 2000000}', "adapter_len"),  # metadata against the tensors, before any allocation
+    ('{"adapter_layers": 1}', "adapter_layers"),
+])
+def test_adapter_metadata_is_checked_against_the_tensors(base_dir, trained, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                         config, fragment):
+    from safetensors.torch import load_file, save_file
+
+    import llama_adapter_fast.train as train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded (and the adapter allocated) before the metadata was checked")
+
+    monkeypatch.setattr(train, "load_base", no_loading)
+    path = tmp_path / "adapter.safetensors"
+    save_file(load_file(str(trained / "adapter.safetensors")), str(path),
+              metadata={"format": "llama_adapter_fast.adapter/1", "adapter_config": config})
+    expect_error(capsys, generate_args(base_dir, path), str(path), fragment)
+
+
+def original_adapter(trained, path, zero_gates: bool = False):
+    """The original LLaMA-Adapter's layout of the trained adapter: every prompt in one
+    embedding, a (1, H, 1, 1) gate in every layer (here both layers carry the adapter)."""
+    from safetensors.torch import load_file
+
+    ours = load_file(str(trained / "adapter.safetensors"))
+    state = {"adapter_query.weight": torch.cat([ours[f"layers.{i}.attention.adapter_prompt"] for i in (0, 1)])}
+    for i in (0, 1):
+        gate = ours[f"layers.{i}.attention.gate"].reshape(1, -1, 1, 1)
+        state[f"layers.{i}.attention.gate"] = torch.zeros_like(gate) if zero_gates else gate
+    torch.save(state, path)
+
+
+def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_path, capsys):  # noqa: F811
+    assert cli.main(generate_args(base_dir, trained / "adapter.safetensors")) == 0
+    ours = capsys.readouterr().out
+    original_adapter(trained, tmp_path / "original.pth")
+    assert cli.main(generate_args(base_dir, tmp_path / "original.pth")) == 0
+    printed = capsys.readouterr().out
+    assert "adapter_len 2 and adapter_layers 2" in printed  # said how the file was read
+    assert printed.endswith(ours)  # the same answer as from the adapter's own file
+    # Gates that are all zero say nothing about the layers: the options do.
+    original_adapter(trained, tmp_path / "zero.pth", zero_gates=True)
+    expect_error(capsys, generate_args(base_dir, tmp_path / "zero.pth"), "--adapter-len", "--adapter-layers")
+    assert cli.main(generate_args(base_dir, tmp_path / "zero.pth", "--adapter-len", "2", "--adapter-layers",
+                                  "2")) == 0
+    expect_error(capsys, generate_args(base_dir, tmp_path / "zero.pth", "--adapter-len", "3", "--adapter-layers",
+                                       "2"), "--adapter-len 3")
+    # A file that records its settings must not be contradicted.
+    expect_error(capsys, generate_args(base_dir, trained / "adapter.safetensors", "--adapter-len", "3"),
+                 "--adapter-len 3")
