@@ -123,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.lr is None and not self.blr > 0:
             raise ValueError(f"--blr must be > 0 (or give --lr), got {self.blr}")
+        if self.peak_lr(world_size) > MAX_LR:
+            raise ValueError(f"--lr {self.peak_lr(world_size):g} is beyond {MAX_LR:g}: AdamW's first step divides it "
+                             f"by 1 - 0.9 in float32, which overflows")
         if self.min_lr > self.peak_lr(world_size):
             peak = f"--lr {self.lr}" if self.lr is not None else \
                 f"the learning rate {self.peak_lr(world_size):.3g} (--blr * global batch / 256)"
@@ -140,6 +143,7 @@ def option_name(field: str) -> str:
     return "--out" if field == "out_dir" else "--" + field.replace("_", "-")
 
 
+MAX_LR = 1e37  # AdamW's bias correction divides the rate by 1 - beta1 = 0.1 in float32 (max 3.4e38)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

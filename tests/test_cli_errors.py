@@ -324,3 +324,24 @@ def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_pa
     # A file that records its settings must not be contradicted.
     expect_error(capsys, generate_args(base_dir, trained / "adapter.safetensors", "--adapter-len", "3"),
                  "--adapter-len 3")
+
+
+def test_runs_that_would_learn_nothing_stop(base_dir, data_file, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "nan"
+    expect_error(capsys, finetune_args(base_dir, data_file, out, "--lr", "1e30", "--max-steps", "4"),
+                 "the loss is nan", "no checkpoint was written")
+    assert not (out / "adapter.safetensors").exists() and not (out / "checkpoint.pt").exists()
+    expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--lr", "1e38"), "--lr")
+    expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "short", "--max-seq-len", "8"),
+                 "no record keeps a response token within --max-seq-len 8")
+    assert not (tmp_path / "short" / "adapter.safetensors").exists()
+
+
+def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsys):  # noqa: F811
+    data = tmp_path / "one.json"
+    record = {"instruction": "Give the opposite of the word.", "input": "wet", "output": "dry"}
+    data.write_bytes(b"\xef\xbb\xbf" + json.dumps(record, indent=2).encode())
+    assert cli.main(["generate", "--base", str(base_dir), "--instructions", str(data), "--max-new-tokens", "2",
+                     "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("### Response:") == 1
+    assert cli.main(finetune_args(base_dir, data, tmp_path / "o", "--max-steps", "1")) == 0
