@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,3 +347,20 @@ def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsy
                      "--device", "cpu"]) == 0
     assert capsys.readouterr().out.count("### Response:") == 1
     assert cli.main(finetune_args(base_dir, data, tmp_path / "o", "--max-steps", "1")) == 0
+
+
+def test_the_readme_error_examples_hold(base_dir, data_file, trained, tmp_path, capsys, monkeypatch):  # noqa: F811
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    prefix = "    llama-adapter-fast finetune: error:"
+    examples = [line.strip() for line in readme.splitlines() if line.startswith(prefix)]
+    assert len(examples) == 2
+    monkeypatch.chdir(tmp_path)
+    lines = data_file.read_text().splitlines()
+    records = [{k: json.loads(x)[k] for k in ("instruction", "input", "output")} for x in (lines * 2)[:42]]
+    del records[41]["output"]
+    Path("data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert expect_error(capsys, finetune_args(base_dir, "data.jsonl", "o")) == examples[0]
+    Path("runs").mkdir()
+    shutil.copytree(trained, "runs/alpaca")
+    assert expect_error(capsys, finetune_args(base_dir, data_file, "runs/alpaca", "--resume", "--seed", "1",
+                                              "--max-steps", "3")) == examples[1]
