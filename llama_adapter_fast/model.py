@@ -673,12 +673,15 @@ def _check_adapter_path(path: Path) -> None:
         raise ValueError(f"adapter file {path} does not exist")
 
 
+def _unreadable_adapter(path: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"adapter file {path} cannot be read ({first_line(exc)}): an empty, truncated or corrupt file?")
+
+
 def _load_pt(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"adapter file {path} cannot be read ({_first_line(exc)}): an empty, truncated or "
-                         f"corrupt file?") from None
+        raise _unreadable_adapter(path, exc) from None
 
 
 def _unwrap_pt(raw: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -703,8 +706,7 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise ValueError(f"adapter file {path} cannot be read as safetensors ({_first_line(exc)}): an empty, "
-                             f"truncated or corrupt file?") from None
+            raise _unreadable_adapter(path, exc) from None
     return _unwrap_pt(_load_pt(path), path)
 
 
@@ -804,8 +806,7 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
                 meta = f.metadata() or {}
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as exc:
-            raise ValueError(f"adapter file {path} cannot be read as safetensors ({_first_line(exc)}): an empty, "
-                             f"truncated or corrupt file?") from None
+            raise _unreadable_adapter(path, exc) from None
         recorded = _recorded_config(meta, path)
     else:
         raw = _load_pt(path)
@@ -861,11 +862,12 @@ def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(path)))
         except Exception as exc:
-            raise ValueError(f"{path}: cannot be read as safetensors ({_first_line(exc)})") from None
+            raise ValueError(f"{path}: cannot be read as safetensors ({first_line(exc)})") from None
     return state
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run over many lines)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from llama_adapter_fast.attention import triton_dtype_problem
 from llama_adapter_fast.data import IGNORE_INDEX, InstructionDataset, TextDataset, collate
-from llama_adapter_fast.model import ADAPTER_FIELDS, LLaMAAdapter, ModelArgs, atomic_write
+from llama_adapter_fast.model import ADAPTER_FIELDS, LLaMAAdapter, ModelArgs, atomic_write, first_line
 from llama_adapter_fast.tokenizer import Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -195,9 +195,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise ValueError("--device meta holds no data: use cpu or cuda")
     try:
         torch.empty(0, device=dev)
-    except Exception as exc:  # noqa: BLE001 - each backend fails its own way (AssertionError, RuntimeError, ...)
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"--device {name}: not available on this machine ({reason})") from None
+    except Exception as exc:  # each backend fails its own way (AssertionError, RuntimeError, ...)
+        raise ValueError(f"--device {name}: not available on this machine ({first_line(exc)})") from None
     return dev
 
 
@@ -376,9 +375,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"resume: {path} cannot be read ({reason}): an empty, truncated or corrupt checkpoint "
-                         f"(start again with --overwrite)") from None
+        raise ValueError(f"resume: {path} cannot be read ({first_line(exc)}): an empty, truncated or corrupt "
+                         f"checkpoint (start again with --overwrite)") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise ValueError(f"resume: {path} is not a training checkpoint of llama-adapter-fast (no {missing[0]!r})")
@@ -820,7 +818,7 @@ class Trainer:
         elif info.main:
             _check_fresh_out(cfg)
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in (METRICS, CHECKPOINT, PLOT):
+            for name in (METRICS, CHECKPOINT, PLOT, ADAPTER):  # nothing of an earlier run stays
                 (self.out / name).unlink(missing_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if info.enabled:
