@@ -122,7 +122,7 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
     return gate
 
 
-def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
+def _triton_unavailable_reason(q: torch.Tensor, autocast: bool = False) -> str | None:
     """Why the fused kernels cannot take q, or None when they can."""
     if not ops.TRITON_AVAILABLE:
         return "triton is not installed"
@@ -131,16 +131,28 @@ def _triton_unavailable_reason(q: torch.Tensor) -> str | None:
                 f"before triton is imported), got a tensor on {q.device}")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         return f"the Triton kernels support head dims up to {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
+    return triton_dtype_problem(q.device, q.dtype, autocast)
+
+
+def triton_dtype_problem(device: torch.device, dtype: torch.dtype, autocast: bool = False) -> str | None:
+    """Why the fused kernels cannot compute `dtype` on `device` correctly, or None when they can.
+
+    Triton's interpreter (CPU tensors) has no bfloat16 arithmetic: a bfloat16 dot product
+    there returns garbage, so bfloat16 is refused rather than computed wrongly."""
+    if dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels support float16, bfloat16 and float32, got {dtype}"
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        source = " (from torch.autocast)" if autocast else ""
+        return (f"q is bfloat16{source} on the CPU, and Triton's interpreter has no bfloat16 arithmetic (its "
+                f"results would be wrong): use backend='sdpa' or 'eager', or float16 / float32")
     return None
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, autocast: bool = False) -> str:
     if backend == "triton":
-        reason = _triton_unavailable_reason(q)
+        reason = _triton_unavailable_reason(q, autocast)
         if reason is not None:
-            error = TypeError if q.dtype not in KERNEL_DTYPES else ValueError
+            error = TypeError if reason == triton_dtype_problem(q.device, q.dtype, autocast) else ValueError
             raise error(f"backend='triton' cannot run: {reason}")
         return backend
     if backend == "auto":
@@ -199,8 +211,9 @@ def gated_prefix_attention(
     """
     gate = _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation,
                          softmax_scale, key_padding_mask, backend)
+    dtype_before = q.dtype
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
     kwargs = dict(causal=causal, gate_activation=gate_activation, softmax_scale=softmax_scale,
                   key_padding_mask=key_padding_mask)
     if backend == "eager":

@@ -90,7 +90,12 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", default=None, help="also write the answers as JSON Lines")
+    p.add_argument("--output", default=None, help="also write the answers as JSON Lines, each as it comes")
+    p.add_argument("--adapter-len", type=int, default=None,
+                   help="for an original LLaMA-Adapter .pth, which does not record it (default: from its gates)")
+    p.add_argument("--adapter-layers", type=int, default=None, help="likewise (default: from its gates)")
+    p.add_argument("--gate-activation", default=None, choices=["tanh", "identity"],
+                   help="likewise (default: tanh, as the original fine-tuning code)")
     _add_model_options(p)
 
 
@@ -157,59 +162,111 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
-                        dtype: str | None = None):
-    """A base model with the adapter of `adapter` (its config read from the file), on `device`."""
-    import torch
+                        dtype: str | None = None, adapter_settings: dict | None = None):
+    """A base model with the adapter of `adapter` (its config read from the file, or from
+    `adapter_settings` where the file does not record it), on `device`."""
 
-    from llama_adapter_fast.model import read_adapter_config
-    from llama_adapter_fast.train import DTYPES, load_base
+    from llama_adapter_fast.model import is_original_adapter, read_adapter_config
+    from llama_adapter_fast.train import DTYPES, check_attention_dtype, load_base, resolve_device
 
+    dev = resolve_device(device)
+    if dtype is not None:
+        check_attention_dtype(attention_backend, dev, DTYPES[dtype], f"--dtype {dtype}")
     kwargs = {"attention_backend": attention_backend}
     if adapter is not None:
-        kwargs.update(read_adapter_config(adapter))
+        settings = read_adapter_config(adapter, **(adapter_settings or {}))
+        kwargs.update(settings)
+        if is_original_adapter(adapter):
+            print(f"adapter: {adapter} is an original LLaMA-Adapter file, read with adapter_len "
+                  f"{settings['adapter_len']} and adapter_layers {settings['adapter_layers']} and gate activation "
+                  f"{settings['gate_activation']} (--adapter-len, --adapter-layers and --gate-activation set them)")
     else:
         kwargs["adapter_layers"] = 0
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
     if adapter is not None:
         model.load_adapter(adapter)
+    weights = model.tok_embeddings.weight.dtype
+    check_attention_dtype(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
     return model.eval()
+
+
+def _check_generate_options(a: argparse.Namespace) -> None:
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if not 0 <= a.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
+
+
+def _open_output(path: str):
+    """The --output file, opened for appending (so that an existing file stays as it is until
+    the model has loaded), or a ValueError naming it: checked before anything loads."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
     from llama_adapter_fast.data import load_instructions
-    from llama_adapter_fast.generate import answer
+    from llama_adapter_fast.generate import iter_answers, prompt_ids
     from llama_adapter_fast.train import base_format, load_tokenizer
 
+    _check_generate_options(a)
     base_format(a.base)
     tokenizer = load_tokenizer(a.tokenizer, a.base)
-    model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
-                                dtype=a.dtype)
     if a.instructions:
         records = load_instructions(a.instructions, require_output=False)
     else:
         records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
-    generator = torch.Generator().manual_seed(a.seed)
-    answers = answer(model, tokenizer, records, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                     top_p=a.top_p, batch_size=a.batch_size, template=not a.raw, generator=generator)
-    rows = []
-    for record, text in zip(records, answers, strict=True):
-        print(f"### Instruction: {record['instruction']}")
-        if record.get("input"):
-            print(f"### Input: {record['input']}")
-        print(f"### Response: {text}")
-        if record.get("output"):
-            mark = "correct" if text.strip() == record["output"].strip() else "expected"
-            print(f"    ({mark}: {record['output']})")
-        print()
-        rows.append({**record, "response": text})
+    output = _open_output(a.output) if a.output else None
+    try:
+        settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
+                    "gate_activation": a.gate_activation}
+        model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
+                                    dtype=a.dtype, adapter_settings=settings)
+        context = model.args.max_seq_len
+        n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
+        if not a.instructions and n_prompt >= context:
+            raise ValueError(f"--prompt: its prompt of {n_prompt} tokens leaves no room in the model's context of "
+                             f"{context}")
+        if output is not None:
+            output.truncate(0)
+        generator = torch.Generator().manual_seed(a.seed)
+        answers = iter_answers(model, tokenizer, records, max_new_tokens=a.max_new_tokens,
+                               temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
+                               template=not a.raw, generator=generator, skip_too_long=True)
+        for i, text in answers:
+            record = records[i]
+            if text is None:
+                n = len(prompt_ids(tokenizer, record, not a.raw))
+                reason = f"its prompt of {n} tokens leaves no room in the model's context of {context}"
+                print(f"llama-adapter-fast generate: warning: {a.instructions}: record {i}: {reason}: skipped",
+                      file=sys.stderr)
+                row = {**record, "response": None, "skipped": reason}
+            else:
+                print(f"### Instruction: {record['instruction']}")
+                if record.get("input"):
+                    print(f"### Input: {record['input']}")
+                print(f"### Response: {text}")
+                if record.get("output"):
+                    mark = "correct" if text.strip() == record["output"].strip() else "expected"
+                    print(f"    ({mark}: {record['output']})")
+                print(flush=True)
+                row = {**record, "response": text}
+            if output is not None:  # each answer is safe on disk as soon as it exists
+                output.write(json.dumps(row) + "\n")
+                output.flush()
+    finally:
+        if output is not None:
+            output.close()
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.output, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         print(f"answers written to {a.output}")
     return 0
 
@@ -248,17 +305,16 @@ def _score(answers: list[str], records: list[dict]) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    import torch
 
     from llama_adapter_fast.data import SYNTHETIC_FILES, load_instructions
     from llama_adapter_fast.generate import answer
     from llama_adapter_fast.model import LLaMAAdapter, ModelArgs
     from llama_adapter_fast.tokenizer import Tokenizer
-    from llama_adapter_fast.train import TrainConfig, finetune, load_base, pretrain
+    from llama_adapter_fast.train import TrainConfig, finetune, load_base, pretrain, resolve_device
 
     t0 = time.perf_counter()
     out = Path(a.out)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(a.device)
     backend = a.attention_backend
     shown = "triton" if backend == "auto" and device.type == "cuda" else ("sdpa" if backend == "auto" else backend)
     tokenizer = Tokenizer()
@@ -338,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llama-adapter-fast {a.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Training has already said where its checkpoint is; the traceback would only bury it.
+        print(f"llama-adapter-fast {a.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 tokenization with the loss on response tokens only, truncation and right padding.
 
 A record is {"instruction": str, "input": str (optional), "output": str}; a file is a JSON
-list of records or JSON Lines (one record per line).
+list of records, JSON Lines (one record per line) or a single JSON object, in UTF-8 (with
+or without a byte-order mark).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -67,37 +69,58 @@ def _check_record(record: Any, where: str, require_output: bool) -> dict[str, st
             value = ""
         if not isinstance(value, str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can escape a lone surrogate ("\ud800"); no text has one
+            raise DataError(f"{where}: {key!r} holds a lone surrogate {value[exc.start]!r} at character "
+                            f"{exc.start}, which is not text (a broken \\u escape?)") from None
         out[key] = value
     if not out["instruction"].strip():
         raise DataError(f"{where}: 'instruction' is empty")
     return out
 
 
-def load_instructions(path: str | os.PathLike, require_output: bool = True) -> list[dict[str, str]]:
-    """Read Alpaca-format records from a JSON list or a JSON Lines file (a .jsonl file, or
-    any file that does not start with "[").
-
-    Raises DataError (a ValueError) naming the file and the record (index, and line for
-    JSON Lines) for a file that is not JSON, a record that is not an object, a missing
-    instruction or output, or a field that is not a string.
-    """
-    path = Path(path)
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of a file (a byte-order mark is dropped), or a DataError naming it."""
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"{what} {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def load_instructions(path: str | os.PathLike, require_output: bool = True) -> list[dict[str, str]]:
+    """Read Alpaca-format records from a JSON list, a JSON Lines file (a .jsonl file, or
+    any file that does not start with "["), or one JSON object (pretty-printed or not).
+
+    Raises DataError (a ValueError) naming the file and the record (index, and line for
+    JSON Lines) for a file that is a folder or not JSON, a record that is not an object, a
+    missing instruction or output, or a field that is not a string (or not text: a lone
+    surrogate).
+    """
+    path = Path(path)
+    text = read_text_file(path, "data file")
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"{path}: the file is empty")
     records: list[dict[str, str]] = []
+    whole = None
+    if path.suffix != ".jsonl" and stripped.startswith("{"):
+        # One record, perhaps pretty-printed over several lines; else JSON Lines below.
+        with contextlib.suppress(json.JSONDecodeError):
+            whole = [json.loads(text)]
     if path.suffix != ".jsonl" and stripped.startswith("["):
         try:
-            data = json.loads(text)
+            whole = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-        for i, record in enumerate(data):
+    if whole is not None:
+        for i, record in enumerate(whole):
             records.append(_check_record(record, f"{path}: record {i}", require_output))
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -164,10 +187,8 @@ class TextDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | os.PathLike, tokenizer, max_seq_len: int = 512, pack: bool = True):
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"text file {path} does not exist")
         texts = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(read_text_file(path, "text file").splitlines(), start=1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":

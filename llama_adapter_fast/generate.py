@@ -9,7 +9,7 @@ and values are computed once per call (when the cache is made), not at every ste
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -37,18 +37,24 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_args(prompts, max_new_tokens, temperature, top_p) -> None:
+def _check_args(prompts, max_new_tokens, temperature, top_p) -> list[int]:
+    """Validate; returns the cap on new tokens of each prompt."""
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token id lists")
     for i, p in enumerate(prompts):
         if not isinstance(p, Sequence) or len(p) == 0:
             raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    caps = max_new_tokens if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(prompts)
+    if len(caps) != len(prompts):
+        raise ValueError(f"max_new_tokens must be an int or one int per prompt ({len(prompts)}), got {len(caps)}")
+    for cap in caps:
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0 (or one per prompt), got {max_new_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return list(caps)
 
 
 @torch.no_grad()
@@ -56,7 +62,7 @@ def generate(
     model: LLaMAAdapter,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
     eos_id: int | None = None,
@@ -65,19 +71,24 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens of each, cut
-    before the first EOS.
+    before the first EOS. `max_new_tokens` caps every prompt alike, or each prompt with one
+    int per prompt; a prompt and its new tokens must fit the model's max_seq_len.
 
     With use_cache=False every step runs the whole sequence again (slow; the reference the
     cached path is tested against). Sampling draws from `generator` when given.
     """
-    _check_args(prompts, max_new_tokens, temperature, top_p)
+    caps = _check_args(prompts, max_new_tokens, temperature, top_p)
     device = model.tok_embeddings.weight.device
     B = len(prompts)
+    for i, (p, cap) in enumerate(zip(prompts, caps, strict=True)):
+        if len(p) + cap > model.args.max_seq_len:
+            raise ValueError(f"prompts[{i}] ({len(p)} tokens) plus its max_new_tokens ({cap}) exceeds the model's "
+                             f"max_seq_len ({model.args.max_seq_len})")
     prompt_len = max(len(p) for p in prompts)
-    total = prompt_len + max_new_tokens
-    if total > model.args.max_seq_len:
-        raise ValueError(f"the longest prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's max_seq_len ({model.args.max_seq_len})")
+    # Rotary positions count each sequence's own tokens, so the batch's slots may exceed
+    # max_seq_len while no sequence's positions do.
+    total = prompt_len + max(caps)
+    cap_of = torch.tensor(caps, device=device)
     tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, total), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
@@ -86,7 +97,7 @@ def generate(
     # Positions count each sequence's own tokens: a left-padded prompt sees the same rotary
     # positions as it would alone.
     positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = cap_of == 0
     cache = KVCache(model, B, total) if use_cache else None
     start = 0
     for cur in range(prompt_len, total):
@@ -104,15 +115,70 @@ def generate(
         positions[:, cur] = positions[:, cur - 1] + 1
         if eos_id is not None:
             done |= next_token == eos_id
-            if bool(done.all()):
-                break
+        done |= cap_of <= cur + 1 - prompt_len
+        if bool(done.all()):
+            break
     out = []
     for i in range(B):
-        new = tokens[i, prompt_len:].tolist()
+        new = tokens[i, prompt_len:prompt_len + caps[i]].tolist()
         if eos_id is not None and eos_id in new:
             new = new[:new.index(eos_id)]
         out.append(new)
     return out
+
+
+def prompt_ids(tokenizer, item: str | dict, template: bool = True) -> list[int]:
+    """Token ids of an instruction (a string or an Alpaca record {"instruction", "input"}) in
+    the Alpaca prompt, or of the text as it is with template=False."""
+    if isinstance(item, dict):
+        text = format_prompt(item["instruction"], item.get("input", "") or "") if template else item["instruction"]
+    else:
+        text = format_prompt(item) if template else item
+    return tokenizer.encode(text, bos=True, eos=False)
+
+
+def iter_answers(
+    model: LLaMAAdapter,
+    tokenizer,
+    instructions: Sequence[str | dict],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    template: bool = True,
+    generator: torch.Generator | None = None,
+    skip_too_long: bool = False,
+) -> Iterator[tuple[int, str | None]]:
+    """(index, answer) for each instruction, in order, as soon as its batch is done: see
+    `answer`. A prompt that leaves no room in the model's context raises a ValueError naming
+    it before anything is generated, or with skip_too_long=True comes as (index, None) while
+    the others are answered (and batched without it)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    context = model.args.max_seq_len
+    prompts = [prompt_ids(tokenizer, item, template) for item in instructions]
+    too_long = [i for i, p in enumerate(prompts) if len(p) >= context]
+    if too_long and not skip_too_long:
+        i = too_long[0]
+        raise ValueError(f"instructions[{i}]: its prompt of {len(prompts[i])} tokens leaves no room in the model's "
+                         f"context of {context}")
+    kept = [i for i in range(len(prompts)) if len(prompts[i]) < context]
+    done = 0  # instructions yielded so far
+    for start in range(0, len(kept), batch_size):
+        batch = kept[start:start + batch_size]
+        # Each answer stops at the end of the context (its own prompt's) rather than failing.
+        caps = [min(max_new_tokens, context - len(prompts[i])) for i in batch]
+        new = generate(model, [prompts[i] for i in batch], max_new_tokens=caps, temperature=temperature,
+                       top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+        for i, ids in zip(batch, new, strict=True):
+            while done < i:  # skipped prompts before this one
+                yield done, None
+                done += 1
+            yield i, tokenizer.decode(ids).strip()
+            done += 1
+    for i in range(done, len(prompts)):
+        yield i, None
 
 
 def answer(
@@ -129,24 +195,8 @@ def answer(
 ) -> list[str]:
     """Answers to instructions: each a string or an Alpaca record {"instruction", "input"},
     put in the Alpaca prompt (unless template=False: the text is the prompt as it is).
-    An answer ends at EOS, after max_new_tokens, or at the end of the model's context."""
-    prompts = []
-    for item in instructions:
-        if isinstance(item, dict):
-            text = format_prompt(item["instruction"], item.get("input", "") or "") if template else item["instruction"]
-        else:
-            text = format_prompt(item) if template else item
-        prompts.append(tokenizer.encode(text, bos=True, eos=False))
-    answers = []
-    context = model.args.max_seq_len
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        longest = max(len(p) for p in batch)
-        if longest >= context:
-            raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context}")
-        # Answers stop at the end of the context rather than failing.
-        new = generate(model, batch, max_new_tokens=min(max_new_tokens, context - longest), temperature=temperature,
-                       top_p=top_p,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
-        answers.extend(tokenizer.decode(ids).strip() for ids in new)
-    return answers
+    An answer ends at EOS, after max_new_tokens, or at the end of the model's context. A
+    prompt that fills the context raises a ValueError naming it, before any generation."""
+    return [text for _, text in iter_answers(model, tokenizer, instructions, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                             template=template, generator=generator)]

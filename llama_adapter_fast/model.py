@@ -416,6 +416,8 @@ class LLaMAAdapter(nn.Module):
                 if value.shape != own[name].shape:
                     raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
                                      f"{tuple(own[name].shape)}")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"{source}: {name} holds non-finite values (a corrupt or diverged adapter?)")
                 own[name].copy_(value)
 
     def _convert_original_adapter(self, state: dict) -> dict:
@@ -664,67 +666,209 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Adapter tensors from a .safetensors file or a .pt/.pth file (a training checkpoint of
-    this package is accepted too: its adapter tensors are taken)."""
-    path = Path(path)
+def _check_adapter_path(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"adapter file {path} is a folder, not a file")
     if not path.is_file():
         raise ValueError(f"adapter file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+
+def _unreadable_adapter(path: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"adapter file {path} cannot be read ({first_line(exc)}): an empty, truncated or corrupt file?")
+
+
+def _load_pt(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _unreadable_adapter(path, exc) from None
+
+
+def _unwrap_pt(raw: Any, path: Path) -> dict[str, torch.Tensor]:
+    state = raw
     for key in ("trainable", "adapter"):  # a training checkpoint of this package
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of adapter tensors, got {type(state).__name__}")
     return state
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The adapter fields (adapter_len, adapter_layers, gate_activation, scalar_gate) stored
-    in an adapter file, so that a model can be built to match it."""
+def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Adapter tensors from a .safetensors file or a .pt/.pth file (a training checkpoint of
+    this package is accepted too: its adapter tensors are taken). A missing, empty,
+    truncated or corrupt file is a ValueError naming it."""
     path = Path(path)
-    recorded: dict[str, Any] = {}
+    _check_adapter_path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise _unreadable_adapter(path, exc) from None
+    return _unwrap_pt(_load_pt(path), path)
+
+
+def is_original_adapter(path: str | os.PathLike) -> bool:
+    """True for the original LLaMA-Adapter's .pth (one `adapter_query` embedding of every
+    prompt), which records neither adapter_len nor adapter_layers."""
+    return Path(path).suffix != ".safetensors" and "adapter_query.weight" in read_adapter_file(path)
+
+
+_ADAPTER_FIELD_CHECKS = {
+    "adapter_len": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+    "adapter_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+    "gate_activation": (lambda v: v in GATE_ACTIVATIONS, f"one of {GATE_ACTIVATIONS}"),
+    "scalar_gate": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _recorded_config(meta: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The adapter_config metadata of a .safetensors adapter, checked key by key."""
+    if "adapter_config" not in meta:
+        return {}
+    try:
+        config = json.loads(meta["adapter_config"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: its adapter_config metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its adapter_config metadata must be a JSON object, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(ADAPTER_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} in its adapter_config metadata (known: {ADAPTER_FIELDS})")
+    for key, value in config.items():
+        valid, expected = _ADAPTER_FIELD_CHECKS[key]
+        if not valid(value):
+            raise ValueError(f"{path}: adapter_config {key} must be {expected}, got {value!r}")
+    return config
+
+
+def _config_from_shapes(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    prompts = {k: s for k, s in shapes.items() if k.endswith(".adapter_prompt")}
+    gates = [s for k, s in shapes.items() if k.endswith(".gate")]
+    if not prompts:
+        raise ValueError(f"{path}: no adapter_prompt tensors found")
+    lengths = {s[0] if len(s) == 2 else None for s in prompts.values()}
+    if len(lengths) != 1 or None in lengths:
+        raise ValueError(f"{path}: the adapter prompts must all have the shape (adapter_len, dim), got "
+                         f"{sorted(set(prompts.values()))}")
+    return {"adapter_len": lengths.pop(), "adapter_layers": len(prompts),
+            "scalar_gate": bool(gates) and all(len(s) == 0 for s in gates)}
+
+
+def _original_config(state: Mapping[str, torch.Tensor], path: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """adapter_len and adapter_layers of an original LLaMA-Adapter file: given, or read from
+    its gates. The original keeps a gate in every layer, and only those of the adapted (top)
+    layers ever train away from zero."""
+    queries = state["adapter_query.weight"]
+    if queries.dim() != 2:
+        raise ValueError(f"{path}: adapter_query.weight must be 2-d, got shape {tuple(queries.shape)}")
+    rows = queries.shape[0]
+    length, layers = given.get("adapter_len"), given.get("adapter_layers")
+    if layers is None and length is not None and rows % length == 0:
+        layers = rows // length
+    if layers is None:
+        gates = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("layers.") and k.endswith(".gate")}
+        n = max(gates) + 1 if gates else 0
+        trained = [i for i in sorted(gates) if bool(gates[i].abs().sum() > 0)]
+        if not trained or trained != list(range(n - len(trained), n)) or rows % len(trained):
+            raise ValueError(f"{path}: an original LLaMA-Adapter file records neither adapter_len nor adapter_layers, "
+                             f"and its gates do not tell them: pass --adapter-len and --adapter-layers (their "
+                             f"product is its {rows} prompt vectors)")
+        layers = len(trained)
+    if length is None:
+        length = rows // layers
+    if length * layers != rows:
+        raise ValueError(f"--adapter-len {length} and --adapter-layers {layers} do not fit {path}: its adapter_query "
+                         f"holds {rows} = adapter_len * adapter_layers prompt vectors")
+    return {"adapter_len": length, "adapter_layers": layers, "scalar_gate": False,
+            "gate_activation": given.get("gate_activation", "tanh")}
+
+
+def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
+    """The adapter fields (adapter_len, adapter_layers, gate_activation, scalar_gate) of an
+    adapter file, so that a model can be built to match it, checked against the file's
+    tensor shapes before anything is allocated. `given` (the same fields; None means not
+    given) supplies what an original LLaMA-Adapter file does not record, and must agree
+    with what a file does record."""
+    path = Path(path)
+    _check_adapter_path(path)
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - set(ADAPTER_FIELDS))
+    if unknown:
+        raise TypeError(f"read_adapter_config got unknown fields {unknown} (known: {ADAPTER_FIELDS})")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "adapter_config" in meta:
-            return json.loads(meta["adapter_config"])
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as exc:
+            raise _unreadable_adapter(path, exc) from None
+        recorded = _recorded_config(meta, path)
     else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = _load_pt(path)
+        recorded = {}
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
             recorded = {k: raw["config"][k] for k in ("gate_activation",) if k in raw["config"]}
-    state = read_adapter_file(path)
-    if "adapter_query.weight" in state:
-        raise ValueError(f"{path}: an original LLaMA-Adapter file does not record its config: pass "
-                         f"adapter_len and adapter_layers explicitly")
-    prompts = {k: v for k, v in state.items() if k.endswith(".adapter_prompt")}
-    gates = [v for k, v in state.items() if k.endswith(".gate")]
-    if not prompts:
-        raise ValueError(f"{path}: no adapter_prompt tensors found")
-    return {"adapter_len": next(iter(prompts.values())).shape[0], "adapter_layers": len(prompts),
-            "scalar_gate": bool(gates) and gates[0].dim() == 0, **recorded}
+        state = _unwrap_pt(raw, path)
+        if "adapter_query.weight" in state:
+            return _original_config(state, path, given)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    config = _config_from_shapes(shapes, path)
+    for key, value in recorded.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"{path}: its adapter_config metadata says {key} {value!r}, its tensors say "
+                             f"{config[key]!r}")
+    config.update(recorded)
+    for key, value in given.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"--{key.replace('_', '-')} {value} disagrees with {path}, which holds {key} "
+                             f"{config[key]!r}")
+        config[key] = value
+    return config
 
 
 def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights a Hugging Face folder names: the shards of model.safetensors.index.json,
+    or model.safetensors. Other .safetensors files in the folder (an adapter saved there,
+    say) are not weights of the base and are not read."""
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {exc}") from None
+        root = folder.resolve()
+        for name in files:
+            if not isinstance(name, str) or not (folder / name).resolve().is_relative_to(root):
+                raise ValueError(f"{index}: the shard {name!r} lies outside {folder}; an index names files "
+                                 f"of its own folder only")
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
     else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder}: no .safetensors weights found")
+        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (the weights of a "
+                         f"Hugging Face folder)")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(folder / name)))
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{index}: names {name}, which {folder} does not hold")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot be read as safetensors ({first_line(exc)})") from None
     return state
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run over many lines)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def args_from_hf_config(config: Mapping[str, Any], **adapter: Any) -> ModelArgs:

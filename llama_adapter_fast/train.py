@@ -20,12 +20,17 @@ resumed run sees exactly the records the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +41,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llama_adapter_fast.attention import triton_dtype_problem
 from llama_adapter_fast.data import IGNORE_INDEX, InstructionDataset, TextDataset, collate
-from llama_adapter_fast.model import LLaMAAdapter, ModelArgs, atomic_write
+from llama_adapter_fast.model import ADAPTER_FIELDS, LLaMAAdapter, ModelArgs, atomic_write, first_line
 from llama_adapter_fast.tokenizer import Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -85,28 +91,59 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
 
-    def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_every"):
+    def validate(self, world_size: int = 1) -> None:
+        """Raise a ValueError naming the option (as the command line spells it) of a setting
+        out of range."""
+        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_every", "adapter_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ValueError(f"{option_name(name)} must be a positive int, got {value!r}")
+        for name in ("adapter_layers", "warmup_steps", "print_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{option_name(name)} must be an int >= 0, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for name in ("epochs", "lr", "blr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{option_name(name)} must be a finite number, got {value}")
         if self.max_steps is None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("blr", "weight_decay", "min_lr", "clip_grad"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{option_name(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is None and not self.blr > 0:
+            raise ValueError(f"--blr must be > 0 (or give --lr), got {self.blr}")
+        if self.peak_lr(world_size) > MAX_LR:
+            raise ValueError(f"--lr {self.peak_lr(world_size):g} is beyond {MAX_LR:g}: AdamW's first step divides it "
+                             f"by 1 - 0.9 in float32, which overflows")
+        if self.min_lr > self.peak_lr(world_size):
+            peak = f"--lr {self.lr}" if self.lr is not None else \
+                f"the learning rate {self.peak_lr(world_size):.3g} (--blr * global batch / 256)"
+            raise ValueError(f"--min-lr {self.min_lr} is above {peak}: the schedule decays from the peak to --min-lr")
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """--lr, or by default --blr * global batch / 256 (the original's rule)."""
+        if self.lr is not None:
+            return self.lr
+        return self.blr * self.batch_size * self.grad_accum * world_size / 256
 
 
+def option_name(field: str) -> str:
+    """The command-line option of a TrainConfig field."""
+    return "--out" if field == "out_dir" else "--" + field.replace("_", "-")
+
+
+MAX_LR = 1e37  # AdamW's bias correction divides the rate by 1 - beta1 = 0.1 in float32 (max 3.4e38)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -137,12 +174,30 @@ def init_distributed(device: str | None = None) -> tuple[Dist, torch.device]:
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device is None:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return info, dev
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device of a --device option (None: cuda where there is one, else cpu), checked
+    by allocating on it, so that a typo or a missing GPU is a clear error up front."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N, ...)") from None
+    if dev.type == "meta":
+        raise ValueError("--device meta holds no data: use cpu or cuda")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as exc:  # each backend fails its own way (AssertionError, RuntimeError, ...)
+        raise ValueError(f"--device {name}: not available on this machine ({first_line(exc)})") from None
+    return dev
 
 
 def _all_reduce_sum(x: torch.Tensor, info: Dist) -> torch.Tensor:
@@ -182,6 +237,25 @@ def load_tokenizer(path: str | None, base: str | None) -> Tokenizer:
         raise ValueError(f"base: {base} has no tokenizer.model: pass the base model's sentencepiece tokenizer "
                          f"with --tokenizer")
     return Tokenizer(Path(base) / "tokenizer.model")
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a --precision on a device (None: no autocast)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_attention_dtype(backend: str, device: torch.device, dtype: torch.dtype | None, option: str) -> None:
+    """Refuse, before anything loads or trains, a dtype that --attention-backend triton
+    cannot compute correctly on this device (bfloat16 under Triton's interpreter)."""
+    if backend != "triton" or dtype is None or triton_dtype_problem(device, dtype) is None:
+        return
+    raise ValueError(f"{option} with --attention-backend triton cannot run on {device}: Triton's interpreter has "
+                     f"no {str(dtype).removeprefix('torch.')} arithmetic (the results would be wrong); use "
+                     f"--attention-backend sdpa there, or float32")
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -280,6 +354,140 @@ def write_loss_plot(metrics_path: str | os.PathLike, out_path: str | os.PathLike
     return out_path
 
 
+# Settings a resumed run must keep, and why; every other setting may change and is honoured
+# from the resumed step on (the adapter's own settings are compared with the model's).
+RESUME_FIXED = {
+    "seed": "the data order and the initial prompts follow it",
+    "max_seq_len": "the records would be truncated differently",
+}
+RESUME_UNREPORTED = ("resume", "overwrite", "progress", "plot")
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "scaler", "rng", "global_batch", "config")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint of this package, or a ValueError naming the file (missing,
+    empty, truncated, corrupt, or something else)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"resume: {path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise ValueError(f"resume: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"resume: {path} cannot be read ({first_line(exc)}): an empty, truncated or corrupt "
+                         f"checkpoint (start again with --overwrite)") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"resume: {path} is not a training checkpoint of llama-adapter-fast (no {missing[0]!r})")
+    return state
+
+
+def _shown(value: Any) -> str:
+    return "default" if value is None else str(value)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _examples_sha256(dataset) -> str:
+    """The tokenized records (inputs and labels), as the model sees them."""
+    digest = hashlib.sha256()
+    for tokens, labels in getattr(dataset, "examples", []):
+        digest.update(array.array("q", tokens).tobytes() + b"|" + array.array("q", labels).tobytes() + b";")
+    return digest.hexdigest()
+
+
+def _base_args(args: ModelArgs) -> dict[str, Any]:
+    """The base model's architecture (ModelArgs without the adapter and the backend)."""
+    skip = set(ADAPTER_FIELDS) | {"attention_backend"}
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise KeyboardInterrupt: the
+    block runs whole or, if something else fails inside, not past that point. Only the main
+    thread receives signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def out_folder_lock(folder: str | os.PathLike):
+    """Hold an exclusive lock on an out folder for the life of a run, so that two runs never
+    interleave their checkpoints, metrics and adapters; a second run gets a ValueError naming
+    the holder. The lock is an flock on folder/.lock (which records the holder's pid and
+    host): the system releases it when its process ends, however it ends, so a lock file
+    left by a run that died blocks nothing. Creating the folder and the file also checks,
+    before anything loads, that the folder is writable."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {folder}: cannot create the folder ({exc.strerror or exc})") from None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        print(f"warning: no file locking on this platform: nothing stops another run from writing to {folder}")
+        yield
+        return
+    path = folder / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ValueError(f"--out {folder} is not writable ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise ValueError(f"--out {folder} is in use by another run ({holder}): wait for it to end or choose "
+                             f"another --out") from None
+        # The previous holder may have removed the file between our open and our lock:
+        # then we hold a lock on a file nobody else sees, so open again.
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding the lock, so that no one locks the old file
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------
 # The loop
 
@@ -299,12 +507,14 @@ class TrainResult:
 
 class Trainer:
     """The shared loop. `trainable` selects the parameters that learn ("adapter" or "all");
-    `save_final` writes the result (the adapter file, or the base model folder)."""
+    `save_final` writes the result (the adapter file, or the base model folder). `data_file`
+    is the file the dataset was read from: a resumed run must read the same bytes."""
 
     def __init__(self, cfg: TrainConfig, model: LLaMAAdapter, dataset, tokenizer: Tokenizer, info: Dist,
                  device: torch.device, trainable: str = "adapter", title: str = "LLaMA-Adapter fine-tuning",
-                 ylabel: str = "cross-entropy on response tokens", bar_label: str = "adapter"):
-        cfg.validate()
+                 ylabel: str = "cross-entropy on response tokens", bar_label: str = "adapter",
+                 data_file: str | os.PathLike | None = None):
+        cfg.validate(info.world_size)
         self.cfg, self.dataset, self.tokenizer, self.info, self.device = cfg, dataset, tokenizer, info, device
         self.title, self.ylabel, self.bar_label = title, ylabel, bar_label
         self.out = Path(cfg.out_dir)
@@ -324,9 +534,14 @@ class Trainer:
         steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 10)
-        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.global_batch / 256
+        self.peak_lr = cfg.peak_lr(info.world_size)
 
         self.amp_dtype = self._amp_dtype()
+        if model.args.adapter_layers > 0:
+            weights = model.tok_embeddings.weight.dtype
+            name = str(weights).removeprefix("torch.")
+            option = f"--precision {cfg.precision}" if self.amp_dtype else f"a {name} base (--dtype)"
+            check_attention_dtype(model.args.attention_backend, device, self.amp_dtype or weights, option)
         self.model = self._wrap(model)
         trainable_now = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(trainable_now, cfg.weight_decay), lr=self.peak_lr,
@@ -335,14 +550,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
+        self.saved_step: int | None = None
+        # What a resumed run must share with its checkpoint: the base's architecture, the data
+        # file's bytes, and the data as tokenized (which the tokenizer decides).
+        self.fingerprints = {"base": _sha256(json.dumps(_base_args(model.args), sort_keys=True).encode()),
+                             "tokens": _examples_sha256(dataset)}
+        if data_file is not None and Path(data_file).is_file():
+            self.fingerprints["data"] = _file_sha256(data_file)
 
     def _amp_dtype(self) -> torch.dtype | None:
-        p = self.cfg.precision
-        if p == "auto":
-            if self.device.type != "cuda":
-                return None
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+        return amp_dtype_for(self.cfg.precision, self.device)
 
     def _wrap(self, model: LLaMAAdapter) -> torch.nn.Module:
         model.to(self.device)
@@ -385,22 +602,67 @@ class Trainer:
         optim = self._optimizer_state()
         if not self.info.main:
             return
+        if not all(torch.isfinite(t).all() for t in trainable.values()):
+            raise ValueError(f"step {self.step}: the trainable weights are no longer finite (training diverged: "
+                             f"lower --lr?); {self._last_good()}")
         state = {
             "step": self.step, "trainable": trainable, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng, "world_size": self.info.world_size,
             "global_batch": self.global_batch, "samples_seen": self.step * self.global_batch,
-            "config": dataclasses.asdict(self.cfg),
+            "config": dataclasses.asdict(self.cfg), "adapter": self.module.args.adapter_config(),
+            "fingerprints": self.fingerprints,
         }
         atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        self.saved_step = self.step
+
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written, and no adapter"
+        return f"the last good checkpoint (step {self.saved_step}) stays in {self.out / CHECKPOINT}"
+
+    def _check_resume_settings(self, state: dict, path: Path) -> list[str]:
+        """Refuse a resumed run whose settings cannot continue the checkpoint's; return the
+        changed settings that it honours (as "--option old -> new")."""
+        saved, now = state["config"], dataclasses.asdict(self.cfg)
+
+        def refuse(option: str, old: Any, new: Any, why: str) -> ValueError:
+            return ValueError(f"resume: {option} was {old!r} for {path}, this run has {new!r}: {why}; keep it, or "
+                              f"start a new run (another --out, or --overwrite)")
+
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"resume: {path} was written with a global batch of {state['global_batch']} "
+                             f"records, this run has {self.global_batch} (--batch-size * --grad-accum * processes); "
+                             f"the data order would differ")
+        for name in RESUME_FIXED:
+            if name in saved and saved[name] != now[name]:
+                raise refuse(option_name(name), saved[name], now[name], RESUME_FIXED[name])
+        adapter_now = self.module.args.adapter_config()
+        for name, old in state.get("adapter", {}).items():
+            if adapter_now.get(name) != old:
+                raise refuse(option_name(name), old, adapter_now.get(name), "the trained adapter has this shape and "
+                             "meaning")
+        fingerprints = state.get("fingerprints", {})
+        for name, why in (("base", "--base: the base model's architecture differs from the one {path} was "
+                                   "trained on"),
+                          ("data", "--data: {data} holds other records than the file {path} was trained on"),
+                          ("tokens", "--tokenizer: the records tokenize differently than when {path} was written "
+                                     "(another tokenizer?)")):
+            if name in fingerprints and name in self.fingerprints and fingerprints[name] != self.fingerprints[name]:
+                raise ValueError("resume: " + why.format(path=path, data=self.cfg.data) + "; a resumed run must see "
+                                 "what the checkpoint saw (start a new run: another --out, or --overwrite)")
+        honoured = []
+        for name, value in now.items():
+            if name in RESUME_UNREPORTED or name in RESUME_FIXED or name in adapter_now or name not in saved:
+                continue
+            if saved[name] != value:
+                honoured.append(f"{option_name(name)} {_shown(saved[name])} -> {_shown(value)}")
+        return honoured
 
     def load_checkpoint(self, path: Path) -> None:
-        if not path.is_file():
-            raise ValueError(f"resume: checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("global_batch") != self.global_batch:
-            raise ValueError(f"resume: {path} was written with a global batch of {state.get('global_batch')} "
-                             f"records, this run has {self.global_batch} (batch_size * grad_accum * processes); "
-                             f"the data order would differ")
+        state = read_checkpoint(path)
+        honoured = self._check_resume_settings(state, path)
+        if honoured and self.info.main:
+            print(f"resume: honouring changed settings: {', '.join(honoured)}")
         if self.cfg.strategy == "fsdp" and self.info.enabled:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -415,19 +677,30 @@ class Trainer:
             own = dict(self.named_trainable)
             if set(state["trainable"]) != set(own):
                 raise ValueError(f"resume: {path} holds other trainable tensors than this model "
-                                 f"(different adapter_layers or trainable set?)")
+                                 f"(different --adapter-layers or trainable set?)")
+            for n, t in state["trainable"].items():
+                if t.shape != own[n].shape:
+                    raise ValueError(f"resume: {path} holds {n} of shape {tuple(t.shape)}, this model has "
+                                     f"{tuple(own[n].shape)} (different --adapter-len or --scalar-gate?)")
             with torch.no_grad():
                 for n, t in state["trainable"].items():
                     own[n].copy_(t)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
+        if state["scaler"] or not self.scaler.is_enabled():  # a run that turns fp16 on starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = self.saved_step = state["step"]
+        # The optimizer's state dict brought back the saved peak rate and weight decay: this
+        # run's settings rule from here on (the same values when nothing changed).
+        for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0), strict=True):
+            group["initial_lr"] = self.peak_lr
+            group["weight_decay"] = decay
         # The schedule follows this run's settings (a resumed run may train for more steps);
         # with unchanged settings this is exactly the saved learning rate. (load_state_dict
         # has overwritten the old schedule object's fields with the saved ones: make a new one.)
         self.schedule = Schedule(self.total_steps, self.warmup, self.peak_lr, self.cfg.min_lr)
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [self.peak_lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * self.schedule(self.step)
         rng = state["rng"]
@@ -456,6 +729,15 @@ class Trainer:
 
     def train_step(self, callback: Callable[[str, int], None] | None = None) -> dict[str, float]:
         """One optimizer step over one global batch; returns its metrics."""
+        stats = self._compute_gradients(callback)
+        with sigint_deferred():
+            self._apply_update(callback)
+        return stats
+
+    def _compute_gradients(self, callback: Callable[[str, int], None] | None) -> dict[str, float]:
+        """Forward and backward over the micro-batches, then unscaling and clipping: the
+        gradients of the next update. Raises a ValueError, before any weight changes, when
+        the loss or the gradient is not finite."""
         cfg, info = self.cfg, self.info
         micro = self._micro_batches()
         counts = torch.tensor([float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)),
@@ -487,20 +769,35 @@ class Trainer:
                 # by its number of target tokens.
                 self.scaler.scale(loss * (info.world_size / target_tokens)).backward()
             loss_sum += loss.detach()
+        loss_total = _all_reduce_sum(loss_sum, info).item() / target_tokens
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = float(grad_norm)
+        # With float16 loss scaling an infinite gradient is routine: the scaler skips that
+        # update and lowers the scale. Anywhere else it means the run has diverged.
+        bad = [f"the loss is {loss_total}"] if not math.isfinite(loss_total) else []
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            bad.append(f"the gradient norm is {grad_norm}")
+        if bad:
+            raise ValueError(f"step {self.step + 1}: {' and '.join(bad)} (training diverged: lower --lr?); stopped "
+                             f"before the update: {self._last_good()}")
+        return {"loss": loss_total, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                "target_tokens": target_tokens, "input_tokens": input_tokens}
+
+    def _apply_update(self, callback: Callable[[str, int], None] | None) -> None:
+        """The optimizer step and everything that names it (scaler, schedule, step counter).
+        Callers hold Ctrl-C back around it (sigint_deferred), so that a checkpoint never pairs
+        one step's counter with another step's weights."""
         self.scaler.step(self.optimizer)
+        if callback is not None:
+            callback("optimizer_step", self.step + 1)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        loss_total = _all_reduce_sum(loss_sum, info).item() / target_tokens
-        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "target_tokens": target_tokens,
-                "input_tokens": input_tokens}
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -519,11 +816,9 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         elif info.main:
-            if (self.out / CHECKPOINT).exists() and not cfg.overwrite:
-                raise ValueError(f"out_dir {self.out} already holds a training checkpoint: pass resume to continue "
-                                 f"it or overwrite to start again")
+            _check_fresh_out(cfg)
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in (METRICS, CHECKPOINT, PLOT):
+            for name in (METRICS, CHECKPOINT, PLOT, ADAPTER):  # nothing of an earlier run stays
                 (self.out / name).unlink(missing_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if info.enabled:
@@ -544,22 +839,28 @@ class Trainer:
         rng_at_step = self._gather_rng() if not info.enabled else None
         try:
             while self.step < self.total_steps:
-                stats = self.train_step(callback)
-                window_tokens += stats["input_tokens"]
-                total_tokens += stats["input_tokens"]
-                now = time.perf_counter()
-                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                row = {"step": self.step, "epoch": self.step * self.global_batch / len(self.dataset),
-                       "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                       "tokens": int(stats["input_tokens"]), "tokens_per_s": round(tokens_per_s, 1),
-                       "elapsed_s": round(now - start_time, 3)}
-                gate = self._gate_summary()
-                if gate is not None:
-                    row["gate_abs_mean"] = gate
-                history.append(row)
-                if info.main:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+                stats = self._compute_gradients(callback)
+                # The update, its step number, its metrics row and the random state after it
+                # form one unit: a Ctrl-C inside waits for the unit to end.
+                with sigint_deferred():
+                    self._apply_update(callback)
+                    window_tokens += stats["input_tokens"]
+                    total_tokens += stats["input_tokens"]
+                    now = time.perf_counter()
+                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                    row = {"step": self.step, "epoch": self.step * self.global_batch / len(self.dataset),
+                           "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                           "tokens": int(stats["input_tokens"]), "tokens_per_s": round(tokens_per_s, 1),
+                           "elapsed_s": round(now - start_time, 3)}
+                    gate = self._gate_summary()
+                    if gate is not None:
+                        row["gate_abs_mean"] = gate
+                    history.append(row)
+                    if info.main:
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(row) + "\n")
+                    if not info.enabled:
+                        rng_at_step = self._gather_rng()
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                     window_tokens, window_start = 0.0, now
@@ -572,8 +873,6 @@ class Trainer:
                     self.save_checkpoint(self._gather_rng())
                     if save_final is not None and self.step != self.total_steps:
                         save_final()
-                if not info.enabled:
-                    rng_at_step = self._gather_rng()
                 if callback is not None:
                     callback("step", self.step)
         except KeyboardInterrupt:
@@ -598,6 +897,12 @@ class Trainer:
                            tokens_per_s=total_tokens / max(seconds, 1e-9), history=history)
 
 
+def _check_fresh_out(cfg: TrainConfig) -> None:
+    if (Path(cfg.out_dir) / CHECKPOINT).exists() and not cfg.overwrite:
+        raise ValueError(f"--out {cfg.out_dir} already holds a training checkpoint: pass --resume to continue "
+                         f"it or --overwrite to start again")
+
+
 def _resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume is True or cfg.resume == "auto":
         path = Path(cfg.out_dir) / CHECKPOINT
@@ -614,11 +919,30 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     """Fine-tune the adapter of `model` (or of the base at cfg.base) on cfg.data.
 
     Writes into cfg.out_dir: adapter.safetensors (the result), checkpoint.pt (training state
-    for --resume), metrics.jsonl, loss.png and train_config.json. `callback(event, n)` is
-    called at each micro-step and after each step (tests use it to interrupt a run).
+    for --resume), metrics.jsonl, loss.png and train_config.json, holding the folder's lock
+    (out_folder_lock) meanwhile. `callback(event, n)` is called at each micro-step
+    ("micro_step"), right after each optimizer update ("optimizer_step") and after each step
+    ("step"); tests use it to interrupt a run.
     """
     cfg.validate()
     info, device = init_distributed(cfg.device)
+    cfg.validate(info.world_size)
+    check_attention_dtype(cfg.attention_backend, device, amp_dtype_for(cfg.precision, device),
+                          f"--precision {cfg.precision}")
+    if cfg.dtype is not None:
+        check_attention_dtype(cfg.attention_backend, device, DTYPES[cfg.dtype], f"--dtype {cfg.dtype}")
+    if cfg.base is not None and Path(cfg.out_dir).resolve() == Path(cfg.base).resolve():
+        raise ValueError(f"--out {cfg.out_dir} is the base folder: the run's files would mix with the base "
+                         f"model's; choose another --out")
+    # The out folder is checked (and taken) before minutes go into loading the base.
+    with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
+        return _finetune(cfg, info, device, model, tokenizer, callback)
+
+
+def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAdapter | None,
+              tokenizer: Tokenizer | None, callback: Callable[[str, int], None] | None) -> TrainResult:
+    if info.main and _resolve_resume(cfg) is None:
+        _check_fresh_out(cfg)
     # The same seed on every process: FSDP does not broadcast the initial prompts.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -641,10 +965,13 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     if cfg.max_seq_len > model.args.max_seq_len and info.main:
         print(f"warning: max_seq_len {cfg.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
     dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+    if dataset.num_without_response == len(dataset):
+        raise ValueError(f"no record keeps a response token within --max-seq-len {cfg.max_seq_len}: the prompts "
+                         f"fill it, so training would learn nothing (raise --max-seq-len)")
     if dataset.num_without_response and info.main:
         print(f"warning: {dataset.num_without_response} of {len(dataset)} records have no response token "
               f"within max_seq_len={cfg.max_seq_len}")
-    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="adapter")
+    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="adapter", data_file=cfg.data)
     out = Path(cfg.out_dir)
 
     def save_adapter() -> Path | None:
@@ -673,7 +1000,7 @@ def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
     model = LLaMAAdapter(dataclasses.replace(args, adapter_layers=0))
     dataset = TextDataset(text_path, tokenizer, max_seq_len=cfg.max_seq_len)
     trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="all",
-                      title="base model pretraining", ylabel="cross-entropy", bar_label="base")
+                      title="base model pretraining", ylabel="cross-entropy", bar_label="base", data_file=text_path)
     out = Path(cfg.out_dir)
 
     def save_base() -> Path | None:
@@ -683,6 +1010,7 @@ def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
         (out / "tokenizer.model").write_bytes(Path(tokenizer.path).read_bytes())
         return out
 
-    result = trainer.run(resume=_resolve_resume(cfg), save_final=save_base)
+    with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
+        result = trainer.run(resume=_resolve_resume(cfg), save_final=save_base)
     model.freeze_base()
     return model, result

@@ -159,8 +159,9 @@ def gated_prefix_attention_varlen(
     gate, max_q, max_k = _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               prefix_k, prefix_v, gate, causal, gate_activation, softmax_scale,
                                               backend)
+    dtype_before = q.dtype
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
     if backend in ("eager", "sdpa"):
         attention = eager_attention if backend == "eager" else sdpa_attention
         return varlen_reference(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate,

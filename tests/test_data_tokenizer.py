@@ -164,3 +164,22 @@ def test_held_out_instructions_ask_about_facts_the_training_set_never_asks_about
     assert answers_by_task  # every record is well formed Alpaca data
     load_instructions(SYNTHETIC_FILES["train"])
     load_instructions(SYNTHETIC_FILES["heldout"])
+
+
+def test_a_single_object_and_a_byte_order_mark_load(tmp_path):
+    record = {"instruction": "Name a colour.", "input": "", "output": "red"}
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps(record, indent=2))  # pretty-printed: several lines
+    assert load_instructions(single) == [record]
+    for name, text in (("bom.json", json.dumps([record, record])), ("bom.jsonl", json.dumps(record) + "\n"),
+                       ("bom_one.json", json.dumps(record, indent=4))):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert load_instructions(path)[0] == record, name
+    two_objects = tmp_path / "two.json"  # JSON Lines in a .json file still load line by line
+    two_objects.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    assert len(load_instructions(two_objects)) == 2
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "instruction": "a",\n  "output": \n}\n')
+    with pytest.raises(DataError, match="broken.json"):
+        load_instructions(broken)

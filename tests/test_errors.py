@@ -67,3 +67,25 @@ def test_float64_is_refused_by_triton_only():
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
         gated_prefix_attention(*tensors, backend="triton", **kwargs)
     gated_prefix_attention(*tensors, backend="eager", **kwargs)
+
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter runs on CPU tensors")
+
+
+@needs_interpreter
+def test_bfloat16_is_refused_by_triton_under_the_interpreter():
+    """The interpreter has no bfloat16 arithmetic: its answer would be garbage, so refuse."""
+    tensors, kwargs = make_inputs(Case(T=5, P=3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="bfloat16.*interpreter"):
+        gated_prefix_attention(*tensors, backend="triton", **kwargs)
+    gated_prefix_attention(*tensors, backend="sdpa", **kwargs)  # the PyTorch backends take it
+    assert gated_prefix_attention(*tensors, backend="auto", **kwargs).dtype == torch.bfloat16
+
+
+@needs_interpreter
+def test_bfloat16_from_cpu_autocast_is_refused_by_triton_under_the_interpreter():
+    tensors, kwargs = make_inputs(Case(T=5, P=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16.*autocast"):
+        gated_prefix_attention(*tensors, backend="triton", **kwargs)
+    with torch.autocast("cpu", dtype=torch.float16):  # float16 is computed correctly there
+        assert gated_prefix_attention(*tensors, backend="triton", **kwargs).dtype == torch.float16

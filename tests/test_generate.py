@@ -114,3 +114,23 @@ def test_bad_arguments():
         generate(m, [])
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         generate(m, [[1, 2], []])
+
+
+def test_a_short_prompt_beside_a_long_one_keeps_its_own_room():
+    """The cap on new tokens is per sequence: the room a prompt leaves in the context, not
+    the room the longest prompt of its batch leaves."""
+    tok = Tokenizer()
+    m = model(dtype=torch.float32, vocab_size=tok.n_words, max_seq_len=40)
+    short, long = "the capital of peru is", " ".join(["red green blue"] * 8)
+    n_short, n_long = (len(tok.encode(t, bos=True, eos=False)) for t in (short, long))
+    room = 40 - n_short
+    assert 40 - n_long < room  # the long prompt leaves less room than the short one may use
+    kw = dict(max_new_tokens=room, template=False)
+    together = answer(m, tok, [short, long], batch_size=2, **kw)
+    alone = [answer(m, tok, [text], batch_size=1, **kw)[0] for text in (short, long)]
+    assert together == alone
+    # generate() takes one cap per prompt too.
+    caps = [5, 2, 7]
+    assert [len(r) for r in generate(m, PROMPTS, max_new_tokens=caps)] == caps
+    with pytest.raises(ValueError, match=r"prompts\[2\]"):
+        generate(m, PROMPTS, max_new_tokens=[1, 1, 40 - len(PROMPTS[2]) + 1])

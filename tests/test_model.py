@@ -326,3 +326,43 @@ def test_triton_backend_runs_the_kernels():
     assert rel_error(out, ref) < 1e-4
     for (n, p), (_, q) in zip(model.adapter_parameters(), eager.adapter_parameters(), strict=True):
         assert rel_error(p.grad, q.grad) < 1e-3, n
+
+
+def test_a_base_folder_loads_what_its_index_names_and_nothing_else(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = small(adapter_layers=0)
+    base.save_hf(tmp_path / "one")
+    small().save_adapter(tmp_path / "one" / "adapter.safetensors")  # an extra file beside the weights
+    x = torch.randint(0, 50, (1, 7))
+    loaded = LLaMAAdapter.from_hf(tmp_path / "one", adapter_layers=0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), base(x))
+
+    # Sharded: the index names the shards; a stray file beside them is not read.
+    state = load_file(str(tmp_path / "one" / "model.safetensors"))
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(sharded / file))
+    index = {"weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"junk": torch.zeros(1)}, str(sharded / "stray.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(LLaMAAdapter.from_hf(sharded, adapter_layers=0)(x), base(x))
+
+    # Index entries that leave the folder are refused.
+    for outside in ("../one/model.safetensors", str(tmp_path / "one" / "model.safetensors")):
+        bad = {"weight_map": {**index["weight_map"], names[0]: outside}}
+        (sharded / "model.safetensors.index.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="outside"):
+            LLaMAAdapter.from_hf(sharded, adapter_layers=0)
+    (sharded / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        LLaMAAdapter.from_hf(sharded, adapter_layers=0)
+    (sharded / "model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLaMAAdapter.from_hf(sharded, adapter_layers=0)  # shards without their index

@@ -3,9 +3,11 @@ processes), and the command line end to end."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_adapter_fast import cli
-from llama_adapter_fast.data import SYNTHETIC_FILES
+from llama_adapter_fast.data import SYNTHETIC_FILES, format_prompt, load_instructions
 from llama_adapter_fast.model import LLaMAAdapter, ModelArgs, read_adapter_config
 from llama_adapter_fast.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from llama_adapter_fast.train import CHECKPOINT, TrainConfig, finetune, load_base, lr_at, step_indices
@@ -219,3 +221,115 @@ def test_schedule_and_data_order():
     seen = [i for s in range(5) for i in step_indices(s, 10, 4, seed=3)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
     assert seen[:10] != seen[10:20]
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_honours_safe_changes_and_names_them(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune(config(base_dir, data_file, out, max_steps=4))
+    capsys.readouterr()
+    finetune(config(base_dir, data_file, out, max_steps=6, lr=1e-2, weight_decay=0.1, save_every=3, resume=True))
+    printed = capsys.readouterr().out
+    assert "--lr 0.02 -> 0.01" in printed and "--max-steps 4 -> 6" in printed and "--weight-decay" in printed
+    assert "--save-every 2 -> 3" in printed
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # The new peak rate drives the schedule from the resumed step on (6 steps, 2 of warmup).
+    assert rows[4]["lr"] == pytest.approx(lr_at(4, 6, 2, 1e-2, 0.0))
+    assert rows[5]["lr"] == pytest.approx(lr_at(5, 6, 2, 1e-2, 0.0))
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    assert state["step"] == 6 and state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("change, option", [
+    ({"seed": 1}, "--seed"),
+    ({"gate_activation": "identity"}, "--gate-activation"),
+    ({"max_seq_len": 70}, "--max-seq-len"),
+    ({"adapter_len": 4}, "--adapter-len"),
+    ({"scalar_gate": True}, "--scalar-gate"),
+    ({"batch_size": 4, "grad_accum": 2}, "global batch"),
+    ("other data", "--data"),
+    ("other tokenizer", "--tokenizer"),
+])
+def test_resume_refuses_settings_that_cannot_change(base_dir, data_file, tmp_path, change, option):
+    out = tmp_path / "run"
+    finetune(config(base_dir, data_file, out, max_steps=2))
+    if change == "other data":
+        other = tmp_path / "other.jsonl"
+        other.write_text("\n".join(data_file.read_text().splitlines()[1:]) + "\n")
+        change = {"data": str(other)}
+    elif change == "other tokenizer":
+        import sentencepiece as spm
+
+        text = [line for r in load_instructions(data_file)
+                for line in (format_prompt(r["instruction"], r["input"]) + " " + r["output"]).splitlines() if line]
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=200,
+                                       model_type="bpe", minloglevel=2)
+        other = tmp_path / "tokenizer.model"
+        other.write_bytes(model.getvalue())
+        change = {"tokenizer": str(other)}
+    before = (out / CHECKPOINT).read_bytes()
+    with pytest.raises(ValueError, match=option):
+        finetune(config(base_dir, data_file, out, max_steps=4, resume=True, **change))
+    assert (out / CHECKPOINT).read_bytes() == before
+
+
+def test_resume_accepts_a_moved_data_file(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune(config(base_dir, data_file, out, max_steps=2))
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(data_file.read_bytes())
+    capsys.readouterr()
+    finetune(config(base_dir, moved, out, max_steps=3, resume=True))
+    assert f"--data {data_file} -> {moved}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+def test_ctrl_c_between_the_update_and_the_step_counter_applies_the_update_once(base_dir, data_file, tmp_path):
+    """Ctrl-C lands after the optimizer has updated the weights of step 4 but before the
+    step counter says so: the checkpoint must hold step 4 with step 4's weights (and the
+    resumed run must not apply that update twice)."""
+    finetune(config(base_dir, data_file, tmp_path / "straight", save_every=100))
+
+    def ctrl_c(event, n):
+        if event == "optimizer_step" and n == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(base_dir, data_file, out, save_every=100), callback=ctrl_c)
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 4
+    assert [r["step"] for r in rows_of(out)] == [1, 2, 3, 4]
+    finetune(config(base_dir, data_file, out, save_every=100, resume=True))
+    for name, t in adapter_tensors(tmp_path / "straight").items():
+        assert torch.equal(adapter_tensors(out)[name], t), name
+    assert [r["loss"] for r in rows_of(out)] == [r["loss"] for r in rows_of(tmp_path / "straight")]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base_dir, data_file, tmp_path):
+    model = load_base(base_dir, adapter_len=3, adapter_layers=2, attention_backend="sdpa")
+
+    def diverge(event, n):  # after the checkpoint of step 2, the weights blow up
+        if event == "step" and n == 2:
+            with torch.no_grad():
+                model.adapter_layers()[0].adapter_prompt.fill_(float("nan"))
+
+    with pytest.raises(ValueError, match=r"step 3: the loss is nan.*step 2"):
+        finetune(config(base_dir, data_file, tmp_path, save_every=2), model=model, callback=diverge)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["step"] == 2
+    saved = adapter_tensors(tmp_path)  # the adapter of step 2, not a NaN one
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    for name, t in state["trainable"].items():
+        assert torch.equal(saved[name], t), name
+    assert [r["step"] for r in rows_of(tmp_path)] == [1, 2]
+
+
+def test_a_run_without_any_response_token_stops(base_dir, data_file, tmp_path):
+    with pytest.raises(ValueError, match="no record keeps a response token.*--max-seq-len 8"):
+        finetune(config(base_dir, data_file, tmp_path, max_seq_len=8))
+    assert not (tmp_path / "adapter.safetensors").exists() and not (tmp_path / CHECKPOINT).exists()
