@@ -45,7 +45,13 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--gate-activation", default="tanh", choices=["tanh", "identity"])
     p.add_argument("--scalar-gate", action="store_true", help="one gate per layer instead of one per head")
     p.add_argument("--max-seq-len", type=int, default=defaults["max_seq_len"])
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="per process and micro-step")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help="records per process and micro-step (with --pack: per process and step, / --grad-accum)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=defaults["pack"],
+                   help="concatenate each step's records without padding into packs of --pack-tokens tokens, "
+                        "through the packed attention (default); --no-pack right-pads them")
+    p.add_argument("--pack-tokens", type=int, default=None,
+                   help="tokens per packed micro-batch (default --batch-size * --max-seq-len)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--epochs", type=float, default=defaults["epochs"])
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")

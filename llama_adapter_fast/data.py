@@ -231,3 +231,39 @@ def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
         tokens[i, :n] = item["tokens"]
         labels[i, :n] = item["labels"]
     return {"tokens": tokens, "labels": labels}
+
+
+def pack_records(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group records into packs of at most `budget` tokens: first fit, longest first (a
+    record longer than the budget gets a pack of its own). Returns the positions in
+    `lengths` of each pack's records, in a deterministic order."""
+    if budget < 1:
+        raise ValueError(f"the token budget of a pack must be >= 1, got {budget}")
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for p, free in enumerate(room):
+            if lengths[i] <= free:
+                packs[p].append(i)
+                room[p] -= lengths[i]
+                break
+        else:
+            packs.append([i])
+            room.append(budget - lengths[i])
+    return packs
+
+
+def collate_packed(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | int]:
+    """Concatenate records without padding into one sequence of the layout the packed
+    attention takes: tokens and labels (1, L), rotary positions (1, L) restarting at 0 for
+    each record, cu_seqlens (N + 1,) int32 (record i holds positions cu_seqlens[i] to
+    cu_seqlens[i + 1]) and max_seqlen (an int). Each record's labels are its own next
+    tokens, so no loss crosses a record boundary."""
+    lengths = [item["tokens"].numel() for item in batch]
+    return {
+        "tokens": torch.cat([item["tokens"] for item in batch])[None],
+        "labels": torch.cat([item["labels"] for item in batch])[None],
+        "positions": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
+        "max_seqlen": max(lengths),
+    }

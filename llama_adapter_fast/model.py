@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
+from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention, resolve_backend
 from llama_adapter_fast.reference import GATE_ACTIVATIONS, allowed_keys
+from llama_adapter_fast.varlen import gated_prefix_attention_varlen
 
 ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
 # The fields of ModelArgs that describe the adapter rather than the base model.
@@ -180,6 +181,13 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions 0, 1, ... restarting at each record of a packed sequence of `total` tokens."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, T, H, D) queries or keys, "rotate half" convention, computed in float32."""
     xf = x.float()
@@ -200,6 +208,24 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_key = allowed.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, enable_gqa=gqa)
     return out.masked_fill(~has_key, 0.0)
+
+
+def plain_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, backend: str) -> torch.Tensor:
+    """Causal attention of packed sequences ((L, H, D) each) for the layers without adapter.
+    Where the fused kernels run, it is the packed op with a zero gate (whose prefix part
+    then weighs nothing); elsewhere, one SDPA call per sequence."""
+    if resolve_backend(backend, q) == "triton":
+        prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
+        gate = q.new_zeros((), dtype=torch.float32)
+        return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix, prefix,
+                                             gate, gate_activation="identity", backend="triton")
+    gqa = q.shape[1] != k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True,
+                                           enable_gqa=gqa).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:], strict=False)]
+    return torch.cat(outs)
 
 
 class Attention(nn.Module):
@@ -239,11 +265,14 @@ class Attention(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        packing: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if packing is not None:
+            return self.wo(self._packed(q[0], k[0], v[0], *packing).reshape(B, T, -1))
         # (B, T, H, D) -> (B, H, T, D) views: the op accepts any strides, so no copy here.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -260,6 +289,17 @@ class Attention(nn.Module):
         else:
             out = plain_attention(q, k, v, key_padding_mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> torch.Tensor:
+        """Attention over packed records ((L, H, D) each): no record sees another."""
+        if not self.use_adapter:
+            return plain_varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)
+        prefix_k, prefix_v = self.adapter_prefix()
+        return gated_prefix_attention_varlen(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix_k, prefix_v, self.gate, causal=True,
+            gate_activation=self.gate_activation, backend=self.backend,
+        )
 
 
 class FeedForward(nn.Module):
@@ -282,8 +322,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, key_padding_mask, cache=None, start=0, prefix=None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, key_padding_mask, cache, start, prefix)
+    def forward(self, x, cos, sin, key_padding_mask, cache=None, start=0, prefix=None, packing=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, key_padding_mask, cache, start, prefix, packing)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -465,6 +505,8 @@ class LLaMAAdapter(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T).
 
@@ -474,11 +516,26 @@ class LLaMAAdapter(nn.Module):
                 queries see (the cached ones too). Not needed for right padding in training.
             cache: a KVCache: the new keys and values are appended to it.
             last_only: return the logits of the last position only, (B, 1, vocab).
+            cu_seqlens, max_seqlen: packed records without padding (see `data.collate_packed`):
+                tokens (1, L) hold the records one after another, record i at positions
+                cu_seqlens[i] .. cu_seqlens[i + 1] ((N + 1,) int32), the longest max_seqlen
+                long; no record attends to another, and the rotary positions restart at 0
+                for each record unless `positions` gives them.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"tokens must be an integer tensor of shape (B, T), got "
                              f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
         B, T = tokens.shape
+        packing = None
+        if cu_seqlens is not None:
+            if B != 1 or cache is not None or key_padding_mask is not None:
+                raise ValueError(f"packed records (cu_seqlens) take tokens of shape (1, L) without a cache or a key "
+                                 f"padding mask, got tokens of shape {tuple(tokens.shape)}")
+            if max_seqlen is None:
+                raise ValueError("max_seqlen must be given with cu_seqlens (the longest packed record)")
+            packing = (cu_seqlens, max_seqlen)
+            if positions is None:
+                positions = packed_positions(cu_seqlens, T)
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} positions, {start} used, cannot add {T}")
@@ -490,7 +547,7 @@ class LLaMAAdapter(nn.Module):
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             if cache is None:
-                h = layer(h, cos, sin, key_padding_mask)
+                h = layer(h, cos, sin, key_padding_mask, packing=packing)
             else:
                 h = layer(h, cos, sin, key_padding_mask, (cache.keys[i], cache.values[i]), start, cache.prefixes[i])
         if cache is not None:

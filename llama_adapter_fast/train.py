@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_adapter_fast.attention import triton_dtype_problem
-from llama_adapter_fast.data import IGNORE_INDEX, InstructionDataset, TextDataset, collate
+from llama_adapter_fast.data import IGNORE_INDEX, InstructionDataset, TextDataset, collate, collate_packed, pack_records
 from llama_adapter_fast.model import ADAPTER_FIELDS, LLaMAAdapter, ModelArgs, atomic_write, first_line
 from llama_adapter_fast.tokenizer import Tokenizer
 
@@ -68,7 +68,9 @@ class TrainConfig:
     scalar_gate: bool = False
     attention_backend: str = "auto"
     max_seq_len: int = 512
-    batch_size: int = 4  # per process and micro-step
+    batch_size: int = 4  # records per process and micro-step (padded); with pack, per process and step / grad_accum
+    pack: bool = True  # concatenate records without padding (packed attention) instead of right-padding them
+    pack_tokens: int | None = None  # tokens per packed micro-batch; default batch_size * max_seq_len
     grad_accum: int = 1
     epochs: float = 5.0
     max_steps: int | None = None  # overrides epochs
@@ -98,6 +100,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option_name(name)} must be a positive int, got {value!r}")
+        if self.pack_tokens is not None and (isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int)
+                                             or self.pack_tokens < 1):
+            raise ValueError(f"--pack-tokens must be a positive int, got {self.pack_tokens!r}")
         for name in ("adapter_layers", "warmup_steps", "print_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -198,6 +203,16 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     except Exception as exc:  # each backend fails its own way (AssertionError, RuntimeError, ...)
         raise ValueError(f"--device {name}: not available on this machine ({first_line(exc)})") from None
     return dev
+
+
+def _real_tokens(items: list[dict[str, torch.Tensor]]) -> int:
+    return sum(item["tokens"].numel() for item in items)
+
+
+def _all_reduce_max(value: int, device: torch.device) -> int:
+    x = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
 
 
 def _all_reduce_sum(x: torch.Tensor, info: Dist) -> torch.Tensor:
@@ -513,8 +528,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: LLaMAAdapter, dataset, tokenizer: Tokenizer, info: Dist,
                  device: torch.device, trainable: str = "adapter", title: str = "LLaMA-Adapter fine-tuning",
                  ylabel: str = "cross-entropy on response tokens", bar_label: str = "adapter",
-                 data_file: str | os.PathLike | None = None):
+                 data_file: str | os.PathLike | None = None, pack: bool | None = None):
         cfg.validate(info.world_size)
+        # Packed micro-batches hold the same records as padded ones, without the padding.
+        self.pack = cfg.pack if pack is None else pack
+        self.pack_tokens = cfg.pack_tokens or cfg.batch_size * cfg.max_seq_len
         self.cfg, self.dataset, self.tokenizer, self.info, self.device = cfg, dataset, tokenizer, info, device
         self.title, self.ylabel, self.bar_label = title, ylabel, bar_label
         self.out = Path(cfg.out_dir)
@@ -717,15 +735,32 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self) -> list[dict[str, Any]]:
+        """This process's micro-batches of the step. Both modes take the same records (the
+        step's slice of the data order for this process); padded mode right-pads them in
+        grad_accum groups of batch_size, packed mode concatenates them into packs of at
+        most pack_tokens tokens. Each batch carries its count of real (non-padding) tokens."""
         cfg, info = self.cfg, self.info
         indices = step_indices(self.step, len(self.dataset), self.global_batch, cfg.seed)
-        out = []
+        groups = []
         for a in range(cfg.grad_accum):
             lo = (a * info.world_size + info.rank) * cfg.batch_size
-            batch = collate([self.dataset[i] for i in indices[lo:lo + cfg.batch_size]], self.tokenizer.pad_id)
-            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return out
+            groups.append([self.dataset[i] for i in indices[lo:lo + cfg.batch_size]])
+        if not self.pack:
+            batches = [dict(collate(items, self.tokenizer.pad_id), real_tokens=_real_tokens(items)) for items in groups]
+        else:
+            items = [item for group in groups for item in group]
+            packs = pack_records([item["tokens"].numel() for item in items], self.pack_tokens)
+            packed = [[items[j] for j in pack] for pack in packs]
+            batches = [dict(collate_packed(group), real_tokens=_real_tokens(group)) for group in packed]
+            if info.enabled:
+                # Every process runs as many micro-batches (forwards and backwards are
+                # collectives under FSDP): fill up with one-token batches that carry no loss.
+                most = _all_reduce_max(len(batches), self.device)
+                empty = {"tokens": torch.tensor([self.tokenizer.pad_id]), "labels": torch.tensor([IGNORE_INDEX])}
+                batches += [dict(collate_packed([empty]), real_tokens=0) for _ in range(most - len(batches))]
+        return [{k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                for b in batches]
 
     def train_step(self, callback: Callable[[str, int], None] | None = None) -> dict[str, float]:
         """One optimizer step over one global batch; returns its metrics."""
@@ -741,9 +776,10 @@ class Trainer:
         cfg, info = self.cfg, self.info
         micro = self._micro_batches()
         counts = torch.tensor([float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)),
+                               float(sum(b["real_tokens"] for b in micro)),
                                float(sum(int(b["tokens"].numel()) for b in micro))], dtype=torch.float64)
         counts = _all_reduce_sum(counts.to(self.device), info).cpu()
-        target_tokens, input_tokens = max(counts[0].item(), 1.0), counts[1].item()
+        target_tokens, real_tokens, computed_tokens = max(counts[0].item(), 1.0), counts[1].item(), counts[2].item()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else \
             contextlib.nullcontext()
@@ -761,7 +797,11 @@ class Trainer:
                 self.model.set_requires_gradient_sync(True)
             with sync:
                 with autocast:
-                    logits = self.model(batch["tokens"])
+                    if "cu_seqlens" in batch:
+                        logits = self.model(batch["tokens"], positions=batch["positions"],
+                                            cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+                    else:
+                        logits = self.model(batch["tokens"])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
                 # Data-parallel wrappers average gradients over processes: scale by the
@@ -785,7 +825,8 @@ class Trainer:
             raise ValueError(f"step {self.step + 1}: {' and '.join(bad)} (training diverged: lower --lr?); stopped "
                              f"before the update: {self._last_good()}")
         return {"loss": loss_total, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                "target_tokens": target_tokens, "input_tokens": input_tokens}
+                "target_tokens": target_tokens, "real_tokens": real_tokens,
+                "padding": 1.0 - real_tokens / max(computed_tokens, 1.0)}
 
     def _apply_update(self, callback: Callable[[str, int], None] | None) -> None:
         """The optimizer step and everything that names it (scaler, schedule, step counter).
@@ -844,14 +885,15 @@ class Trainer:
                 # form one unit: a Ctrl-C inside waits for the unit to end.
                 with sigint_deferred():
                     self._apply_update(callback)
-                    window_tokens += stats["input_tokens"]
-                    total_tokens += stats["input_tokens"]
+                    # Real tokens: what the records hold, padding not counted.
+                    window_tokens += stats["real_tokens"]
+                    total_tokens += stats["real_tokens"]
                     now = time.perf_counter()
                     tokens_per_s = window_tokens / max(now - window_start, 1e-9)
                     row = {"step": self.step, "epoch": self.step * self.global_batch / len(self.dataset),
                            "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                           "tokens": int(stats["input_tokens"]), "tokens_per_s": round(tokens_per_s, 1),
-                           "elapsed_s": round(now - start_time, 3)}
+                           "tokens": int(stats["real_tokens"]), "padding": round(stats["padding"], 4),
+                           "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(now - start_time, 3)}
                     gate = self._gate_summary()
                     if gate is not None:
                         row["gate_abs_mean"] = gate
@@ -862,13 +904,14 @@ class Trainer:
                     if not info.enabled:
                         rng_at_step = self._gather_rng()
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    pad=f"{stats['padding']:.0%}", refresh=False)
                     window_tokens, window_start = 0.0, now
                 bar.update(1)
                 if cfg.print_every and info.main and (self.step % cfg.print_every == 0 or self.step == 1
                                                       or self.step == self.total_steps):
                     bar.write(f"  step {self.step:4d}/{self.total_steps}  loss {stats['loss']:.4f}  "
-                              f"lr {stats['lr']:.2e}  {tokens_per_s:,.0f} tokens/s")
+                              f"lr {stats['lr']:.2e}  {tokens_per_s:,.0f} tokens/s  padding {stats['padding']:.0%}")
                 if self.step % cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint(self._gather_rng())
                     if save_final is not None and self.step != self.total_steps:
@@ -999,8 +1042,10 @@ def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, None)
     model = LLaMAAdapter(dataclasses.replace(args, adapter_layers=0))
     dataset = TextDataset(text_path, tokenizer, max_seq_len=cfg.max_seq_len)
+    # Pretraining blocks are already full (documents are joined into one stream): no packing.
     trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="all",
-                      title="base model pretraining", ylabel="cross-entropy", bar_label="base", data_file=text_path)
+                      title="base model pretraining", ylabel="cross-entropy", bar_label="base", data_file=text_path,
+                      pack=False)
     out = Path(cfg.out_dir)
 
     def save_base() -> Path | None:
