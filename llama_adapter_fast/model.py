@@ -221,10 +221,11 @@ def plain_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix, prefix,
                                              gate, gate_activation="identity", backend="triton")
     gqa = q.shape[1] != k.shape[1]
-    bounds = cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True,
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # split (not one slice per sequence): its backward is one concatenation of the pieces.
+    outs = [F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in pieces), is_causal=True,
                                            enable_gqa=gqa).transpose(0, 1)
-            for a, b in zip(bounds, bounds[1:], strict=False)]
+            for pieces in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)]
     return torch.cat(outs)
 
 

@@ -100,16 +100,20 @@ def varlen_reference(
 ) -> torch.Tensor:
     """The padded op `attention` (eager_attention or sdpa_attention) run on each packed
     sequence alone, as a batch of one."""
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    # split (not one slice per sequence): its backward is one concatenation of the pieces.
+    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    pieces_q = q.split(lengths_q)
+    pieces_k, pieces_v = k.split(lengths_k), v.split(lengths_k)
 
-    def batch_of_one(x: torch.Tensor, starts: list[int], i: int) -> torch.Tensor:
-        return x[starts[i]:starts[i + 1]].transpose(0, 1).unsqueeze(0)
+    def batch_of_one(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).unsqueeze(0)
 
     outs = []
-    for i in range(len(starts_q) - 1):
+    for i in range(len(lengths_q)):
         pk = prefix_k if prefix_k.dim() == 3 else prefix_k[i:i + 1]
         pv = prefix_v if prefix_v.dim() == 3 else prefix_v[i:i + 1]
-        out = attention(batch_of_one(q, starts_q, i), batch_of_one(k, starts_k, i), batch_of_one(v, starts_k, i),
+        out = attention(batch_of_one(pieces_q[i]), batch_of_one(pieces_k[i]), batch_of_one(pieces_v[i]),
                         pk, pv, gate, **kwargs)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty(q.shape)
