@@ -177,7 +177,7 @@ def test_low_precision(arch, dtype, floor):
         assert err <= max(2 * peft_err, floor), f"{n}: {err:.3g} vs PEFT's {peft_err:.3g}"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
 def test_triton_backend_runs_the_kernels(arch):
     # CUDA where there is a GPU, else the CPU under Triton's interpreter (see conftest.py)
     layers = dict(n_layer=1) if arch == "gpt2" else dict(num_hidden_layers=1)
