@@ -129,11 +129,12 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         key_proj, value_proj = (module.k_proj, module.v_proj) if hasattr(module, "k_proj") else (module.key,
                                                                                                  module.value)
         P = prompt.shape[0]
+        prompt = prompt.to(query.dtype)
         prefix_k = key_proj(prompt).view(P, H, D).transpose(0, 1)  # (H, P, D), no position information
         prefix_v = value_proj(prompt).view(P, H, D).transpose(0, 1)
         prefix_probs = torch.softmax(query @ prefix_k.transpose(-1, -2) * scaling, dim=-1)  # never masked
         gate = torch.tanh(module.adaption_gate).view(-1, 1, 1)
-        out = out + gate * (prefix_probs @ prefix_v)
+        out = (out + gate * (prefix_probs @ prefix_v)).to(query.dtype)
     return out.transpose(1, 2), None
 
 
@@ -193,6 +194,27 @@ def test_triton_backend_runs_the_kernels(family):
     inputs = {k: v.to(DEVICE) for k, v in batch(family).items()}
     with expect_launches("forward", "backward_preprocess", "backward_dkdv", "backward_dq"):
         assert_matches_reference(family, model, inputs, 1e-4)
+
+
+@pytest.mark.parametrize("family", ["roberta", "clip"])
+@pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
+def test_low_precision(family, dtype, floor):
+    """On a float16 or bfloat16 model (prompts and gates kept in float32) the fused path is
+    no further from the float32 reference than twice the reference run in that precision."""
+    model32 = adapted(family)
+    inputs = batch(family)
+    ref, ref_grads = outputs_and_grads(family, as_reference(model32), inputs)
+    model = copy.deepcopy(model32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adaption_" not in name:
+                param.data = param.data.to(dtype)
+    results = [outputs_and_grads(family, m, inputs) for m in (model, as_reference(model))]
+    (out, grads), (low_ref, low_ref_grads) = results
+    assert rel_error(out, ref) <= max(2 * rel_error(low_ref, ref), floor)
+    for name in ref_grads:
+        err, ref_err = rel_error(grads[name], ref_grads[name]), rel_error(low_ref_grads[name], ref_grads[name])
+        assert err <= max(2 * ref_err, floor), f"{name}: {err:.3g} vs the reference's {ref_err:.3g}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
