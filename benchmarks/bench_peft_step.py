@@ -2,12 +2,13 @@
 
     python -m benchmarks.bench_peft_step              # Llama, width 512, 8 layers, seq 256, vocab 1024
     python -m benchmarks.bench_peft_step --vocab 32000 --tag vocab32000   # LLaMA's vocabulary
+    python -m benchmarks.bench_peft_step --arch gpt2 --tag gpt2           # GPT-2 at the same sizes
     python -m benchmarks.bench_peft_step --profile    # also print where the time goes
 
-One randomly initialized Llama (nothing is downloaded) wrapped by peft.get_peft_model with
+One randomly initialized Llama or GPT-2 (nothing is downloaded) wrapped by peft.get_peft_model with
 AdaptionPromptConfig; the same model and the same batch run a full training step (forward,
 cross-entropy loss, backward, AdamW step on the adaption prompts and gates) through
-PEFT's AdaptedAttention and, after `enable_fused_adaption_prompt`, through the fused op,
+PEFT's AdaptedAttention (AdaptedAttentionGPT) and, after `enable_fused_adaption_prompt`, through the fused op,
 in alternating rounds so that both see the same machine state. Before timing, the loss
 and the gradients of both paths are compared. Writes a CSV, a markdown summary and a PNG
 under --out, named by device and date.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 from peft import AdaptionPromptConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from benchmarks import common  # before llama_adapter_fast: it makes a bare checkout importable
 from llama_adapter_fast.integrations.peft import disable_fused_adaption_prompt, enable_fused_adaption_prompt
@@ -33,10 +34,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=("llama", "gpt2"), default="llama")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=8, help="Llama only (GPT-2 is multi-head)")
     p.add_argument("--intermediate", type=int, default=1376, help="Llama's 11008/4096 ratio at width 512")
     p.add_argument("--vocab", type=int, default=1024,
                    help="the bundled tokenizer's size; LLaMA's 32000 makes the output layer 40%% of the step here")
@@ -59,12 +61,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq), attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    if args.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=args.vocab, n_embd=args.hidden, n_inner=args.intermediate, n_layer=args.layers,
+            n_head=args.heads, n_positions=max(1024, args.seq), attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+            bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        )
+        model = GPT2LMHeadModel(config).to(device=device, dtype=dtype)
+    else:
+        config = LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            max_position_embeddings=max(2048, args.seq), attn_implementation="sdpa",
+        )
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     peft_config = AdaptionPromptConfig(
         adapter_len=args.adapter_len, adapter_layers=args.adapter_layers or args.layers, task_type="CAUSAL_LM"
     )
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {clock: speedups(times) for clock, times in (("wall", wall), ("cpu", cpu))}
     shape = {
-        "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+        "arch": args.arch, "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
         "intermediate": args.intermediate, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
         "adapter_len": args.adapter_len, "adapter_layers": args.adapter_layers or args.layers,
         "dtype": str(dtype).removeprefix("torch."), "backend": args.backend, "threads": torch.get_num_threads(),
@@ -263,7 +273,7 @@ def write_plot(path: Path, rows, env, shape) -> Path | None:
     errs = [[r["wall_ms"] - r["wall_p20_ms"] for r in rows], [r["wall_p80_ms"] - r["wall_ms"] for r in rows]]
     ax.bar(names, ms, yerr=errs, color=["#999999", "#1f77b4"], capsize=4)
     ax.set_ylabel("ms per training step (median, wall clock)")
-    ax.set_title(f"PEFT adaption prompt, {env['device']}: width {shape['hidden']}, "
+    ax.set_title(f"PEFT adaption prompt, {shape['arch']}, {env['device']}: width {shape['hidden']}, "
                  f"{shape['layers']} layers, seq {shape['seq']}, vocab {shape['vocab']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

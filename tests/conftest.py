@@ -10,18 +10,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+class OpCalls(list):
+    """The backend of every call of the fused op, in order; `kwargs` holds each call's
+    keyword arguments (causal, key_padding_mask, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kwargs: list[dict] = []
+
+
 @pytest.fixture
-def op_calls(monkeypatch) -> list:
-    """Records the backend of every call of the fused op made by the transformers and PEFT
-    integrations (both reach it through llama_adapter_fast.integrations.transformers)."""
-    import llama_adapter_fast.integrations.transformers as hf_integration
+def op_calls(monkeypatch) -> OpCalls:
+    """Records every call of the fused op made by the transformers and PEFT integrations
+    (the modules of llama_adapter_fast.integrations that call it)."""
+    import importlib
 
-    calls = []
-    op = hf_integration.gated_prefix_attention
+    calls = OpCalls()
+    for name in ("transformers", "peft"):
+        try:
+            module = importlib.import_module(f"llama_adapter_fast.integrations.{name}")
+        except ImportError:  # the optional library is not installed
+            continue
+        op = module.gated_prefix_attention
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["backend"])
-        return op(*args, **kwargs)
+        def counted(*args, _op=op, **kwargs):
+            calls.append(kwargs["backend"])
+            calls.kwargs.append(kwargs)
+            return _op(*args, **kwargs)
 
-    monkeypatch.setattr(hf_integration, "gated_prefix_attention", counted)
+        monkeypatch.setattr(module, "gated_prefix_attention", counted)
     return calls

@@ -140,13 +140,24 @@ def test_transformers_adapter_compiles_with_fullgraph(compiler, backward):
     check_compiled_model(model, compiler, backward)
 
 
-def test_fused_peft_compiles_with_fullgraph():
+def tiny_gpt2(layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=61, n_embd=32, n_layer=layers, n_head=4, n_positions=64, attn_pdrop=0.0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_peft_compiles_with_fullgraph(arch):
     pytest.importorskip("peft")
     from peft import AdaptionPromptConfig, get_peft_model
 
     from llama_adapter_fast.integrations.peft import enable_fused_adaption_prompt
 
-    model = get_peft_model(tiny_llama(), AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM"))
+    base = tiny_llama() if arch == "llama" else tiny_gpt2()
+    model = get_peft_model(base, AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM"))
     enable_fused_adaption_prompt(model, backend="sdpa")
     set_gates(model)
     check_compiled_model(model.base_model.model, "aot_eager")

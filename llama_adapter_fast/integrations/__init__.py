@@ -1,10 +1,10 @@
 """Integrations of the fused gated prefix attention with other libraries.
 
 - `llama_adapter_fast.integrations.peft`: `enable_fused_adaption_prompt` runs PEFT's
-  adaption prompts (``AdaptionPromptConfig`` on Llama and Mistral) through one fused op.
+  adaption prompts (``AdaptionPromptConfig`` on Llama, Mistral and GPT-2) through the fused op.
 - `llama_adapter_fast.integrations.transformers`: `add_llama_adapter` turns a transformers
-  causal LM into a LLaMA-Adapter whose attention goes through the op, registered as a
-  transformers attention implementation.
+  causal LM or encoder (ViT, BERT, RoBERTa, CLIP) into a LLaMA-Adapter whose attention goes
+  through the op, registered as a transformers attention implementation.
 
 The submodules import transformers and peft, which are optional dependencies
 (``pip install llama-adapter-fast[hf]``), so nothing is imported here.

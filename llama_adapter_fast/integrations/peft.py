@@ -1,11 +1,19 @@
-"""PEFT's adaption prompts (``AdaptionPromptConfig`` on Llama and Mistral) through one fused op.
+"""PEFT's adaption prompts (``AdaptionPromptConfig`` on Llama, Mistral and GPT-2) through the fused op.
 
-PEFT's ``AdaptedAttention`` runs the whole wrapped attention, then recomputes the queries
-(a second q_proj, plus a v_proj whose output only supplies a dtype), applies the rotary
-embedding again, repeats the prefix over the batch and the kv groups, runs an eager
-softmax over the prefix and a second o_proj, and adds the two outputs. The fused forward
-computes the queries, keys and values once, updates transformers' cache, runs one
-`gated_prefix_attention` (identity activation, PEFT's scalar gate) and one o_proj.
+PEFT's ``AdaptedAttention`` (Llama, Mistral) runs the whole wrapped attention, then
+recomputes the queries (a second q_proj, plus a v_proj whose output only supplies a dtype),
+applies the rotary embedding again, repeats the prefix over the batch and the kv groups,
+runs an eager softmax over the prefix and a second o_proj, and adds the two outputs. The
+fused forward computes the queries, keys and values once, updates transformers' cache, runs
+one `gated_prefix_attention` (identity activation, PEFT's scalar gate) and one o_proj.
+
+PEFT's ``AdaptedAttentionGPT`` (GPT-2) runs the whole wrapped attention, then runs c_attn
+over the hidden states a second time for the queries, repeats the prefix over the batch and
+runs an eager softmax over it, and adds the prefix output after c_proj: the prefix output
+never passes through the output projection. One op cannot return that sum (the op adds the
+two parts before any projection), so the fused GPT-2 forward runs c_attn once, GPT-2's own
+attention function for the words (whatever implementation the model uses), and the fused
+op for the prefix alone (no word keys), shared by the batch.
 
 The modules keep their class hierarchy (the fused class subclasses PEFT's), their
 parameters and their state dict, so PEFT's save_pretrained, from_pretrained, adapter
@@ -14,6 +22,7 @@ switching and disabling keep working.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -22,20 +31,29 @@ from peft.tuners.adaption_prompt.model import AdaptionPromptModel
 from torch import nn
 
 try:  # the common base of the Llama and GPT-2 wrappers (peft >= 0.17)
-    from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+    from peft.tuners.adaption_prompt.layer import AdaptedAttentionGPT, _BaseAdaptedAttention
 except ImportError:  # older peft wraps Llama-style attention only
     _BaseAdaptedAttention = AdaptedAttention
+    AdaptedAttentionGPT = None
 
-from llama_adapter_fast.attention import BACKENDS
+from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
 from llama_adapter_fast.integrations.transformers import (
     check_sliding_window,
     masked_gated_prefix_attention,
     prefix_keys_values,
 )
 
-__all__ = ["FusedAdaptedAttention", "enable_fused_adaption_prompt", "disable_fused_adaption_prompt"]
+__all__ = [
+    "FusedAdaptedAttention",
+    "FusedAdaptedAttentionGPT",
+    "enable_fused_adaption_prompt",
+    "disable_fused_adaption_prompt",
+]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# What the fused GPT-2 forward reads from transformers' GPT2Attention.
+_GPT2_ATTRIBUTES = ("c_attn", "c_proj", "resid_dropout", "attn_dropout", "split_size", "head_dim", "scaling",
+                    "layer_idx")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,17 +67,31 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos + _rotate_half(x) * sin
 
 
+# The cache's keyword has been past_key_value, then past_key_values, then cache.
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
 def _cache(kwargs: dict):
-    # The keyword has been past_key_value, then past_key_values, then cache.
-    for name in ("cache", "past_key_values", "past_key_value"):
+    for name in _CACHE_NAMES:
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
 
 
+def _attentions_requested() -> bool:
+    """Whether transformers' output capture is collecting attention weights (transformers 5
+    records them with hooks on the attention modules instead of passing output_attentions)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
 def _fallback_reason(module: AdaptedAttention, kwargs: dict) -> str | None:
     """Why a call must take PEFT's own path, or None when the fused path applies."""
-    if kwargs.get("output_attentions"):
+    if kwargs.get("output_attentions") or _attentions_requested():
         return "output_attentions=True needs attention weights, which the fused op does not return"
     if kwargs.get("position_embeddings") is None or kwargs.get("hidden_states") is None:
         return "the caller passed no position_embeddings (transformers older than 4.48)"
@@ -125,6 +157,96 @@ class FusedAdaptedAttention(AdaptedAttention):
         return out, None
 
 
+def _gpt2_word_attention(attention: nn.Module, q, k, v, attention_mask, **kwargs) -> tuple[torch.Tensor, object]:
+    """GPT-2's own attention over the words, chosen as GPT2Attention.forward chooses it:
+    returns (B, T, H, D) and the attention weights, if the implementation gives any."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation = attention.config._attn_implementation
+    if implementation == "eager" and getattr(attention, "reorder_and_upcast_attn", False):
+        return attention._upcast_and_reordered_attn(q, k, v, attention_mask)
+    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    else:
+        interface = eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    dropout = attention.attn_dropout.p if attention.training else 0.0
+    return interface(attention, q, k, v, attention_mask, dropout=dropout, scaling=attention.scaling, **kwargs)
+
+
+class FusedAdaptedAttentionGPT(AdaptedAttentionGPT if AdaptedAttentionGPT is not None else nn.Module):
+    """PEFT's ``AdaptedAttentionGPT`` with a fused forward (see `enable_fused_adaption_prompt`).
+
+    Matches PEFT's GPT-2 arithmetic, oddities included:
+    - the prefix output is added after c_proj and its dropout: it never passes through the
+      output projection (the Llama path projects it with o_proj);
+    - the prefix scores are scaled by 1/sqrt(head_dim) whatever GPT-2 scales the word
+      scores by (``scale_attn_weights=False`` and ``scale_attn_by_inverse_layer_idx`` change
+      the word part only);
+    - the prefix keys and values are c_attn(adaption_prompt), biases included, with no
+      position embedding, and the prefix is never masked;
+    - the gate is one scalar per layer with no activation (identity), in the model's dtype;
+    - attention dropout and c_proj's dropout apply to the word part only.
+    The word attention is GPT-2's own (eager with ``reorder_and_upcast_attn``, sdpa, flash
+    or any registered implementation, with the mask the model built), so one fused op call
+    per layer serves the prefix alone, over no word keys. Calls with output_attentions=True
+    or encoder_hidden_states take PEFT's own forward, with a warning.
+    """
+
+    fused_backend: str
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layer_past=None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs,
+    ):
+        # PEFT's forward drops layer_past and passes head_mask and use_cache on to an
+        # attention that ignores them; so does this one.
+        reason = None
+        if output_attentions or _attentions_requested():
+            reason = "output_attentions=True needs attention weights, which the fused op does not return"
+        elif encoder_hidden_states is not None:
+            reason = "cross-attention (encoder_hidden_states) is not supported"
+        if reason is not None:
+            warnings.warn(f"fused adaption prompt: using PEFT's forward because {reason}", stacklevel=2)
+            return super().forward(
+                hidden_states, layer_past=layer_past, attention_mask=attention_mask, head_mask=head_mask,
+                encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                use_cache=use_cache, output_attentions=output_attentions, **kwargs,
+            )
+        attention = self.model
+        B, T = hidden_states.shape[:2]
+        shape = (B, T, -1, attention.head_dim)
+        q, k, v = (x.view(shape).transpose(1, 2) for x in attention.c_attn(hidden_states).split(attention.split_size,
+                                                                                               dim=2))
+        cache = _cache(kwargs)
+        for name in _CACHE_NAMES:
+            kwargs.pop(name, None)
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache
+            k, v = cache.update(k, v, attention.layer_idx, {"cache_position": kwargs.get("cache_position")})
+        words, weights = _gpt2_word_attention(attention, q, k, v, attention_mask, **kwargs)
+        words = attention.resid_dropout(attention.c_proj(words.reshape(B, T, -1).contiguous()))
+
+        P = self.adaption_prompt.shape[-2]
+        _, prefix_k, prefix_v = attention.c_attn(self.adaption_prompt.to(q.dtype)).split(attention.split_size, dim=-1)
+        prefix_k, prefix_v = (x.reshape(P, -1, attention.head_dim).transpose(0, 1) for x in (prefix_k, prefix_v))
+        no_words = q[:, :, :0]
+        prefix = gated_prefix_attention(
+            q, no_words, no_words, prefix_k, prefix_v, self.adaption_gate, causal=False,
+            gate_activation="identity", softmax_scale=attention.head_dim ** -0.5, backend=self.fused_backend,
+        )
+        out = words + prefix.transpose(1, 2).reshape(B, T, -1)
+        return out.to(q.dtype), weights
+
+
 def _adapted_attentions(model: nn.Module) -> list[_BaseAdaptedAttention]:
     """Every adapted attention module: those in the model and those of inactive adapters,
     which PEFT keeps out of the model in AdaptionPromptModel._cached_adapters."""
@@ -139,29 +261,37 @@ def _adapted_attentions(model: nn.Module) -> list[_BaseAdaptedAttention]:
     return list(found.values())
 
 
-def _check_fusable(module: _BaseAdaptedAttention) -> None:
+def _fused_class(module: _BaseAdaptedAttention) -> type:
+    """The fused subclass for one of PEFT's adapted attentions; TypeError where there is none."""
     inner = module.model
-    if not isinstance(module, AdaptedAttention) or not all(hasattr(inner, n) for n in (*_PROJECTIONS, "head_dim")):
-        raise TypeError(
-            f"model: adaption prompts on {module.model_type!r} models cannot be fused; "
-            "Llama and Mistral style attention (q_proj, k_proj, v_proj, o_proj) is supported"
-        )
+    if AdaptedAttentionGPT is not None and isinstance(module, AdaptedAttentionGPT):
+        if all(hasattr(inner, n) for n in _GPT2_ATTRIBUTES) and not getattr(inner, "is_cross_attention", False):
+            return FusedAdaptedAttentionGPT
+    elif isinstance(module, AdaptedAttention) and all(hasattr(inner, n) for n in (*_PROJECTIONS, "head_dim")):
+        return FusedAdaptedAttention
+    raise TypeError(
+        f"model: adaption prompts on {module.model_type!r} models with {type(inner).__name__} cannot be fused; "
+        "Llama and Mistral style attention (q_proj, k_proj, v_proj, o_proj) and transformers' GPT2Attention "
+        "(c_attn, c_proj, scaling) are supported"
+    )
 
 
 def enable_fused_adaption_prompt(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Make every adapted attention of a PEFT adaption-prompt model run one fused op.
+    """Make every adapted attention of a PEFT adaption-prompt model run the fused op.
 
-    Each adapted layer then computes its queries, keys and values once, applies the rotary
-    embedding and the cache update once, runs one `gated_prefix_attention` (identity
-    activation, PEFT's scalar gate, causal, the padding mask as key padding) and one
-    o_proj. Outputs, gradients and greedy generation match PEFT's own forward within
-    floating-point tolerance; see `FusedAdaptedAttention` for the cases it hands back to
-    PEFT's forward. Parameter names and the state dict do not change. Adapters added to the
-    model later are not fused: call this again (it is idempotent).
+    Each adapted Llama or Mistral layer then computes its queries, keys and values once,
+    applies the rotary embedding and the cache update once, runs one
+    `gated_prefix_attention` (identity activation, PEFT's scalar gate, causal, the padding
+    mask as key padding) and one o_proj (see `FusedAdaptedAttention`). Each adapted GPT-2
+    layer computes c_attn once, runs GPT-2's own attention for the words and the fused op
+    for the prefix (see `FusedAdaptedAttentionGPT`). Outputs, gradients and greedy
+    generation match PEFT's own forward within floating-point tolerance. Parameter names and
+    the state dict do not change. Adapters added to the model later are not fused: call this
+    again (it is idempotent).
 
     Args:
-        model: a PeftModel (or its base model) made with ``AdaptionPromptConfig`` on a Llama
-            or Mistral model.
+        model: a PeftModel (or its base model) made with ``AdaptionPromptConfig`` on a Llama,
+            Mistral or GPT-2 model.
         backend: the op's backend: "auto" (the Triton kernels for CUDA tensors, two SDPA
             calls otherwise), "triton", "sdpa" or "eager".
 
@@ -175,10 +305,9 @@ def enable_fused_adaption_prompt(model: nn.Module, backend: str = "auto") -> nn.
     modules = _adapted_attentions(model)
     if not modules:
         raise ValueError("model has no adaption prompts: make it with peft.get_peft_model and AdaptionPromptConfig")
-    for module in modules:
-        _check_fusable(module)
-    for module in modules:
-        module.__class__ = FusedAdaptedAttention
+    classes = [_fused_class(module) for module in modules]
+    for module, cls in zip(modules, classes, strict=True):
+        module.__class__ = cls
         module.fused_backend = backend
     return model
 
@@ -188,7 +317,7 @@ def disable_fused_adaption_prompt(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for module in _adapted_attentions(model):
-        if isinstance(module, FusedAdaptedAttention):
-            module.__class__ = AdaptedAttention
+        if isinstance(module, (FusedAdaptedAttention, FusedAdaptedAttentionGPT)):
+            module.__class__ = type(module).__bases__[0]  # PEFT's own class
             del module.fused_backend
     return model

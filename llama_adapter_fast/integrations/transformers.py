@@ -1,11 +1,13 @@
-"""LLaMA-Adapter on transformers causal LMs, through transformers' attention interface.
+"""LLaMA-Adapter on transformers models, through transformers' attention interface.
 
 `add_llama_adapter` gives the top layers of a model whose attention goes through
-``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen2 and the like) an adaption prompt and a
-gate, and switches the model to the attention implementation registered here under the
-name ``"llama_adapter_fast"``. Adapted layers run `gated_prefix_attention`; the others run
-plain scaled_dot_product_attention. The matching mask function (transformers 4.53 and
-later) hands the kernel a (batch, keys) padding mask instead of a 4-d mask.
+``ALL_ATTENTION_FUNCTIONS`` an adaption prompt and a gate, and switches the model to the
+attention implementation registered here under the name ``"llama_adapter_fast"``: causal
+LMs (Llama, Mistral, Qwen2 and the like) and encoders (ViT, BERT, RoBERTa, both towers of
+CLIP), each layer causal or bidirectional as the model's own attention is. Adapted layers
+run `gated_prefix_attention`; the others run plain scaled_dot_product_attention. The
+matching mask function (transformers 4.53 and later) hands the kernel a (batch, keys)
+padding mask instead of a 4-d mask, for causal and bidirectional masks alike.
 
 The mask helpers here are shared with the PEFT integration: they read whatever mask
 transformers built (None, a 2-d padding mask, a 4-d boolean or additive mask) as causal
@@ -258,17 +260,46 @@ def check_sliding_window(sliding_window: int | None, attention_mask: torch.Tenso
         )
 
 
+# The self-attention modules this integration adapts, by the names of their query, key and
+# value projections and of their head size. The output projection is the model's business
+# (o_proj in Llama, out_proj in CLIP, a sibling module in BERT): the attention function
+# returns the heads before it.
+_ATTENTION_LAYOUTS = (
+    ("q_proj", "k_proj", "v_proj", "head_dim"),  # Llama, Mistral, Qwen2, ViT, CLIP
+    ("query", "key", "value", "attention_head_size"),  # BERT, RoBERTa
+)
+
+
+def _attention_layout(module: nn.Module) -> tuple[str, str, str, str] | None:
+    """The names (query, key, value, head size) under which `module` holds a self-attention's
+    projections, or None where it is not a self-attention of a known layout. Cross-attention
+    (keys and values from another sequence) is not one."""
+    if getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__:
+        return None
+    for names in _ATTENTION_LAYOUTS:
+        if all(isinstance(getattr(module, n, None), nn.Module) for n in names[:3]) and isinstance(
+            getattr(module, names[3], None), int
+        ):
+            return names
+    return None
+
+
 def prefix_keys_values(
     module: nn.Module, prompt: torch.Tensor, dtype: torch.dtype, *, key_norm: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prefix keys and values of an adaption prompt: the layer's own k_proj and v_proj
-    (and k_norm, where the model has one) applied to the prompt, with no rotary embedding.
+    """The prefix keys and values of an adaption prompt: the layer's own key and value
+    projections (and k_norm, where the model has one) applied to the prompt, with no
+    rotary embedding.
 
     Returns two (Hkv, P, D) views, shared by the batch."""
+    layout = _attention_layout(module)
+    if layout is None:
+        raise TypeError(f"module: {type(module).__name__} is not a self-attention of a known layout")
+    _, key_name, value_name, head_name = layout
     x = prompt.reshape(-1, prompt.shape[-1]).to(dtype)
-    P, head_dim = x.shape[0], module.head_dim
-    prefix_k = module.k_proj(x).view(P, -1, head_dim)
-    prefix_v = module.v_proj(x).view(P, -1, head_dim)
+    P, head_dim = x.shape[0], getattr(module, head_name)
+    prefix_k = getattr(module, key_name)(x).view(P, -1, head_dim)
+    prefix_v = getattr(module, value_name)(x).view(P, -1, head_dim)
     norm = getattr(module, "k_norm", None) if key_norm else None
     if norm is not None:
         prefix_k = norm(prefix_k)
@@ -310,7 +341,8 @@ def llama_adapter_attention(
         return out.transpose(1, 2), None
     if dropout:
         raise ValueError(
-            f"attention dropout ({dropout}) is not supported in adapted layers: set config.attention_dropout = 0"
+            f"attention dropout ({dropout}) is not supported in adapted layers: build the model with an attention "
+            "dropout of 0 (config.attention_dropout, or config.attention_probs_dropout_prob for BERT, RoBERTa and ViT)"
         )
     prefix_k, prefix_v = prefix_keys_values(module, prompt, query.dtype)
     out = masked_gated_prefix_attention(
@@ -334,24 +366,31 @@ def llama_adapter_mask(
     """The mask function registered with transformers' AttentionMaskInterface.
 
     For the plain causal mask over keys that end with the queries (no cache, or a dynamic
-    cache) it returns the (B, S) bool padding mask, or None where nothing is padded, so the
-    kernel gets key padding without any 4-d mask being built. Anything else (sliding
-    windows, packed sequences, static caches, custom mask functions) gets transformers'
-    own 4-d boolean mask, which the attention function reads.
+    cache), and for the plain bidirectional mask of encoders, it returns the (B, S) bool
+    padding mask, or None where nothing is padded, so the kernel gets key padding without
+    any 4-d mask being built (whether a layer is causal is the attention's business, as it
+    is in transformers' flash attention). Anything else (sliding windows, packed sequences,
+    static caches, custom mask functions) gets transformers' own 4-d boolean mask, which
+    the attention function reads.
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    ends_with_queries = (
-        isinstance(q_offset, int) and isinstance(kv_offset, int)
-        and kv_offset == 0 and q_offset + q_length == kv_length
-    )
-    plain_causal = mask_function is None or mask_function is causal_mask_function
-    if plain_causal and ends_with_queries:
+    try:
+        from transformers.masking_utils import bidirectional_mask_function
+    except ImportError:  # transformers without encoder masks in masking_utils
+        bidirectional_mask_function = None
+
+    offsets_known = isinstance(q_offset, int) and isinstance(kv_offset, int) and kv_offset == 0
+    if mask_function is None or mask_function is causal_mask_function:
+        plain = offsets_known and q_offset + q_length == kv_length
+    else:  # bidirectional: every query sees every key that is not padding
+        plain = offsets_known and mask_function is bidirectional_mask_function
+    if plain:
         if attention_mask is None:
             return None
         if attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length:
             padding = attention_mask.to(torch.bool)
-            # No padding at all: say so, so that layers without an adapter keep is_causal.
+            # No padding at all: say so, so that causal layers without an adapter keep is_causal.
             if not torch.compiler.is_compiling() and bool(padding.all()):
                 return None
             return padding
@@ -390,17 +429,38 @@ def register_attention() -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _layer_stacks(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The self-attention modules of each stack of layers (the decoder of a causal LM, the
+    encoder of BERT or ViT, each tower of CLIP), bottom to top, keyed by the name of the
+    ModuleList that holds the stack."""
+    modules = dict(model.named_modules())
+    stacks: dict[str, list[nn.Module]] = {}
+    for name, module in modules.items():
+        if _attention_layout(module) is None:
+            continue
+        parts = name.split(".")
+        parents = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        stack = next((p for p in parents if isinstance(modules.get(p), nn.ModuleList)), "")
+        stacks.setdefault(stack, []).append(module)
+    return stacks
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of the decoder, bottom to top."""
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    return [
-        m for m in model.modules()
-        if all(isinstance(getattr(m, n, None), nn.Module) for n in names) and hasattr(m, "head_dim")
-    ]
+    return [m for stack in _layer_stacks(model).values() for m in stack]
 
 
 def _adapted_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in _attention_modules(model) if isinstance(getattr(m, PROMPT_NAME, None), nn.Parameter)]
+
+
+def _head_parameter_names(model: nn.Module) -> list[str]:
+    """The task head's parameters: those outside the backbone that transformers puts the head
+    on (``model.base_model``), weights tied to the backbone (an LM head's) excluded."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    backbone = {id(p) for p in base.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) not in backbone]
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
@@ -426,27 +486,37 @@ def add_llama_adapter(
     gate_activation: str = "tanh",
     per_head_gate: bool = True,
     *,
+    train_head: bool = False,
     backend: str = "auto",
 ) -> nn.Module:
-    """Turn a transformers causal LM into a LLaMA-Adapter, in place.
+    """Turn a transformers model into a LLaMA-Adapter, in place.
 
-    The top `adapter_layers` attention layers each get ``adaption_prompt`` (adapter_len,
-    hidden_size), drawn from N(0, 1) as in the paper, and ``adaption_gate``, zeros of shape
-    (num_heads,) with `per_head_gate` or (1,) without, both float32 parameters of the
-    attention module. Their prompts pass through the layer's frozen k_proj and v_proj (no
-    rotary embedding) into prefix keys and values that every query attends to with a
-    softmax of its own, scaled by act(gate). Every other parameter is frozen, and the model
-    switches to the ``"llama_adapter_fast"`` attention implementation, so padding masks
-    and transformers' caches work as before and ``generate()`` works. With zero gates the
-    logits are the base model's.
+    In each stack of layers (the decoder of a causal LM; the encoder of ViT, BERT or
+    RoBERTa; each of CLIP's two towers) the top `adapter_layers` self-attention modules
+    get ``adaption_prompt`` (adapter_len, hidden_size), drawn from N(0, 1) as in the paper,
+    and ``adaption_gate``, zeros of shape (num_heads,) with `per_head_gate` or (1,)
+    without, both float32 parameters of the attention module. Their prompts pass through
+    the layer's frozen key and value projections (no rotary embedding) into prefix keys
+    and values that every query attends to with a softmax of its own, scaled by act(gate).
+    Word attention stays what the model's is: causal in decoders and CLIP's text tower,
+    bidirectional in encoders and CLIP's vision tower, with padding as key padding. Every
+    other parameter is frozen (the task head too, unless `train_head`), and the model
+    switches to the ``"llama_adapter_fast"`` attention implementation, so padding masks and
+    transformers' caches work as before and ``generate()`` works. With zero gates the
+    outputs are the base model's.
 
     Args:
         model: a transformers model whose attention goes through transformers' attention
-            interface (Llama, Mistral, Qwen2 and the like).
+            interface, with self-attention modules laid out as in Llama (q_proj, k_proj,
+            v_proj, head_dim: Llama, Mistral, Qwen2, ViT, CLIP) or BERT (query, key, value,
+            attention_head_size: BERT, RoBERTa).
         adapter_len: prompt tokens per layer (P).
-        adapter_layers: how many layers, counted from the top, get a prompt.
+        adapter_layers: how many layers of each stack, counted from the top, get a prompt.
         gate_activation: "tanh" (the paper's zero-init attention) or "identity".
         per_head_gate: one gate per query head (True) or one per layer.
+        train_head: also train the task head: the parameters outside ``model.base_model``
+            (the classifier of ViTForImageClassification or RobertaForSequenceClassification);
+            they are then saved with the adapter. A model without a head raises ValueError.
         backend: the op's backend in adapted layers ("auto": the Triton kernels for CUDA
             tensors, two SDPA calls otherwise).
 
@@ -459,8 +529,9 @@ def add_llama_adapter(
     adapter_layers = _check_int("adapter_layers", adapter_layers, 1)
     if gate_activation not in GATE_ACTIVATIONS:
         raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
-    if not isinstance(per_head_gate, bool):
-        raise TypeError(f"per_head_gate must be a bool, got {type(per_head_gate).__name__}")
+    for name, flag in (("per_head_gate", per_head_gate), ("train_head", train_head)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not getattr(model, "_supports_attention_backend", True):
@@ -470,32 +541,46 @@ def add_llama_adapter(
         )
     if _adapted_modules(model):
         raise ValueError("model already has adaption prompts: call remove_llama_adapter first")
-    attentions = _attention_modules(model)
-    if not attentions:
-        raise ValueError("model has no attention modules with q_proj, k_proj, v_proj and o_proj")
-    if adapter_layers > len(attentions):
-        raise ValueError(f"adapter_layers ({adapter_layers}) is more than the model's {len(attentions)} layers")
+    stacks = _layer_stacks(model)
+    if not stacks:
+        raise ValueError(
+            "model has no self-attention modules with query, key and value projections "
+            "(q_proj, k_proj, v_proj and head_dim, or query, key, value and attention_head_size)"
+        )
+    for stack, attentions in stacks.items():
+        if adapter_layers > len(attentions):
+            raise ValueError(
+                f"adapter_layers ({adapter_layers}) is more than the {len(attentions)} layers of {stack or 'the model'}"
+            )
+    head = _head_parameter_names(model) if train_head else []
+    if train_head and not head:
+        raise ValueError(f"train_head: {type(model).__name__} has no task head on top of its base model")
 
     previous = model.config._attn_implementation
     register_attention()
     _set_attn_implementation(model, ATTENTION_NAME)
-    for module in attentions[-adapter_layers:]:
-        weight = module.k_proj.weight
-        num_heads = module.q_proj.out_features // module.head_dim
-        prompt = torch.empty(adapter_len, module.k_proj.in_features, device=weight.device, dtype=torch.float32)
+    for module in (m for attentions in stacks.values() for m in attentions[-adapter_layers:]):
+        query_name, key_name, _, head_name = _attention_layout(module)
+        key_proj = getattr(module, key_name)
+        weight = key_proj.weight
+        num_heads = getattr(module, query_name).out_features // getattr(module, head_name)
+        prompt = torch.empty(adapter_len, key_proj.in_features, device=weight.device, dtype=torch.float32)
         gate = torch.zeros(num_heads if per_head_gate else 1, device=weight.device, dtype=torch.float32)
         module.register_parameter(PROMPT_NAME, nn.Parameter(prompt.normal_()))
         module.register_parameter(GATE_NAME, nn.Parameter(gate))
         # Plain attributes, read by the attention function.
         module.adaption_gate_activation = gate_activation
         module.adaption_backend = backend
+    trained = set(head)
     for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES)
+        param.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES or name in trained)
     model.llama_adapter_config = {
         "adapter_len": adapter_len,
         "adapter_layers": adapter_layers,
         "gate_activation": gate_activation,
         "per_head_gate": per_head_gate,
+        "train_head": train_head,
+        "head_parameters": head,
         "previous_attn_implementation": previous,
     }
     return model
@@ -503,41 +588,51 @@ def add_llama_adapter(
 
 def remove_llama_adapter(model: nn.Module) -> nn.Module:
     """Undo `add_llama_adapter`: drop the prompts and gates and restore the attention
-    implementation the model had. The base parameters stay frozen."""
+    implementation the model had. Every parameter stays frozen (a trained head too)."""
     config = getattr(model, "llama_adapter_config", None)
     if config is None:
         raise ValueError("model has no adapter added by add_llama_adapter")
     for module in _adapted_modules(model):
         for name in (*ADAPTER_PARAMETER_NAMES, "adaption_gate_activation", "adaption_backend"):
             delattr(module, name)
+    model.requires_grad_(False)
     _set_attn_implementation(model, config["previous_attn_implementation"])
     del model.llama_adapter_config
     return model
 
 
+# The settings saved with an adapter, with the defaults of files saved before a setting existed.
+_SETTINGS = {"adapter_len": None, "adapter_layers": None, "gate_activation": None, "per_head_gate": None,
+             "train_head": False}
+
+
 def llama_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors alone (prompts and gates), keyed as in model.state_dict()."""
+    """The adapter's tensors alone (prompts and gates, and the task head where it is
+    trained), keyed as in model.state_dict()."""
+    head = set(getattr(model, "llama_adapter_config", {}).get("head_parameters", ()))
     return {
         name: tensor for name, tensor in model.state_dict().items()
-        if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES
+        if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES or name in head
     }
 
 
 def save_llama_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save the adapter's tensors and settings to one safetensors file."""
+    """Save the adapter's tensors (with the task head where it is trained) and settings to
+    one safetensors file."""
     from safetensors.torch import save_file
 
     config = getattr(model, "llama_adapter_config", None)
     if config is None:
         raise ValueError("model has no adapter added by add_llama_adapter")
-    settings = {k: config[k] for k in ("adapter_len", "adapter_layers", "gate_activation", "per_head_gate")}
+    settings = {k: config[k] for k in _SETTINGS}
     tensors = {name: t.detach().contiguous().cpu() for name, t in llama_adapter_state_dict(model).items()}
     save_file(tensors, os.fspath(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(settings)})
 
 
 def load_llama_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> nn.Module:
-    """Load an adapter saved by `save_llama_adapter` into `model`, adding it first (with
-    the saved settings) where the model has none. Returns the model."""
+    """Load an adapter saved by `save_llama_adapter` (and the task head saved with it) into
+    `model`, adding the adapter first (with the saved settings) where the model has none.
+    Returns the model."""
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
@@ -545,7 +640,7 @@ def load_llama_adapter(model: nn.Module, path: str | os.PathLike, *, backend: st
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     if _METADATA_KEY not in metadata:
         raise ValueError(f"path: {os.fspath(path)!r} is not an adapter saved by save_llama_adapter")
-    settings = json.loads(metadata[_METADATA_KEY])
+    settings = {**_SETTINGS, **json.loads(metadata[_METADATA_KEY])}
     config = getattr(model, "llama_adapter_config", None)
     if config is None:
         add_llama_adapter(model, **settings, backend=backend)
