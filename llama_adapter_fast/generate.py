@@ -63,12 +63,15 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    prompt_offset: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens of each, cut
     before the first EOS.
 
     With use_cache=False every step runs the whole sequence again (slow; the reference the
     cached path is tested against). Sampling draws from `generator` when given.
+    `prompt_offset` (B, dim) conditions each sequence's adaption prompts (the multi-modal
+    adapter's projected image features); its prefixes are computed once per call.
     """
     _check_args(prompts, max_new_tokens, temperature, top_p)
     device = model.tok_embeddings.weight.device
@@ -87,7 +90,9 @@ def generate(
     # positions as it would alone.
     positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(model, B, total) if use_cache else None
+    cache = KVCache(model, B, total, prompt_offset=prompt_offset) if use_cache else None
+    if not use_cache:
+        model.check_prompt_offset(prompt_offset, B)
     start = 0
     for cur in range(prompt_len, total):
         if use_cache:
@@ -96,7 +101,7 @@ def generate(
             start = cur
         else:
             logits = model(tokens[:, :cur], positions=positions[:, :cur], key_padding_mask=mask[:, :cur],
-                           last_only=True)
+                           last_only=True, prompt_offset=prompt_offset)
         next_token = sample_next(logits[:, -1], temperature, top_p, generator)
         next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
         tokens[:, cur] = next_token
@@ -126,10 +131,16 @@ def answer(
     batch_size: int = 8,
     template: bool = True,
     generator: torch.Generator | None = None,
+    prompt_offset: torch.Tensor | None = None,
 ) -> list[str]:
     """Answers to instructions: each a string or an Alpaca record {"instruction", "input"},
     put in the Alpaca prompt (unless template=False: the text is the prompt as it is).
-    An answer ends at EOS, after max_new_tokens, or at the end of the model's context."""
+    An answer ends at EOS, after max_new_tokens, or at the end of the model's context.
+    `prompt_offset` (len(instructions), dim): one adaption-prompt offset per instruction.
+    A multi-modal model (llama_adapter_fast.multimodal) answers with the records' "image"s."""
+    if not isinstance(model, LLaMAAdapter) and hasattr(model, "answer"):
+        return model.answer(tokenizer, instructions, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, batch_size=batch_size, template=template, generator=generator)
     prompts = []
     for item in instructions:
         if isinstance(item, dict):
@@ -147,6 +158,7 @@ def answer(
         # Answers stop at the end of the context rather than failing.
         new = generate(model, batch, max_new_tokens=min(max_new_tokens, context - longest), temperature=temperature,
                        top_p=top_p,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator,
+                       prompt_offset=None if prompt_offset is None else prompt_offset[i:i + batch_size])
         answers.extend(tokenizer.decode(ids).strip() for ids in new)
     return answers
