@@ -4,6 +4,7 @@
     llama-adapter-fast generate --base BASE_DIR --adapter runs/adapter/adapter.safetensors \\
         --prompt "Give the opposite of the word." --input wet
     llama-adapter-fast demo     # everything on a tiny model and the bundled data, CPU-sized
+    llama-adapter-fast demo-mm  # the multi-modal adapter: questions about pictures
 
 Several GPUs or machines: torchrun --nproc_per_node 8 -m llama_adapter_fast.cli finetune ...
 """
@@ -67,6 +68,27 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with torchrun: replicate or shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-plot", dest="plot", action="store_false")
+    _add_image_training_options(p)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _add_image_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-modal adapter", "image-conditioned prompts (records with an \"image\" key)")
+    g.add_argument("--image-encoder", default=None,
+                   help="Hugging Face CLIP folder (CLIPVisionModel[WithProjection] or CLIPModel): turns it on")
+    g.add_argument("--image-layers", type=_layer_list, default=None,
+                   help="encoder layers whose [CLS] features are concatenated (default: 4 evenly spaced, e.g. "
+                        "3,6,9,12 of 12)")
+    g.add_argument("--projection-hidden", type=int, default=None, help="hidden width of the image projection "
+                                                                       "(default: the model width)")
+    g.add_argument("--feature-cache", default=None, help="folder of cached encoder features (default: "
+                                                         "OUT/image_features)")
 
 
 def _train_config():
@@ -91,6 +113,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", default=None, help="also write the answers as JSON Lines")
+    p.add_argument("--image", default=None, help="a picture for --prompt (a multi-modal adapter)")
+    p.add_argument("--image-encoder", default=None,
+                   help="CLIP folder of a multi-modal adapter (default: the one it recorded)")
     _add_model_options(p)
 
 
@@ -127,6 +152,22 @@ def _demo_parser(sub) -> None:
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
 
 
+def _demo_mm_parser(sub) -> None:
+    p = sub.add_parser("demo-mm", help="the multi-modal adapter: fine-tune on pictures, answer held-out pictures",
+                       description="Reuse or pretrain the tiny LLaMA of `demo`, pre-train a tiny CLIP vision tower, "
+                                   "fine-tune prompts, gates and image projection on questions about pictures, then "
+                                   "answer questions about held-out pictures with and without them.")
+    p.add_argument("--out", default="runs/demo-mm", help="output folder")
+    p.add_argument("--base", default=None, help="use this base folder (default: runs/demo/base if present)")
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--encoder-steps", type=int, default=None)
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--show", type=int, default=12, help="held-out answers to print")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _pretrain_parser(sub)
     _demo_parser(sub)
+    _demo_mm_parser(sub)
     return parser
 
 
@@ -157,11 +199,13 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
-                        dtype: str | None = None):
-    """A base model with the adapter of `adapter` (its config read from the file), on `device`."""
+                        dtype: str | None = None, image_encoder: str | None = None):
+    """A base model with the adapter of `adapter` (its config read from the file), on `device`;
+    a MultiModalLLaMAAdapter when the file is a multi-modal adapter."""
     import torch
 
     from llama_adapter_fast.model import read_adapter_config
+    from llama_adapter_fast.multimodal import load_image_adapter, read_image_adapter_record
     from llama_adapter_fast.train import DTYPES, load_base
 
     kwargs = {"attention_backend": attention_backend}
@@ -171,6 +215,10 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
         kwargs["adapter_layers"] = 0
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
+    if image_encoder is not None or (adapter is not None and read_image_adapter_record(adapter) is not None):
+        if adapter is None:
+            raise ValueError("image-encoder: needs a multi-modal --adapter")
+        return load_image_adapter(model, adapter, image_encoder=image_encoder, device=dev).eval()
     if adapter is not None:
         model.load_adapter(adapter)
     return model.eval()
@@ -186,17 +234,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
     base_format(a.base)
     tokenizer = load_tokenizer(a.tokenizer, a.base)
     model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
-                                dtype=a.dtype)
+                                dtype=a.dtype, image_encoder=a.image_encoder)
     if a.instructions:
         records = load_instructions(a.instructions, require_output=False)
     else:
         records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
+    _attach_images(a, records, model)
     generator = torch.Generator().manual_seed(a.seed)
     answers = answer(model, tokenizer, records, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                      top_p=a.top_p, batch_size=a.batch_size, template=not a.raw, generator=generator)
     rows = []
     for record, text in zip(records, answers, strict=True):
         print(f"### Instruction: {record['instruction']}")
+        if record.get("image"):
+            print(f"### Image: {record['image']}")
         if record.get("input"):
             print(f"### Input: {record['input']}")
         print(f"### Response: {text}")
@@ -212,6 +263,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 f.write(json.dumps(row) + "\n")
         print(f"answers written to {a.output}")
     return 0
+
+
+def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
+    """--image goes with --prompt; images of --instructions records are relative to that file.
+    Either needs a multi-modal adapter."""
+    if a.image is not None:
+        if a.instructions:
+            raise ValueError("image: give the pictures of --instructions in their records' \"image\" keys")
+        records[0]["image"] = a.image
+    elif a.instructions:
+        for record in records:
+            if record.get("image"):
+                record["image"] = str(Path(a.instructions).parent / record["image"])
+    with_image = [i for i, r in enumerate(records) if r.get("image")]
+    if with_image and not hasattr(model, "image_encoder"):
+        where = "image" if a.image is not None else f"{a.instructions}: record {with_image[0]}: image"
+        raise ValueError(f"{where}: pictures need a multi-modal adapter (trained with --image-encoder)")
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
@@ -323,10 +391,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_mm(a: argparse.Namespace) -> int:
+    from llama_adapter_fast.multimodal_demo import run
+
+    return run(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    commands = {"finetune": cmd_finetune, "generate": cmd_generate, "pretrain": cmd_pretrain, "demo": cmd_demo}
+    commands = {"finetune": cmd_finetune, "generate": cmd_generate, "pretrain": cmd_pretrain, "demo": cmd_demo,
+                "demo-mm": cmd_demo_mm}
     try:
         return commands[a.command](a)
     except ValueError as exc:

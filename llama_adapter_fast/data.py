@@ -1,7 +1,8 @@
 """Alpaca-format instruction data: loading with clear errors, the Alpaca prompt templates,
 tokenization with the loss on response tokens only, truncation and right padding.
 
-A record is {"instruction": str, "input": str (optional), "output": str}; a file is a JSON
+A record is {"instruction": str, "input": str (optional), "output": str}, plus an optional
+"image" (a path relative to the data file) for the multi-modal adapter; a file is a JSON
 list of records or JSON Lines (one record per line).
 """
 
@@ -70,6 +71,12 @@ def _check_record(record: Any, where: str, require_output: bool) -> dict[str, st
         out[key] = value
     if not out["instruction"].strip():
         raise DataError(f"{where}: 'instruction' is empty")
+    image = record.get("image")
+    if image is not None:  # the multi-modal adapter's image: a path relative to the data file
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{where}: 'image' must be a non-empty string (a path relative to the data file), "
+                            f"got {image!r}")
+        out["image"] = image
     return out
 
 
@@ -201,7 +208,8 @@ class TextDataset(torch.utils.data.Dataset):
 def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence of the batch: tokens with pad_id, labels with
     IGNORE_INDEX. With right padding and causal attention, no real token sees a pad, so
-    training needs no attention mask."""
+    training needs no attention mask. Any other key holds a tensor of the same shape in
+    every item (an image feature, for example): they are stacked."""
     length = max(item["tokens"].numel() for item in batch)
     tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -209,4 +217,5 @@ def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
         n = item["tokens"].numel()
         tokens[i, :n] = item["tokens"]
         labels[i, :n] = item["labels"]
-    return {"tokens": tokens, "labels": labels}
+    extra = {key: torch.stack([item[key] for item in batch]) for key in batch[0] if key not in ("tokens", "labels")}
+    return {"tokens": tokens, "labels": labels, **extra}

@@ -84,6 +84,11 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     plot: bool = True
+    # The multi-modal adapter (llama_adapter_fast.multimodal): a CLIP vision folder turns it on.
+    image_encoder: str | None = None
+    image_layers: list[int] | None = None  # encoder layers whose global features are used (default: 4 evenly spaced)
+    projection_hidden: int | None = None  # hidden width of the image projection (default: the model width)
+    feature_cache: str | None = None  # encoder features on disk (default: out_dir/image_features)
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_every"):
@@ -479,7 +484,9 @@ class Trainer:
                 self.model.set_requires_gradient_sync(True)
             with sync:
                 with autocast:
-                    logits = self.model(batch["tokens"])
+                    # Keys beside tokens and labels (image features) are model inputs too.
+                    inputs = {k: v for k, v in batch.items() if k not in ("tokens", "labels")}
+                    logits = self.model(batch["tokens"], **inputs)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
                 # Data-parallel wrappers average gradients over processes: scale by the
@@ -616,6 +623,8 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     Writes into cfg.out_dir: adapter.safetensors (the result), checkpoint.pt (training state
     for --resume), metrics.jsonl, loss.png and train_config.json. `callback(event, n)` is
     called at each micro-step and after each step (tests use it to interrupt a run).
+    With cfg.image_encoder (or a MultiModalLLaMAAdapter as `model`) the multi-modal adapter
+    trains: records may carry an "image", and the projection trains with prompts and gates.
     """
     cfg.validate()
     info, device = init_distributed(cfg.device)
@@ -640,7 +649,16 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
         raise ValueError("data: an instruction file is required")
     if cfg.max_seq_len > model.args.max_seq_len and info.main:
         print(f"warning: max_seq_len {cfg.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
-    dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+    if cfg.image_encoder is not None or hasattr(model, "image_encoder"):  # the multi-modal adapter
+        from llama_adapter_fast.multimodal import prepare_finetune
+
+        model, dataset = prepare_finetune(cfg, model, tokenizer, progress=cfg.progress and info.main)
+    else:
+        dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+        first = next((i for i, r in enumerate(dataset.records) if "image" in r), None)
+        if first is not None:
+            raise ValueError(f"{cfg.data}: record {first} has an image: pass image_encoder (--image-encoder) to "
+                             f"train the multi-modal adapter")
     if dataset.num_without_response and info.main:
         print(f"warning: {dataset.num_without_response} of {len(dataset)} records have no response token "
               f"within max_seq_len={cfg.max_seq_len}")
