@@ -289,14 +289,15 @@ def train_table(rows: Sequence[dict]) -> str:
     if not rows:
         return "(no train-step results)"
     first = rows[0]
-    header = ["implementation", "attention", "tokens/s", "step ms (p20-p80)", "peak MiB", "trainable params",
-              "first loss", "status"]
+    header = ["implementation", "attention", "tokens/s", "images/s", "step ms (p20-p80)", "peak MiB",
+              "trainable params", "first loss", "status"]
     body = []
     for r in rows:
         tps = common.as_float(r.get("tokens_per_s"))
+        ips = common.as_float(r.get("images_per_s"))
         step = common.as_float(r.get("step_ms"))
         body.append([
-            r["impl"], r.get("attention") or "-", f"{tps:,.0f}" if tps else "-",
+            r["impl"], r.get("attention") or "-", f"{tps:,.0f}" if tps else "-", f"{ips:,.2f}" if ips else "-",
             f"{step:.1f} ({float(r['step_ms_p20']):.1f}-{float(r['step_ms_p80']):.1f})" if step else "-",
             _fmt(common.as_float(r.get("peak_mem_mib")), 5), r.get("trainable_params") or "-",
             _fmt(common.as_float(r.get("loss0")), 5),

@@ -276,10 +276,17 @@ def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
         for record in records:
             if record.get("image"):
                 record["image"] = str(Path(a.instructions).parent / record["image"])
+    from llama_adapter_fast.vision import ImageError, load_image
+
     with_image = [i for i, r in enumerate(records) if r.get("image")]
-    if with_image and not hasattr(model, "image_encoder"):
-        where = "image" if a.image is not None else f"{a.instructions}: record {with_image[0]}: image"
-        raise ValueError(f"{where}: pictures need a multi-modal adapter (trained with --image-encoder)")
+    for i in with_image:
+        where = "image" if a.image is not None else f"{a.instructions}: record {i}"
+        if not hasattr(model, "image_encoder"):
+            raise ValueError(f"{where}: pictures need a multi-modal adapter (trained with --image-encoder)")
+        try:
+            load_image(records[i]["image"])  # a bad picture stops here, named with its record
+        except ImageError as exc:
+            raise ImageError(f"{where}: {exc}") from exc
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:

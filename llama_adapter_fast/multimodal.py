@@ -1,6 +1,6 @@
 """The multi-modal LLaMA-Adapter: image-conditioned adaption prompts.
 
-Section 3.3 of Zhang et al. (multi-modal reasoning) extends the adapter to images. A frozen
+The "Multi-modal Reasoning" part of Zhang et al.'s method extends the adapter to images. A frozen
 image encoder (CLIP's visual tower) gives M global features of the image {I_m}, taken at
 several depths; they are concatenated and projected to the model width,
 
@@ -50,7 +50,9 @@ class ImageProjection(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, hidden: int | None = None):
         super().__init__()
-        hidden = hidden or dim
+        hidden = dim if hidden is None else hidden
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"projection_hidden must be a positive int, got {hidden!r}")
         self.fc1 = nn.Linear(in_dim, hidden, dtype=torch.float32)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, dtype=torch.float32)

@@ -93,7 +93,7 @@ def pretrain_demo_encoder(folder: Path, *, steps: int, progress: bool = True):
         schedule.step()
     tower.requires_grad_(False).eval()
     encoder.save_pretrained(folder)
-    return ImageEncoder.from_pretrained(folder), float(loss)
+    return ImageEncoder.from_pretrained(folder), loss.item()
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -194,8 +194,10 @@ def run(a) -> int:
     print(f"[4/4] {len(heldout)} questions about {n_held_pictures} held-out pictures (never seen in training), "
           f"answered with each picture and with a blank one.")
     print(f"      {'picture':26s} {'question':42s} {'expected':9s} {'blank':9s} with the picture")
-    step = max(1, len(heldout) // max(1, a.show))
-    for i in range(0, len(heldout), step)[: a.show]:
+    # Every third record is about the next picture: walk through pictures and tasks together.
+    n_tasks = len(shape_pictures.QUESTIONS)
+    shown_rows = [n_tasks * (k * n_held_pictures // max(1, a.show)) + k % n_tasks for k in range(a.show)]
+    for i in [i for i in shown_rows if i < len(heldout)]:
         r = heldout[i]
         mark = "ok" if with_images[i].strip() == r["output"] else "--"
         print(f"      {r['image']:26s} {r['instruction'][:42]:42s} {r['output']:9s} {blank[i][:9]:9s} "

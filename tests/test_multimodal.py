@@ -76,7 +76,7 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def reference_logits(mm: MultiModalLLaMAAdapter, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """Section 3.3 of the paper, written out: I_p = Projection(Concat(I_m)); in each adapted
+    """The paper's multi-modal equations, written out: I_p = Projection(Concat(I_m)); in each adapted
     layer P_l^v = P_l + Repeat(I_p); prefix keys and values P_l^v W_k, P_l^v W_v (no
     rotary); every query attends to the words through a causal softmax and to the prefix
     through a softmax of its own scaled by tanh(gate). RMSNorm, rotary and the FFN are the
@@ -443,6 +443,12 @@ def test_finetune_then_generate_with_pictures(tmp_path, base_dir, encoder_dir, c
     code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--instructions", str(data),
                      "--max-new-tokens", "2", "--device", "cpu"])
     assert code == 0 and capsys.readouterr().out.count("### Image:") == 3
+    questions = tmp_path / "data" / "questions.jsonl"
+    questions.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "image": "gone.png"}) + "\n")
+    code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--instructions", str(questions),
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{questions}: record 1: image {tmp_path / 'data' / 'gone.png'} does not exist" in err, err
 
     # Another encoder (other weights): a clear error, from the API and from the command line.
     other = tmp_path / "other_encoder"
