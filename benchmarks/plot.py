@@ -179,13 +179,15 @@ def plot_train(rows: Sequence[dict], out_dir: Path, stem: str) -> Path | None:
     labels = [r["impl"] for r in ok]
     values = [float(r["tokens_per_s"]) for r in ok]
     bars = ax.barh(labels, values, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=3)
+    images = [common.as_float(r.get("images_per_s")) for r in ok]
+    texts = [f"{v:,.0f}" + (f" ({i:,.2f} images/s)" if i else "") for v, i in zip(values, images, strict=True)]
+    ax.bar_label(bars, labels=texts, fontsize=8, padding=3)
     ax.invert_yaxis()
     ax.set_xlabel("tokens / s")
     first = ok[0]
     ax.set_title(f"adapter training step: {_count(first['n_layers'], 'layer')} of dim {first['dim']}, "
                  f"{first['batch']} x {first['seq_len']} tokens, {first['dtype']}\n{first['device_name']}", fontsize=9)
-    ax.set_xlim(0, max(values) * 1.2)
+    ax.set_xlim(0, max(values) * (1.45 if any(images) else 1.2))
     fig.tight_layout()
     path = out_dir / f"{stem}-train-step.png"
     fig.savefig(path, dpi=110)
