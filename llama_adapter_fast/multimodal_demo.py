@@ -153,7 +153,8 @@ def run(a) -> int:
         print(f"[1/4] The tiny LLaMA of `demo` (dim {args.dim}, {args.n_layers} layers), pretrained on plain "
               f"sentences for {steps} steps (reused by later runs).")
         cfg = TrainConfig(**{**DEMO_PRETRAIN, "max_steps": steps}, out_dir=str(base_dir), device=str(device),
-                          overwrite=True, print_every=max(1, steps // 4), save_every=steps, seed=0)
+                          overwrite=True, print_every=max(1, steps // 4), save_every=steps, seed=0,
+                          progress=not a.no_progress)
         _, res = pretrain(cfg, args, SYNTHETIC_FILES["pretrain"], tokenizer=tokenizer)
         print(f"      base: {base_dir} ({res.seconds:.0f} s)\n")
 
