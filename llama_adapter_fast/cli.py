@@ -268,6 +268,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
     """--image goes with --prompt; images of --instructions records are relative to that file.
     Either needs a multi-modal adapter."""
+    from llama_adapter_fast.vision import ImageError, load_image
+
     if a.image is not None:
         if a.instructions:
             raise ValueError("image: give the pictures of --instructions in their records' \"image\" keys")
@@ -276,8 +278,6 @@ def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
         for record in records:
             if record.get("image"):
                 record["image"] = str(Path(a.instructions).parent / record["image"])
-    from llama_adapter_fast.vision import ImageError, load_image
-
     with_image = [i for i, r in enumerate(records) if r.get("image")]
     for i in with_image:
         where = "image" if a.image is not None else f"{a.instructions}: record {i}"
