@@ -162,7 +162,8 @@ def _demo_mm_parser(sub) -> None:
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
     p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--encoder-steps", type=int, default=None)
+    p.add_argument("--encoder-steps", type=int, default=None, help="contrastive steps of the image tower "
+                                                                   "(0: keep it random)")
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
     p.add_argument("--no-progress", action="store_true")

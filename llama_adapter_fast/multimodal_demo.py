@@ -46,7 +46,9 @@ def _caption_words(facts: dict[str, str]) -> list[str]:
 
 def pretrain_demo_encoder(folder: Path, *, steps: int, progress: bool = True):
     """A tiny CLIP vision tower pre-trained contrastively on fresh pictures, frozen and saved
-    in `folder` (config.json, model.safetensors, preprocessor_config.json)."""
+    in `folder` (config.json, model.safetensors, preprocessor_config.json). Returns the
+    encoder and the last contrastive loss (None with steps = 0: the random tower, kept to
+    measure what pre-training brings)."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -67,6 +69,9 @@ def pretrain_demo_encoder(folder: Path, *, steps: int, progress: bool = True):
             continue
         pictures.append(Image.fromarray(shape_pictures.to_rgb(pixels)))
         captions.append(_caption_words(facts))
+    if steps == 0:
+        encoder.save_pretrained(folder)
+        return ImageEncoder.from_pretrained(folder), None
     pixel_values = encoder.preprocessor(pictures)
     vocab = sorted({w for c in captions for w in c})
     words = torch.tensor([[vocab.index(w) for w in c] for c in captions])
@@ -158,15 +163,16 @@ def run(a) -> int:
         _, res = pretrain(cfg, args, SYNTHETIC_FILES["pretrain"], tokenizer=tokenizer)
         print(f"      base: {base_dir} ({res.seconds:.0f} s)\n")
 
-    steps = a.encoder_steps or ENCODER_PRETRAIN["steps"]
+    steps = ENCODER_PRETRAIN["steps"] if a.encoder_steps is None else a.encoder_steps
+    how = (f"pre-trained with CLIP's contrastive loss on {ENCODER_PRETRAIN['pictures']:,} fresh pictures and their "
+           f"captions for {steps} steps" if steps else "left at its random initialization")
     print(f"[2/4] A tiny CLIP vision tower (ViT: {DEMO_ENCODER['image_size']} px pictures, "
           f"{DEMO_ENCODER['patch_size']} px patches, width {DEMO_ENCODER['hidden_size']}, "
-          f"{DEMO_ENCODER['num_hidden_layers']} layers), pre-trained with CLIP's contrastive loss on "
-          f"{ENCODER_PRETRAIN['pictures']:,} fresh pictures and their captions for {steps} steps, then frozen.")
+          f"{DEMO_ENCODER['num_hidden_layers']} layers), {how}, then frozen.")
     t1 = time.perf_counter()
     encoder, loss = pretrain_demo_encoder(out / "encoder", steps=steps, progress=not a.no_progress)
-    print(f"      contrastive loss {loss:.3f}; saved as a Hugging Face CLIP folder: {out / 'encoder'} "
-          f"({time.perf_counter() - t1:.0f} s)\n")
+    print("      " + ("" if loss is None else f"contrastive loss {loss:.3f}; ")
+          + f"saved as a Hugging Face CLIP folder: {out / 'encoder'} ({time.perf_counter() - t1:.0f} s)\n")
 
     llama = load_base(base_dir, device=device, adapter_len=DEMO_MM_FINETUNE["adapter_len"],
                       adapter_layers=DEMO_MODEL["n_layers"], attention_backend=backend)
