@@ -131,6 +131,8 @@ class MultiModalLLaMAAdapter(nn.Module):
         if images is not None:
             image_features = self.image_encoder(images)
         if image_features is None:
+            if image_mask is not None:
+                raise ValueError("image_mask needs images or image_features")
             return None
         want = self.image_encoder.feature_dim
         if image_features.dim() != 2 or image_features.shape[1] != want:
