@@ -44,8 +44,8 @@ PROJECTION_KEY = "image_projection"
 
 
 class ImageProjection(nn.Module):
-    """The paper's projection network, "simple cascaded MLPs" in its experiments: two linear
-    layers with a GELU between, from the concatenated encoder features to the model width.
+    """The paper's projection network, a small MLP as in its experiments: two linear layers
+    with a GELU between, from the concatenated encoder features to the model width.
     float32 whatever the base dtype, like the prompts."""
 
     def __init__(self, in_dim: int, dim: int, hidden: int | None = None):
