@@ -492,3 +492,24 @@ def test_bundled_pictures_are_regenerated_byte_for_byte(tmp_path):
     train = {(SHAPES_DIR / "images" / f"train_{i:03d}.png").read_bytes() for i in range(180)}
     held = {(SHAPES_DIR / "images" / f"heldout_{i:03d}.png").read_bytes() for i in range(60)}
     assert len(train) == 180 and len(held) == 60 and not train & held
+
+
+def test_demo_runs_end_to_end_in_miniature(tmp_path, monkeypatch, capsys):
+    """`demo-mm` with a few steps of each stage: every stage runs and the report is printed
+    (the real figures come from `make demo-mm`)."""
+    monkeypatch.chdir(tmp_path)  # no base left by an earlier run
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["demo-mm", "--out", "out", "--pretrain-steps", "2", "--encoder-steps", "2",
+                         "--finetune-steps", "2", "--show", "3", "--no-progress", "--device", "cpu",
+                         "--attention-backend", "sdpa"])
+    finally:
+        torch.set_num_threads(threads)  # the demo runs on one thread
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "pretrained on plain sentences for 2 steps" in out and "for 2 steps, then frozen" in out
+    for task in ("all questions", "colour", "count", "position"):
+        assert task in out
+    assert (tmp_path / "out" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter" / "loss.png").is_file()
+    assert (tmp_path / "out" / "encoder" / "preprocessor_config.json").is_file()
