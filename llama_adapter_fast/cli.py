@@ -167,6 +167,7 @@ def _demo_mm_parser(sub) -> None:
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the matrices are tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tower's and the adapter's initialization")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -34,8 +34,8 @@ SHAPES_FILES = {"train": SHAPES_DIR / "train.jsonl", "heldout": SHAPES_DIR / "he
 # A ViT with 4 x 4 patches of 8 pixels, width 64, 4 layers: about 0.2M parameters.
 DEMO_ENCODER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                     image_size=32, patch_size=8, projection_dim=32)
-ENCODER_PRETRAIN = dict(pictures=3000, steps=400, batch_size=64, lr=3e-3, weight_decay=0.1, seed=3)
-DEMO_MM_FINETUNE = dict(batch_size=16, max_steps=300, lr=5e-2, weight_decay=0.02, warmup_steps=30,
+ENCODER_PRETRAIN = dict(pictures=3000, picture_seed=3, steps=400, batch_size=64, lr=3e-3, weight_decay=0.1)
+DEMO_MM_FINETUNE = dict(batch_size=16, max_steps=450, lr=5e-2, weight_decay=0.02, warmup_steps=45,
                         max_seq_len=128, adapter_len=10)
 CAPTION_FACTS = ("colour", "count", "shape", "position")
 
@@ -44,7 +44,7 @@ def _caption_words(facts: dict[str, str]) -> list[str]:
     return [facts[k] for k in CAPTION_FACTS]
 
 
-def pretrain_demo_encoder(folder: Path, *, steps: int, progress: bool = True):
+def pretrain_demo_encoder(folder: Path, *, steps: int, seed: int = 0, progress: bool = True):
     """A tiny CLIP vision tower pre-trained contrastively on fresh pictures, frozen and saved
     in `folder` (config.json, model.safetensors, preprocessor_config.json). Returns the
     encoder and the last contrastive loss (None with steps = 0: the random tower, kept to
@@ -55,13 +55,13 @@ def pretrain_demo_encoder(folder: Path, *, steps: int, progress: bool = True):
     from llama_adapter_fast.vision import CLIPVisionConfig, CLIPVisionTower, ImageEncoder
 
     p = ENCODER_PRETRAIN
-    g = torch.Generator().manual_seed(p["seed"])
+    g = torch.Generator().manual_seed(seed)  # initialization and batch order; the pictures are fixed
     tower = CLIPVisionTower(CLIPVisionConfig(**DEMO_ENCODER))
     tower.reset_parameters(g)
     encoder = ImageEncoder(tower)
     # Pictures from a stream of their own, never one of the bundled held-out pictures.
     held = {(SHAPES_DIR / r["image"]).read_bytes() for r in _read_jsonl(SHAPES_FILES["heldout"])}
-    rng = random.Random(p["seed"])
+    rng = random.Random(p["picture_seed"])
     pictures, captions = [], []
     while len(pictures) < p["pictures"]:
         pixels, facts = shape_pictures.draw(rng)
@@ -77,14 +77,15 @@ def pretrain_demo_encoder(folder: Path, *, steps: int, progress: bool = True):
     words = torch.tensor([[vocab.index(w) for w in c] for c in captions])
     caption_id = torch.unique(words, dim=0, return_inverse=True)[1]
     text_tower = torch.nn.EmbeddingBag(len(vocab), DEMO_ENCODER["projection_dim"], mode="sum")
+    with torch.no_grad():
+        text_tower.weight.copy_(torch.randn(text_tower.weight.shape, generator=g))
     logit_scale = torch.nn.Parameter(torch.tensor(2.659))  # CLIP's initial temperature, 1 / 0.07
     tower.requires_grad_(True).train()
     params = [*tower.parameters(), *text_tower.parameters(), logit_scale]
     optimizer = torch.optim.AdamW(params, lr=p["lr"], weight_decay=p["weight_decay"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, p["lr"], total_steps=steps, pct_start=0.1)
-    order = torch.Generator().manual_seed(p["seed"])
     for _ in tqdm(range(steps), desc="encoder", disable=not progress, dynamic_ncols=True):
-        batch = torch.randint(0, len(pictures), (p["batch_size"],), generator=order)
+        batch = torch.randint(0, len(pictures), (p["batch_size"],), generator=g)
         image = F.normalize(tower(pixel_values[batch]), dim=-1)
         text = F.normalize(text_tower(words[batch]), dim=-1)
         logits = logit_scale.exp() * image @ text.T
@@ -180,10 +181,11 @@ def run(a) -> int:
           f"{DEMO_ENCODER['patch_size']} px patches, width {DEMO_ENCODER['hidden_size']}, "
           f"{DEMO_ENCODER['num_hidden_layers']} layers), {how}, then frozen.")
     t1 = time.perf_counter()
-    encoder, loss = pretrain_demo_encoder(out / "encoder", steps=steps, progress=not a.no_progress)
+    encoder, loss = pretrain_demo_encoder(out / "encoder", steps=steps, seed=a.seed, progress=not a.no_progress)
     print("      " + ("" if loss is None else f"contrastive loss {loss:.3f}; ")
           + f"saved as a Hugging Face CLIP folder: {out / 'encoder'} ({time.perf_counter() - t1:.0f} s)\n")
 
+    torch.manual_seed(a.seed)  # the prompts and the projection start the same whatever ran before
     llama = load_base(base_dir, device=device, adapter_len=DEMO_MM_FINETUNE["adapter_len"],
                       adapter_layers=DEMO_MODEL["n_layers"], attention_backend=backend)
     model = MultiModalLLaMAAdapter(llama, encoder)
@@ -196,7 +198,7 @@ def run(a) -> int:
           f"({SHAPES_FILES['train'].name}: colour, count, up or down); {steps} steps.")
     cfg = TrainConfig(**{**DEMO_MM_FINETUNE, "max_steps": steps}, data=str(SHAPES_FILES["train"]),
                       out_dir=str(out / "adapter"), attention_backend=backend, device=str(device), overwrite=True,
-                      print_every=max(1, steps // 6), save_every=steps, seed=0, progress=not a.no_progress,
+                      print_every=max(1, steps // 6), save_every=steps, seed=a.seed, progress=not a.no_progress,
                       feature_cache=str(out / "image_features"))
     res = finetune(cfg, model=model, tokenizer=tokenizer)
     print(f"      loss {res.first_loss:.3f} -> {res.final_loss:.3f} ({res.seconds:.0f} s)")
