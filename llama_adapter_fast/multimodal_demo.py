@@ -35,7 +35,7 @@ SHAPES_FILES = {"train": SHAPES_DIR / "train.jsonl", "heldout": SHAPES_DIR / "he
 DEMO_ENCODER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                     image_size=32, patch_size=8, projection_dim=32)
 ENCODER_PRETRAIN = dict(pictures=3000, picture_seed=3, steps=400, batch_size=64, lr=3e-3, weight_decay=0.1)
-DEMO_MM_FINETUNE = dict(batch_size=16, max_steps=450, lr=5e-2, weight_decay=0.02, warmup_steps=45,
+DEMO_MM_FINETUNE = dict(batch_size=16, max_steps=300, lr=5e-2, weight_decay=0.02, warmup_steps=45,
                         max_seq_len=128, adapter_len=10)
 CAPTION_FACTS = ("colour", "count", "shape", "position")
 

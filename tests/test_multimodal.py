@@ -58,8 +58,8 @@ def tiny_model(backend: str = "sdpa", dtype=torch.float32, vocab: int = 50, seed
     with torch.no_grad():
         for attn in mm.llama.adapter_layers():
             attn.gate.uniform_(-1.5, 1.5)
-        for p in mm.image_projection.parameters():
-            p.normal_(0, 0.5)
+        for name, p in mm.image_projection.named_parameters():
+            p.normal_(0, 3.0 if name.endswith("weight") else 0.5)  # weights are scaled by 1/sqrt(fan_in)
     return mm.to(dtype)
 
 
@@ -83,7 +83,9 @@ def reference_logits(mm: MultiModalLLaMAAdapter, x: torch.Tensor, feats: torch.T
     model's (tested against transformers elsewhere); the attention is not."""
     llama, proj = mm.llama, mm.image_projection
     B, T = x.shape
-    image = proj.fc2(F.gelu(proj.fc1(feats)))  # I_p, (B, dim)
+    # I_p = Projection(Concat(I_m)), (B, dim): two layers, weights scaled by 1/sqrt(fan_in).
+    hidden = F.gelu(feats @ proj.fc1.weight.T / math.sqrt(feats.shape[1]) + proj.fc1.bias)
+    image = hidden @ proj.fc2.weight.T / math.sqrt(hidden.shape[1]) + proj.fc2.bias
     cos, sin = rope_cos_sin(torch.arange(T)[None], llama._inv_freq_for(x.device))
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     h = llama.tok_embeddings(x)
