@@ -54,8 +54,8 @@ class ImageProjection(nn.Module):
     moves every weight by about the learning rate whatever its gradient, and the adapter's
     learning rate is chosen for prompts of unit scale: stored this way, the projection's
     output moves at the prompts' pace instead of sqrt(fan_in) times faster. (In the demo,
-    seeds 0 to 2: 93-97% of held-out answers right, against 74-89% with nn.Linear's
-    parametrization at the same learning rate.)
+    seeds 0 to 2: 93-96% of the held-out answers right; with nn.Linear's parametrization,
+    74-91% over the settings tried.)
     """
 
     def __init__(self, in_dim: int, dim: int, hidden: int | None = None):
