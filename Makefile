@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# On a fresh machine: `make demo`, `make demo-mm` and `make test`.
 # The virtual environment reuses a torch that is already installed (system site
 # packages are visible); where none is, it takes the CPU build on a machine
 # without a GPU and the default build where nvidia-smi finds one.
@@ -11,7 +11,7 @@ TRITON ?= triton==3.6.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo demo-op test bench compile-report lint clean
+.PHONY: setup demo demo-mm demo-op test bench compile-report lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ $(VENV)/.installed: setup.py
 # Pretrain a tiny LLaMA, fine-tune its adapter on the bundled instructions, answer held-out ones.
 demo: setup
 	$(INTERPRET) $(PY) -m llama_adapter_fast.cli demo --out runs/demo
+
+# The multi-modal adapter: questions about pictures (reuses the base of `make demo` when present).
+demo-mm: setup
+	$(INTERPRET) $(PY) -m llama_adapter_fast.cli demo-mm --out runs/demo-mm
 
 # The op alone through every backend, with errors against the float64 oracle and timings.
 demo-op: setup

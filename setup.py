@@ -30,9 +30,11 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        "pillow",
     ],
     entry_points={"console_scripts": ["llama-adapter-fast = llama_adapter_fast.cli:main"]},
-    package_data={"llama_adapter_fast": ["assets/tokenizer.model", "assets/synthetic/*.jsonl"]},
+    package_data={"llama_adapter_fast": ["assets/tokenizer.model", "assets/synthetic/*.jsonl", "assets/shapes/*.jsonl",
+                                         "assets/shapes/*.png", "assets/shapes/images/*.png"]},
     include_package_data=True,
     extras_require={
         # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 rejects.

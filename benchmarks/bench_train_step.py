@@ -2,12 +2,18 @@
 
 - thin (triton): this package's LLaMA (``llama_adapter_fast.model``) with the fused kernels;
 - thin (sdpa): the same model, same weights, with the two-SDPA backend;
-- peft: PEFT's adaption prompt on transformers' LlamaForCausalLM, its default attention.
+- peft: PEFT's adaption prompt on transformers' LlamaForCausalLM, its default attention;
+- mm (triton): the multi-modal adapter (``llama_adapter_fast.multimodal``) on the thin
+  model: every sample's image feature projected and added to the prompts, so each adapted
+  layer's prefix is per sample, (B, Hkv, P, D), and goes to the fused kernels;
+- mm (sdpa): the same model and weights with the per-sample prefix through two SDPA calls.
 
 Each model is LLaMA-7B shaped (dim 4096, 32 heads, FFN 11008, vocab 32000) with random
 weights and a configurable number of layers, the base frozen, the adapter in every layer
 (or in the top --adapter-layers). A step is a forward pass, the next-token cross-entropy
-in float32, the backward pass and an AdamW step on the adapter parameters.
+in float32, the backward pass and an AdamW step on the adapter parameters (and on the
+image projection for the multi-modal rows, whose image features are given, as training
+reads them from the feature cache: the frozen encoder runs once per image, not per step).
 
     python -m benchmarks.bench_train_step                 # 7B-shaped, 8 layers (GPU)
     python -m benchmarks.bench_train_step --preset cpu    # a small model on the CPU
@@ -30,10 +36,11 @@ import torch.nn.functional as F
 from benchmarks import common  # before llama_adapter_fast: it makes a bare checkout importable
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANTS = ("thin-triton", "thin-sdpa", "peft")
+VARIANTS = ("thin-triton", "thin-sdpa", "peft", "mm-triton", "mm-sdpa")
+NEEDS_GPU = ("thin-triton", "mm-triton")
 COLUMNS = (*common.ENV_COLUMNS, "bench", "impl", "attention", "dtype", "n_layers", "adapter_layers",
            "adapter_len", "dim", "n_heads", "n_kv_heads", "vocab_size", "batch", "seq_len", "steps",
-           "step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mib", "weights_mib",
+           "step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "images_per_s", "peak_mem_mib", "weights_mib",
            "trainable_params", "loss0", "status", "note")
 
 
@@ -52,6 +59,10 @@ class TrainConfig:
     batch: int = 4
     seq_len: int = 2048
     dtype: str = "bf16"
+    # The multi-modal rows: global features of 4 layers of a CLIP ViT of this width and depth
+    # (ViT-L/14: 1024 and 24), concatenated and projected.
+    image_hidden: int = 1024
+    image_depth: int = 24
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -69,7 +80,7 @@ PRESETS = {
     "7b": TrainConfig(),
     # Small enough for a step or two a second on two CPU cores, with LLaMA's proportions.
     "cpu": TrainConfig(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=4096, multiple_of=64,
-                       batch=2, seq_len=256, dtype="fp32"),
+                       batch=2, seq_len=256, dtype="fp32", image_hidden=768, image_depth=12),
 }
 
 
@@ -148,6 +159,25 @@ def build_peft(cfg: TrainConfig, device: torch.device) -> Built:
                  f"adapter parameters in the model dtype; PEFT {common.package_version('peft')}")
 
 
+def build_multimodal(cfg: TrainConfig, backend: str, device: torch.device) -> Built:
+    """The thin model inside MultiModalLLaMAAdapter, with fixed image features. The CLIP
+    tower is built on the meta device: the step never runs it, only its shape matters."""
+    thin = build_thin(cfg, backend, device)
+    from llama_adapter_fast.multimodal import MultiModalLLaMAAdapter
+    from llama_adapter_fast.vision import CLIPVisionConfig, CLIPVisionTower, ImageEncoder
+
+    with torch.device("meta"):
+        tower = CLIPVisionTower(CLIPVisionConfig(
+            hidden_size=cfg.image_hidden, intermediate_size=4 * cfg.image_hidden, num_hidden_layers=cfg.image_depth,
+            num_attention_heads=max(1, cfg.image_hidden // 64), image_size=224, patch_size=14))
+    model = MultiModalLLaMAAdapter(thin.module, ImageEncoder(tower))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    features = torch.randn(cfg.batch, model.image_encoder.feature_dim, generator=g).to(device)
+    return Built(lambda tokens: model(tokens, image_features=features), model,
+                 f"gated_prefix_attention({backend}), per-sample prefix",
+                 f"image features of {model.image_encoder.feature_dim} given; adapter and projection float32")
+
+
 def build(variant: str, cfg: TrainConfig, device: torch.device) -> Built:
     if variant == "thin-triton":
         return build_thin(cfg, "triton", device)
@@ -155,6 +185,8 @@ def build(variant: str, cfg: TrainConfig, device: torch.device) -> Built:
         return build_thin(cfg, "sdpa", device)
     if variant == "peft":
         return build_peft(cfg, device)
+    if variant in ("mm-triton", "mm-sdpa"):
+        return build_multimodal(cfg, variant.removeprefix("mm-"), device)
     raise ValueError(f"unknown variant {variant!r}: expected one of {VARIANTS}")
 
 
@@ -205,6 +237,7 @@ def run_variant(variant: str, cfg: TrainConfig, device: torch.device, steps: int
     return {
         "attention": built.attention, "note": built.note, "step_ms": ms, "step_ms_p20": p20, "step_ms_p80": p80,
         "tokens_per_s": cfg.batch * cfg.seq_len / (ms * 1e-3), "peak_mem_mib": peak,
+        "images_per_s": cfg.batch / (ms * 1e-3) if variant.startswith("mm-") else None,
         "weights_mib": weights / 2**20 if weights is not None else None,
         "trainable_params": sum(p.numel() for p in trainable), "loss0": loss0, "status": "ok",
     }
@@ -238,7 +271,8 @@ def bench(variants: Sequence[str], cfg: TrainConfig, device: torch.device, steps
         common.release_memory()
         rows.append(row)
         if row["status"] == "ok":
-            common.log(f"  {variant}: {row['tokens_per_s']:,.0f} tokens/s, step {row['step_ms']:.1f} ms"
+            images = f" ({row['images_per_s']:,.1f} images/s)" if row.get("images_per_s") else ""
+            common.log(f"  {variant}: {row['tokens_per_s']:,.0f} tokens/s{images}, step {row['step_ms']:.1f} ms"
                        + (f", peak {row['peak_mem_mib']:,.0f} MiB" if row["peak_mem_mib"] else "")
                        + f", first loss {row['loss0']:.4f}")
         else:
@@ -267,7 +301,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=None,
-                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; thin-triton only with CUDA)")
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; the triton ones only with "
+                        f"CUDA)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles and tunes)")
     p.add_argument("--device", default=None)
@@ -295,10 +330,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         compile_variant(cfg, device)
         print(f"compiled the thin model's kernels ({cfg.n_layers} layers, {cfg.batch} x {cfg.seq_len})", flush=True)
         return []
-    variants = args.variants or [v for v in VARIANTS if device.type == "cuda" or v != "thin-triton"]
+    variants = args.variants or [v for v in VARIANTS if device.type == "cuda" or v not in NEEDS_GPU]
     env = common.environment(device)
-    if device.type != "cuda" and "thin-triton" not in variants:
-        print("Kernel timings need a GPU: the thin model with the fused kernels is not timed on the CPU.")
+    if device.type != "cuda" and not set(NEEDS_GPU) & set(variants):
+        print("Kernel timings need a GPU: the models with the fused kernels are not timed on the CPU.")
     csv_path = args.csv or common.RESULTS_DIR / f"{common.run_stem(env)}-train-step.csv"
     deadline = common.Deadline(args.deadline) if args.deadline else common.Deadline.after(args.budget_s)
     print(f"train-step benchmark on {common.format_environment(env)}: {cfg.n_layers} layers of dim {cfg.dim}, "

@@ -12,7 +12,8 @@ the PNG plots, the markdown summary and the logs. The summary table is printed l
 2. Attention: ``benchmarks.bench_attention`` times every shape (the speed targets first),
    after checking the fused output against SDPA.
 3. Train step: ``benchmarks.bench_train_step`` on a LLaMA-7B-shaped model with
-   --train-layers layers (PEFT's row needs peft and transformers; it is skipped without).
+   --train-layers layers (PEFT's row needs peft and transformers; it is skipped without),
+   and the multi-modal adapter with its per-sample prefix, fused and through two SDPA calls.
 4. Plots and the markdown summary.
 Each phase has a deadline derived from --budget-s; a shape or a variant that would start
 after it is recorded as skipped, and the phases after it still run.

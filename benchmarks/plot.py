@@ -179,13 +179,15 @@ def plot_train(rows: Sequence[dict], out_dir: Path, stem: str) -> Path | None:
     labels = [r["impl"] for r in ok]
     values = [float(r["tokens_per_s"]) for r in ok]
     bars = ax.barh(labels, values, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=3)
+    images = [common.as_float(r.get("images_per_s")) for r in ok]
+    texts = [f"{v:,.0f}" + (f" ({i:,.2f} images/s)" if i else "") for v, i in zip(values, images, strict=True)]
+    ax.bar_label(bars, labels=texts, fontsize=8, padding=3)
     ax.invert_yaxis()
     ax.set_xlabel("tokens / s")
     first = ok[0]
     ax.set_title(f"adapter training step: {_count(first['n_layers'], 'layer')} of dim {first['dim']}, "
                  f"{first['batch']} x {first['seq_len']} tokens, {first['dtype']}\n{first['device_name']}", fontsize=9)
-    ax.set_xlim(0, max(values) * 1.2)
+    ax.set_xlim(0, max(values) * (1.45 if any(images) else 1.2))
     fig.tight_layout()
     path = out_dir / f"{stem}-train-step.png"
     fig.savefig(path, dpi=110)
@@ -289,14 +291,15 @@ def train_table(rows: Sequence[dict]) -> str:
     if not rows:
         return "(no train-step results)"
     first = rows[0]
-    header = ["implementation", "attention", "tokens/s", "step ms (p20-p80)", "peak MiB", "trainable params",
-              "first loss", "status"]
+    header = ["implementation", "attention", "tokens/s", "images/s", "step ms (p20-p80)", "peak MiB",
+              "trainable params", "first loss", "status"]
     body = []
     for r in rows:
         tps = common.as_float(r.get("tokens_per_s"))
+        ips = common.as_float(r.get("images_per_s"))
         step = common.as_float(r.get("step_ms"))
         body.append([
-            r["impl"], r.get("attention") or "-", f"{tps:,.0f}" if tps else "-",
+            r["impl"], r.get("attention") or "-", f"{tps:,.0f}" if tps else "-", f"{ips:,.2f}" if ips else "-",
             f"{step:.1f} ({float(r['step_ms_p20']):.1f}-{float(r['step_ms_p80']):.1f})" if step else "-",
             _fmt(common.as_float(r.get("peak_mem_mib")), 5), r.get("trainable_params") or "-",
             _fmt(common.as_float(r.get("loss0")), 5),

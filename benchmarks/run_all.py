@@ -41,7 +41,8 @@ def run_cpu(out: Path, quick: bool) -> list[Path]:
     if quick:
         attention_args += ["--seq-lens", "128,256", "--repeats", "3"]
     bench_attention.main(attention_args)
-    print("\n== 2. adapter training step: the thin model (SDPA backend) against PEFT's adaption prompt")
+    print("\n== 2. adapter training step: the thin model (SDPA backend) against PEFT's adaption prompt, and the "
+          "multi-modal adapter")
     bench_train_step.main(["--device", "cpu", "--preset", "cpu", "--csv", str(train_csv)]
                           + (["--steps", "3"] if quick else []))
     print("\n== 3. plots and summary")

@@ -4,6 +4,7 @@
     llama-adapter-fast generate --base BASE_DIR --adapter runs/adapter/adapter.safetensors \\
         --prompt "Give the opposite of the word." --input wet
     llama-adapter-fast demo     # everything on a tiny model and the bundled data, CPU-sized
+    llama-adapter-fast demo-mm  # the multi-modal adapter: questions about pictures
 
 Several GPUs or machines: torchrun --nproc_per_node 8 -m llama_adapter_fast.cli finetune ...
 """
@@ -73,6 +74,27 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with torchrun: replicate or shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-plot", dest="plot", action="store_false")
+    _add_image_training_options(p)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _add_image_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-modal adapter", "image-conditioned prompts (records with an \"image\" key)")
+    g.add_argument("--image-encoder", default=None,
+                   help="Hugging Face CLIP folder (CLIPVisionModel[WithProjection] or CLIPModel): turns it on")
+    g.add_argument("--image-layers", type=_layer_list, default=None,
+                   help="encoder layers whose [CLS] features are concatenated (default: 4 evenly spaced, e.g. "
+                        "3,6,9,12 of 12)")
+    g.add_argument("--projection-hidden", type=int, default=None, help="hidden width of the image projection "
+                                                                       "(default: the model width)")
+    g.add_argument("--feature-cache", default=None, help="folder of cached encoder features (default: "
+                                                         "OUT/image_features)")
 
 
 def _train_config():
@@ -102,6 +124,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--adapter-layers", type=int, default=None, help="likewise (default: from its gates)")
     p.add_argument("--gate-activation", default=None, choices=["tanh", "identity"],
                    help="likewise (default: tanh, as the original fine-tuning code)")
+    p.add_argument("--image", default=None, help="a picture for --prompt (a multi-modal adapter)")
+    p.add_argument("--image-encoder", default=None,
+                   help="CLIP folder of a multi-modal adapter (default: the one it recorded)")
     _add_model_options(p)
 
 
@@ -138,6 +163,25 @@ def _demo_parser(sub) -> None:
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
 
 
+def _demo_mm_parser(sub) -> None:
+    p = sub.add_parser("demo-mm", help="the multi-modal adapter: fine-tune on pictures, answer held-out pictures",
+                       description="Reuse or pretrain the tiny LLaMA of `demo`, pre-train a tiny CLIP vision tower, "
+                                   "fine-tune prompts, gates and image projection on questions about pictures, then "
+                                   "answer questions about held-out pictures with and without them.")
+    p.add_argument("--out", default="runs/demo-mm", help="output folder")
+    p.add_argument("--base", default=None, help="use this base folder (default: runs/demo/base if present)")
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--encoder-steps", type=int, default=None, help="contrastive steps of the image tower "
+                                                                   "(0: keep it random)")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--show", type=int, default=12, help="held-out answers to print")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the matrices are tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tower's and the adapter's initialization")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _pretrain_parser(sub)
     _demo_parser(sub)
+    _demo_mm_parser(sub)
     return parser
 
 
@@ -168,11 +213,13 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
-                        dtype: str | None = None, adapter_settings: dict | None = None):
+                        dtype: str | None = None, adapter_settings: dict | None = None,
+                        image_encoder: str | None = None):
     """A base model with the adapter of `adapter` (its config read from the file, or from
-    `adapter_settings` where the file does not record it), on `device`."""
-
+    `adapter_settings` where the file does not record it), on `device`; a
+    MultiModalLLaMAAdapter when the file is a multi-modal adapter."""
     from llama_adapter_fast.model import is_original_adapter, read_adapter_config
+    from llama_adapter_fast.multimodal import load_image_adapter, read_image_adapter_record
     from llama_adapter_fast.train import DTYPES, check_attention_dtype, load_base, resolve_device
 
     dev = resolve_device(device)
@@ -189,10 +236,14 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
     else:
         kwargs["adapter_layers"] = 0
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
-    if adapter is not None:
-        model.load_adapter(adapter)
     weights = model.tok_embeddings.weight.dtype
     check_attention_dtype(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
+    if image_encoder is not None or (adapter is not None and read_image_adapter_record(adapter) is not None):
+        if adapter is None:
+            raise ValueError("image-encoder: needs a multi-modal --adapter")
+        return load_image_adapter(model, adapter, image_encoder=image_encoder, device=dev).eval()
+    if adapter is not None:
+        model.load_adapter(adapter)
     return model.eval()
 
 
@@ -236,8 +287,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
                     "gate_activation": a.gate_activation}
         model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
-                                    dtype=a.dtype, adapter_settings=settings)
-        context = model.args.max_seq_len
+                                    dtype=a.dtype, adapter_settings=settings, image_encoder=a.image_encoder)
+        _attach_images(a, records, model)
+        # A multi-modal adapter answers through its LLaMA with one prompt offset per record.
+        offset = model.answer_offsets(records) if hasattr(model, "image_encoder") else None
+        llama = model.llama if hasattr(model, "image_encoder") else model
+        context = llama.args.max_seq_len
         n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
         if not a.instructions and n_prompt >= context:
             raise ValueError(f"--prompt: its prompt of {n_prompt} tokens leaves no room in the model's context of "
@@ -245,9 +300,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if output is not None:
             output.truncate(0)
         generator = torch.Generator().manual_seed(a.seed)
-        answers = iter_answers(model, tokenizer, records, max_new_tokens=a.max_new_tokens,
+        answers = iter_answers(llama, tokenizer, records, max_new_tokens=a.max_new_tokens,
                                temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
-                               template=not a.raw, generator=generator, skip_too_long=True)
+                               template=not a.raw, generator=generator, skip_too_long=True, prompt_offset=offset)
         for i, text in answers:
             record = records[i]
             if text is None:
@@ -258,6 +313,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 row = {**record, "response": None, "skipped": reason}
             else:
                 print(f"### Instruction: {record['instruction']}")
+                if record.get("image"):
+                    print(f"### Image: {record['image']}")
                 if record.get("input"):
                     print(f"### Input: {record['input']}")
                 print(f"### Response: {text}")
@@ -275,6 +332,30 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.output:
         print(f"answers written to {a.output}")
     return 0
+
+
+def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
+    """--image goes with --prompt; images of --instructions records are relative to that file.
+    Either needs a multi-modal adapter."""
+    from llama_adapter_fast.vision import ImageError, load_image
+
+    if a.image is not None:
+        if a.instructions:
+            raise ValueError("image: give the pictures of --instructions in their records' \"image\" keys")
+        records[0]["image"] = a.image
+    elif a.instructions:
+        for record in records:
+            if record.get("image"):
+                record["image"] = str(Path(a.instructions).parent / record["image"])
+    with_image = [i for i, r in enumerate(records) if r.get("image")]
+    for i in with_image:
+        where = "image" if a.image is not None else f"{a.instructions}: record {i}"
+        if not hasattr(model, "image_encoder"):
+            raise ValueError(f"{where}: pictures need a multi-modal adapter (trained with --image-encoder)")
+        try:
+            load_image(records[i]["image"])  # a bad picture stops here, named with its record
+        except ImageError as exc:
+            raise ImageError(f"{where}: {exc}") from exc
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
@@ -385,10 +466,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_mm(a: argparse.Namespace) -> int:
+    from llama_adapter_fast.multimodal_demo import run
+
+    return run(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    commands = {"finetune": cmd_finetune, "generate": cmd_generate, "pretrain": cmd_pretrain, "demo": cmd_demo}
+    commands = {"finetune": cmd_finetune, "generate": cmd_generate, "pretrain": cmd_pretrain, "demo": cmd_demo,
+                "demo-mm": cmd_demo_mm}
     try:
         return commands[a.command](a)
     except ValueError as exc:

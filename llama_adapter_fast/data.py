@@ -1,7 +1,8 @@
 """Alpaca-format instruction data: loading with clear errors, the Alpaca prompt templates,
 tokenization with the loss on response tokens only, truncation and right padding.
 
-A record is {"instruction": str, "input": str (optional), "output": str}; a file is a JSON
+A record is {"instruction": str, "input": str (optional), "output": str}, plus an optional
+"image" (a path relative to the data file) for the multi-modal adapter; a file is a JSON
 list of records, JSON Lines (one record per line) or a single JSON object, in UTF-8 (with
 or without a byte-order mark).
 """
@@ -77,6 +78,12 @@ def _check_record(record: Any, where: str, require_output: bool) -> dict[str, st
         out[key] = value
     if not out["instruction"].strip():
         raise DataError(f"{where}: 'instruction' is empty")
+    image = record.get("image")
+    if image is not None:  # the multi-modal adapter's image: a path relative to the data file
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{where}: 'image' must be a non-empty string (a path relative to the data file), "
+                            f"got {image!r}")
+        out["image"] = image
     return out
 
 
@@ -222,7 +229,8 @@ class TextDataset(torch.utils.data.Dataset):
 def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence of the batch: tokens with pad_id, labels with
     IGNORE_INDEX. With right padding and causal attention, no real token sees a pad, so
-    training needs no attention mask."""
+    training needs no attention mask. Any other key holds a tensor of the same shape in
+    every item (an image feature, for example): they are stacked."""
     length = max(item["tokens"].numel() for item in batch)
     tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -230,7 +238,11 @@ def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
         n = item["tokens"].numel()
         tokens[i, :n] = item["tokens"]
         labels[i, :n] = item["labels"]
-    return {"tokens": tokens, "labels": labels}
+    return {"tokens": tokens, "labels": labels, **_stacked_extras(batch)}
+
+
+def _stacked_extras(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in batch]) for key in batch[0] if key not in ("tokens", "labels")}
 
 
 def pack_records(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -258,7 +270,8 @@ def collate_packed(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.
     attention takes: tokens and labels (1, L), rotary positions (1, L) restarting at 0 for
     each record, cu_seqlens (N + 1,) int32 (record i holds positions cu_seqlens[i] to
     cu_seqlens[i + 1]) and max_seqlen (an int). Each record's labels are its own next
-    tokens, so no loss crosses a record boundary."""
+    tokens, so no loss crosses a record boundary. Other keys are stacked, one row per
+    record, as `collate` stacks them."""
     lengths = [item["tokens"].numel() for item in batch]
     return {
         "tokens": torch.cat([item["tokens"] for item in batch])[None],
@@ -266,4 +279,5 @@ def collate_packed(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.
         "positions": torch.cat([torch.arange(n) for n in lengths])[None],
         "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
         "max_seqlen": max(lengths),
+        **_stacked_extras(batch),
     }

@@ -69,6 +69,7 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    prompt_offset: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens of each, cut
     before the first EOS. `max_new_tokens` caps every prompt alike, or each prompt with one
@@ -76,6 +77,8 @@ def generate(
 
     With use_cache=False every step runs the whole sequence again (slow; the reference the
     cached path is tested against). Sampling draws from `generator` when given.
+    `prompt_offset` (B, dim) conditions each sequence's adaption prompts (the multi-modal
+    adapter's projected image features); its prefixes are computed once per call.
     """
     caps = _check_args(prompts, max_new_tokens, temperature, top_p)
     device = model.tok_embeddings.weight.device
@@ -98,7 +101,9 @@ def generate(
     # positions as it would alone.
     positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     done = cap_of == 0
-    cache = KVCache(model, B, total) if use_cache else None
+    cache = KVCache(model, B, total, prompt_offset=prompt_offset) if use_cache else None
+    if not use_cache:
+        model.check_prompt_offset(prompt_offset, B)
     start = 0
     for cur in range(prompt_len, total):
         if use_cache:
@@ -107,7 +112,7 @@ def generate(
             start = cur
         else:
             logits = model(tokens[:, :cur], positions=positions[:, :cur], key_padding_mask=mask[:, :cur],
-                           last_only=True)
+                           last_only=True, prompt_offset=prompt_offset)
         next_token = sample_next(logits[:, -1], temperature, top_p, generator)
         next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
         tokens[:, cur] = next_token
@@ -149,6 +154,7 @@ def iter_answers(
     template: bool = True,
     generator: torch.Generator | None = None,
     skip_too_long: bool = False,
+    prompt_offset: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, str | None]]:
     """(index, answer) for each instruction, in order, as soon as its batch is done: see
     `answer`. A prompt that leaves no room in the model's context raises a ValueError naming
@@ -170,7 +176,8 @@ def iter_answers(
         # Each answer stops at the end of the context (its own prompt's) rather than failing.
         caps = [min(max_new_tokens, context - len(prompts[i])) for i in batch]
         new = generate(model, [prompts[i] for i in batch], max_new_tokens=caps, temperature=temperature,
-                       top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+                       top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator,
+                       prompt_offset=None if prompt_offset is None else prompt_offset[batch])
         for i, ids in zip(batch, new, strict=True):
             while done < i:  # skipped prompts before this one
                 yield done, None
@@ -192,11 +199,17 @@ def answer(
     batch_size: int = 8,
     template: bool = True,
     generator: torch.Generator | None = None,
+    prompt_offset: torch.Tensor | None = None,
 ) -> list[str]:
     """Answers to instructions: each a string or an Alpaca record {"instruction", "input"},
     put in the Alpaca prompt (unless template=False: the text is the prompt as it is).
     An answer ends at EOS, after max_new_tokens, or at the end of the model's context. A
-    prompt that fills the context raises a ValueError naming it, before any generation."""
+    prompt that fills the context raises a ValueError naming it, before any generation.
+    `prompt_offset` (len(instructions), dim): one adaption-prompt offset per instruction.
+    A multi-modal model (llama_adapter_fast.multimodal) answers with the records' "image"s."""
+    if not isinstance(model, LLaMAAdapter) and hasattr(model, "answer"):
+        return model.answer(tokenizer, instructions, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, batch_size=batch_size, template=template, generator=generator)
     return [text for _, text in iter_answers(model, tokenizer, instructions, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                             template=template, generator=generator)]
+                                             template=template, generator=generator, prompt_offset=prompt_offset)]

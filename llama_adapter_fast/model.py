@@ -246,15 +246,21 @@ class Attention(nn.Module):
             self.adapter_prompt = nn.Parameter(torch.empty(args.adapter_len, args.dim, dtype=torch.float32))
             self.gate = nn.Parameter(torch.zeros(() if args.scalar_gate else args.n_heads, dtype=torch.float32))
 
-    def adapter_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def adapter_prefix(self, prompt_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix keys and values (Hkv, P, D): the prompt through the frozen wk and wv,
-        without rotary embedding (the prompt has no position)."""
+        without rotary embedding (the prompt has no position).
+
+        With `prompt_offset` (B, dim), row b is added to every position of the prompt (the
+        multi-modal LLaMA-Adapter's P_l + Repeat(I_p)) and the prefix is per sample, (B, Hkv, P, D).
+        """
         prompt = self.adapter_prompt
+        if prompt_offset is not None:
+            prompt = prompt + prompt_offset[:, None, :].to(prompt.dtype)
         if not torch.is_autocast_enabled(prompt.device.type):
             prompt = prompt.to(self.wk.weight.dtype)
-        P = prompt.shape[0]
-        prefix_k = self.wk(prompt).view(P, self.n_kv_heads, self.head_dim).transpose(0, 1)
-        prefix_v = self.wv(prompt).view(P, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        heads = (self.n_kv_heads, self.head_dim)
+        prefix_k = self.wk(prompt).unflatten(-1, heads).transpose(-3, -2)
+        prefix_v = self.wv(prompt).unflatten(-1, heads).transpose(-3, -2)
         return prefix_k, prefix_v
 
     def forward(
@@ -273,7 +279,7 @@ class Attention(nn.Module):
         k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if packing is not None:
-            return self.wo(self._packed(q[0], k[0], v[0], *packing).reshape(B, T, -1))
+            return self.wo(self._packed(q[0], k[0], v[0], *packing, prefix).reshape(B, T, -1))
         # (B, T, H, D) -> (B, H, T, D) views: the op accepts any strides, so no copy here.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -292,11 +298,12 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int) -> torch.Tensor:
-        """Attention over packed records ((L, H, D) each): no record sees another."""
+                max_seqlen: int, prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Attention over packed records ((L, H, D) each): no record sees another. `prefix`
+        may be one per record, (N, Hkv, P, D)."""
         if not self.use_adapter:
             return plain_varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)
-        prefix_k, prefix_v = self.adapter_prefix()
+        prefix_k, prefix_v = prefix if prefix is not None else self.adapter_prefix()
         return gated_prefix_attention_varlen(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix_k, prefix_v, self.gate, causal=True,
             gate_activation=self.gate_activation, backend=self.backend,
@@ -331,13 +338,16 @@ class TransformerBlock(nn.Module):
 class KVCache:
     """Keys and values of every layer for incremental decoding, and the adapter prefixes.
 
-    The prefix keys and values depend only on the weights, so they are computed once when
-    the cache is made and reused at every decoding step.
+    The prefix keys and values depend only on the weights (and on `prompt_offset`, the
+    per-sample image feature of the multi-modal adapter), so they are computed once when the
+    cache is made and reused at every decoding step.
     """
 
     def __init__(self, model: LLaMAAdapter, batch_size: int, max_len: int,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 prompt_offset: torch.Tensor | None = None):
         args = model.args
+        model.check_prompt_offset(prompt_offset, batch_size)
         weight = model.tok_embeddings.weight
         dtype = dtype or weight.dtype
         device = device or weight.device
@@ -348,7 +358,8 @@ class KVCache:
         self.length = 0
         with torch.no_grad():
             self.prefixes = [
-                tuple(t.to(dtype) for t in layer.attention.adapter_prefix()) if layer.attention.use_adapter else None
+                tuple(t.to(dtype) for t in layer.attention.adapter_prefix(prompt_offset))
+                if layer.attention.use_adapter else None
                 for layer in model.layers
             ]
 
@@ -508,6 +519,7 @@ class LLaMAAdapter(nn.Module):
         last_only: bool = False,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        prompt_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T).
 
@@ -522,6 +534,11 @@ class LLaMAAdapter(nn.Module):
                 cu_seqlens[i] .. cu_seqlens[i + 1] ((N + 1,) int32), the longest max_seqlen
                 long; no record attends to another, and the rotary positions restart at 0
                 for each record unless `positions` gives them.
+            prompt_offset: (B, dim), added to every position of every adaption prompt, sample
+                by sample (the multi-modal adapter's projected image feature): each adapted
+                layer computes its per-sample prefix (B, Hkv, P, D) once for the whole forward.
+                With a cache, give it to the KVCache instead. With packed records, (N, dim):
+                one row per record.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"tokens must be an integer tensor of shape (B, T), got "
@@ -546,9 +563,11 @@ class LLaMAAdapter(nn.Module):
             positions = positions[None]
         cos, sin = rope_cos_sin(positions, self._inv_freq_for(tokens.device))
         h = self.tok_embeddings(tokens)
+        samples = cu_seqlens.numel() - 1 if packing is not None else B
+        prefixes = self._offset_prefixes(prompt_offset, samples, cache)
         for i, layer in enumerate(self.layers):
             if cache is None:
-                h = layer(h, cos, sin, key_padding_mask, packing=packing)
+                h = layer(h, cos, sin, key_padding_mask, prefix=prefixes[i] if prefixes else None, packing=packing)
             else:
                 h = layer(h, cos, sin, key_padding_mask, (cache.keys[i], cache.values[i]), start, cache.prefixes[i])
         if cache is not None:
@@ -556,6 +575,29 @@ class LLaMAAdapter(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))
+
+    def check_prompt_offset(self, prompt_offset: torch.Tensor | None, batch_size: int) -> None:
+        """A ValueError naming prompt_offset unless it is None or a float (batch_size, dim) tensor."""
+        if prompt_offset is None:
+            return
+        if not isinstance(prompt_offset, torch.Tensor) or not prompt_offset.is_floating_point():
+            raise TypeError(f"prompt_offset must be a float tensor, got {type(prompt_offset).__name__}")
+        if tuple(prompt_offset.shape) != (batch_size, self.args.dim):
+            raise ValueError(f"prompt_offset must have shape ({batch_size}, {self.args.dim}), "
+                             f"got {tuple(prompt_offset.shape)}")
+        if self.args.adapter_layers == 0:
+            raise ValueError("prompt_offset needs a model with adapter layers (adapter_layers = 0)")
+
+    def _offset_prefixes(self, prompt_offset: torch.Tensor | None, batch_size: int,
+                         cache: KVCache | None) -> list | None:
+        """Per-sample prefixes of every adapted layer (None below them), computed once per forward."""
+        if prompt_offset is None:
+            return None
+        if cache is not None:
+            raise ValueError("prompt_offset: with a KV cache, pass it to KVCache (its prefixes are computed once)")
+        self.check_prompt_offset(prompt_offset, batch_size)
+        return [layer.attention.adapter_prefix(prompt_offset) if layer.attention.use_adapter else None
+                for layer in self.layers]
 
     # -- loading and saving --------------------------------------------------------------
 

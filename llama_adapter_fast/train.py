@@ -92,6 +92,11 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     plot: bool = True
+    # The multi-modal adapter (llama_adapter_fast.multimodal): a CLIP vision folder turns it on.
+    image_encoder: str | None = None
+    image_layers: list[int] | None = None  # encoder layers whose global features are used (default: 4 evenly spaced)
+    projection_hidden: int | None = None  # hidden width of the image projection (default: the model width)
+    feature_cache: str | None = None  # encoder features on disk (default: out_dir/image_features)
 
     def validate(self, world_size: int = 1) -> None:
         """Raise a ValueError naming the option (as the command line spells it) of a setting
@@ -374,6 +379,9 @@ def write_loss_plot(metrics_path: str | os.PathLike, out_path: str | os.PathLike
 RESUME_FIXED = {
     "seed": "the data order and the initial prompts follow it",
     "max_seq_len": "the records would be truncated differently",
+    "image_encoder": "the trained image projection reads this encoder's features",
+    "image_layers": "the trained image projection reads these layers' features",
+    "projection_hidden": "the trained image projection has this shape",
 }
 RESUME_UNREPORTED = ("resume", "overwrite", "progress", "plot")
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "scaler", "rng", "global_batch", "config")
@@ -755,10 +763,11 @@ class Trainer:
             batches = [dict(collate_packed(group), real_tokens=_real_tokens(group)) for group in packed]
             if info.enabled:
                 # Every process runs as many micro-batches (forwards and backwards are
-                # collectives under FSDP): fill up with one-token batches that carry no loss.
+                # collectives under FSDP): fill up with one-token batches that carry no loss,
+                # first, so that the last (gradient-synchronizing) one is a real pack.
                 most = _all_reduce_max(len(batches), self.device)
                 empty = {"tokens": torch.tensor([self.tokenizer.pad_id]), "labels": torch.tensor([IGNORE_INDEX])}
-                batches += [dict(collate_packed([empty]), real_tokens=0) for _ in range(most - len(batches))]
+                batches = [dict(collate_packed([empty]), real_tokens=0) for _ in range(most - len(batches))] + batches
         return [{k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                 for b in batches]
 
@@ -797,11 +806,9 @@ class Trainer:
                 self.model.set_requires_gradient_sync(True)
             with sync:
                 with autocast:
-                    if "cu_seqlens" in batch:
-                        logits = self.model(batch["tokens"], positions=batch["positions"],
-                                            cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
-                    else:
-                        logits = self.model(batch["tokens"])
+                    # Keys beside tokens and labels (packing, image features) are model inputs too.
+                    inputs = {k: v for k, v in batch.items() if k not in ("tokens", "labels", "real_tokens")}
+                    logits = self.model(batch["tokens"], **inputs)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
                 # Data-parallel wrappers average gradients over processes: scale by the
@@ -966,6 +973,8 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
     (out_folder_lock) meanwhile. `callback(event, n)` is called at each micro-step
     ("micro_step"), right after each optimizer update ("optimizer_step") and after each step
     ("step"); tests use it to interrupt a run.
+    With cfg.image_encoder (or a MultiModalLLaMAAdapter as `model`) the multi-modal adapter
+    trains: records may carry an "image", and the projection trains with prompts and gates.
     """
     cfg.validate()
     info, device = init_distributed(cfg.device)
@@ -1007,7 +1016,16 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         raise ValueError("data: an instruction file is required")
     if cfg.max_seq_len > model.args.max_seq_len and info.main:
         print(f"warning: max_seq_len {cfg.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
-    dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+    if cfg.image_encoder is not None or hasattr(model, "image_encoder"):  # the multi-modal adapter
+        from llama_adapter_fast.multimodal import prepare_finetune
+
+        model, dataset = prepare_finetune(cfg, model, tokenizer, progress=cfg.progress and info.main)
+    else:
+        dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+        first = next((i for i, r in enumerate(dataset.records) if "image" in r), None)
+        if first is not None:
+            raise ValueError(f"{cfg.data}: record {first} has an image: pass image_encoder (--image-encoder) to "
+                             f"train the multi-modal adapter")
     if dataset.num_without_response == len(dataset):
         raise ValueError(f"no record keeps a response token within --max-seq-len {cfg.max_seq_len}: the prompts "
                          f"fill it, so training would learn nothing (raise --max-seq-len)")

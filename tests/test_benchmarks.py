@@ -15,6 +15,7 @@ import torch
 from benchmarks import bench_attention as ba
 from benchmarks import bench_train_step as bts
 from benchmarks import common, gpu_suite, plot
+from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
 from llama_adapter_fast.ops import TRITON_AVAILABLE, can_run_on
 
 CPU = torch.device("cpu")
@@ -242,6 +243,27 @@ def test_train_step_variants_on_a_tiny_model():
     assert by_impl["peft"]["status"] in ("ok", "skipped")
     if by_impl["peft"]["status"] == "ok":
         assert by_impl["peft"]["trainable_params"] == 10 * 64 + 1
+
+
+def test_multimodal_train_step_rows_on_a_tiny_model():
+    """Both multi-modal rows run (the fused kernels under Triton's interpreter here), from the
+    same weights and image features: the same first loss; images/s is batch / step time."""
+    cfg = bts.TrainConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, batch=2,
+                          seq_len=16, dtype="fp32", image_hidden=32, image_depth=4)
+    before = dict(LAUNCH_COUNTS)
+    rows = bts.bench(["mm-triton", "mm-sdpa"], cfg, CPU, steps=1, warmup=1, base={}, deadline=common.Deadline())
+    by_impl = {r["impl"]: r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert LAUNCH_COUNTS["forward"] > before.get("forward", 0) and LAUNCH_COUNTS["backward_dq"] > before.get(
+        "backward_dq", 0)
+    fused, sdpa = by_impl["mm-triton"], by_impl["mm-sdpa"]
+    assert abs(fused["loss0"] - sdpa["loss0"]) < 1e-4
+    # prompts + per-head gates + projection (4 * 32 features -> 64 -> 64)
+    assert fused["trainable_params"] == 10 * 64 + 4 + (128 * 64 + 64) + (64 * 64 + 64)
+    assert sdpa["images_per_s"] == pytest.approx(2 / (sdpa["step_ms"] * 1e-3))
+    as_read = [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]  # as plot reads the CSV
+    table = plot.train_table(as_read)
+    assert "images/s" in table and f"{sdpa['images_per_s']:,.2f}" in table
 
 
 # ----------------------------------------------------------------------------------------

@@ -352,7 +352,8 @@ def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsy
 def test_the_readme_error_examples_hold(base_dir, data_file, trained, tmp_path, capsys, monkeypatch):  # noqa: F811
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     prefix = "    llama-adapter-fast finetune: error:"
-    examples = [line.strip() for line in readme.splitlines() if line.startswith(prefix)]
+    # (the multi-modal adapter's example, about a picture, is checked in test_multimodal.py)
+    examples = [line.strip() for line in readme.splitlines() if line.startswith(prefix) and ": image " not in line]
     assert len(examples) == 2
     monkeypatch.chdir(tmp_path)
     lines = data_file.read_text().splitlines()
