@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention, resolve_backend
+from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
 from llama_adapter_fast.reference import GATE_ACTIVATIONS, allowed_keys
-from llama_adapter_fast.varlen import gated_prefix_attention_varlen
+from llama_adapter_fast.varlen import gated_prefix_attention_varlen, varlen_attention
 
 ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
 # The fields of ModelArgs that describe the adapter rather than the base model.
@@ -210,25 +210,6 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.masked_fill(~has_key, 0.0)
 
 
-def plain_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           max_seqlen: int, backend: str) -> torch.Tensor:
-    """Causal attention of packed sequences ((L, H, D) each) for the layers without adapter.
-    Where the fused kernels run, it is the packed op with a zero gate (whose prefix part
-    then weighs nothing); elsewhere, one SDPA call per sequence."""
-    if resolve_backend(backend, q) == "triton":
-        prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
-        gate = q.new_zeros((), dtype=torch.float32)
-        return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix, prefix,
-                                             gate, gate_activation="identity", backend="triton")
-    gqa = q.shape[1] != k.shape[1]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    # split (not one slice per sequence): its backward is one concatenation of the pieces.
-    outs = [F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in pieces), is_causal=True,
-                                           enable_gqa=gqa).transpose(0, 1)
-            for pieces in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)]
-    return torch.cat(outs)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, use_adapter: bool):
         super().__init__()
@@ -302,7 +283,7 @@ class Attention(nn.Module):
         """Attention over packed records ((L, H, D) each): no record sees another. `prefix`
         may be one per record, (N, Hkv, P, D)."""
         if not self.use_adapter:
-            return plain_varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend)
         prefix_k, prefix_v = prefix if prefix is not None else self.adapter_prefix()
         return gated_prefix_attention_varlen(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix_k, prefix_v, self.gate, causal=True,

@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from llama_adapter_fast import ops
 from llama_adapter_fast.attention import (
@@ -174,3 +175,33 @@ def gated_prefix_attention_varlen(
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return ops.triton_varlen_attention(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
                                        max_q, max_k, causal, scale)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Plain attention (no prefix) of packed sequences, q (L, Hq, D) and k, v (L, Hkv, D)
+    with the same cu_seqlens: what the layers without an adapter run. Where the fused
+    kernels run it is the packed op with a zero gate (its prefix part then weighs nothing);
+    elsewhere, one scaled_dot_product_attention call per sequence."""
+    if resolve_backend(backend, q) == "triton":
+        prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
+        gate = q.new_zeros((), dtype=torch.float32)
+        return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix, prefix,
+                                             gate, causal=causal, gate_activation="identity",
+                                             softmax_scale=softmax_scale, backend="triton")
+    gqa = q.shape[1] != k.shape[1]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # split (not one slice per sequence): its backward is one concatenation of the pieces.
+    outs = [F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in pieces), is_causal=causal,
+                                           scale=softmax_scale, enable_gqa=gqa).transpose(0, 1)
+            for pieces in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)]
+    return torch.cat(outs) if outs else q.new_empty(q.shape)

@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 
 class OpCalls(list):
     """The backend of every call of the fused op, in order; `kwargs` holds each call's
-    keyword arguments (causal, key_padding_mask, ...)."""
+    keyword arguments (causal, key_padding_mask, ...) and whether it was the packed op
+    ("packed")."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,12 +32,16 @@ def op_calls(monkeypatch) -> OpCalls:
             module = importlib.import_module(f"llama_adapter_fast.integrations.{name}")
         except ImportError:  # the optional library is not installed
             continue
-        op = module.gated_prefix_attention
+        for op_name in ("gated_prefix_attention", "gated_prefix_attention_varlen"):
+            op = getattr(module, op_name, None)
+            if op is None:
+                continue
+            packed = op_name.endswith("varlen")
 
-        def counted(*args, _op=op, **kwargs):
-            calls.append(kwargs["backend"])
-            calls.kwargs.append(kwargs)
-            return _op(*args, **kwargs)
+            def counted(*args, _op=op, _packed=packed, **kwargs):
+                calls.append(kwargs["backend"])
+                calls.kwargs.append({**kwargs, "packed": _packed})
+                return _op(*args, **kwargs)
 
-        monkeypatch.setattr(module, "gated_prefix_attention", counted)
+            monkeypatch.setattr(module, op_name, counted)
     return calls

@@ -40,6 +40,7 @@ from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
 from llama_adapter_fast.integrations.transformers import (
     check_sliding_window,
     masked_gated_prefix_attention,
+    packed_sequences,
     prefix_keys_values,
 )
 
@@ -118,8 +119,9 @@ class FusedAdaptedAttention(AdaptedAttention):
 
     Calls the fused op cannot serve take PEFT's own forward, with a warning:
     output_attentions=True, no position_embeddings, flex attention masks, attention
-    dropout in training. Masks other than causal plus key padding (sliding windows that
-    bite, packed sequences, custom 4-d masks, and any 4-d mask under torch.compile) are
+    dropout in training. Packed sequences (DataCollatorWithFlattening's position_ids, or
+    the flash-attention kwargs) take the packed op. Masks other than causal plus key padding
+    (sliding windows that bite, custom 4-d masks, and any 4-d mask under torch.compile) are
     computed exactly by two masked SDPA calls instead of the fused op.
     """
 
@@ -149,6 +151,7 @@ class FusedAdaptedAttention(AdaptedAttention):
         out = masked_gated_prefix_attention(
             q, k, v, prefix_k, prefix_v, self.adaption_gate, attention_mask=mask, gate_activation="identity",
             softmax_scale=attention.scaling, causal=True, backend=self.fused_backend,
+            packing=packed_sequences(kwargs, B, T, k.shape[2]),
         )
         out = attention.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         bias = getattr(attention.o_proj, "bias", None)

@@ -12,7 +12,10 @@ padding mask instead of a 4-d mask, for causal and bidirectional masks alike.
 The mask helpers here are shared with the PEFT integration: they read whatever mask
 transformers built (None, a 2-d padding mask, a 4-d boolean or additive mask) as causal
 attention plus key padding where it is one, and fall back to a masked two-SDPA computation
-where it is not (sliding windows that bite, packed sequences, custom masks).
+where it is not (sliding windows that bite, custom masks). Packed sequences (a batch
+flattened by transformers' DataCollatorWithFlattening: position_ids that restart at 0, or
+the flash-attention kwargs cu_seq_lens_q and friends) take the packed op,
+`gated_prefix_attention_varlen`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 
 from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
 from llama_adapter_fast.reference import GATE_ACTIVATIONS, activate_gate, allowed_keys
+from llama_adapter_fast.varlen import gated_prefix_attention_varlen, varlen_attention
 
 ATTENTION_NAME = "llama_adapter_fast"
 PROMPT_NAME = "adaption_prompt"
@@ -50,6 +54,7 @@ __all__ = [
     "masked_gated_prefix_attention",
     "masked_attention",
     "resolve_attention_mask",
+    "packed_sequences",
 ]
 
 
@@ -171,6 +176,45 @@ def resolve_attention_mask(
     return (key_padding, None) if representable else (None, allowed)
 
 
+Packing = tuple[torch.Tensor, torch.Tensor, int, int]  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+
+
+def packed_sequences(kwargs: dict, batch: int, q_len: int, kv_len: int) -> Packing | None:
+    """The packing of a batch of one row holding several sequences, as transformers'
+    DataCollatorWithFlattening makes it: from the flash-attention kwargs transformers passes
+    along (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k), or else from
+    position_ids that restart at 0 inside the row (0, 1, ..., 0, 1, ...). None for any other
+    batch. Reading position_ids reads data, so under torch.compile only the kwargs count."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None:
+        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
+        max_q = kwargs.get("max_length_q")
+        max_k = kwargs.get("max_length_k", max_q)
+        if max_q is None:
+            raise ValueError("cu_seq_lens_q needs max_length_q (the flash-attention kwargs come together)")
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    positions = kwargs.get("position_ids")
+    if (positions is None or batch != 1 or q_len != kv_len or q_len < 2 or positions.shape[-1] != q_len
+            or torch.compiler.is_compiling()):
+        return None
+    positions = positions.reshape(-1)
+    starts = (positions == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([q_len])]).to(torch.int32)
+    lengths = cu[1:] - cu[:-1]
+    restarted = torch.arange(q_len, device=positions.device) - torch.repeat_interleave(cu[:-1].long(), lengths.long())
+    if not torch.equal(positions, restarted):
+        return None  # not sequences laid end to end
+    longest = int(lengths.max())
+    return cu, cu, longest, longest
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, L, D) as the packed op's (L, H, D), a view."""
+    return x[0].transpose(0, 1)
+
+
 def _batched(prefix: torch.Tensor, batch: int) -> torch.Tensor:
     return prefix.unsqueeze(0).expand(batch, *prefix.shape) if prefix.dim() == 3 else prefix
 
@@ -199,9 +243,17 @@ def masked_attention(
     softmax_scale: float | None = None,
     causal: bool = True,
     dropout: float = 0.0,
+    packing: Packing | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Plain attention (no prefix) under a transformers mask: what layers without an
-    adapter run. q (B, Hq, T, D), k and v (B, Hkv, S, D); returns (B, Hq, T, D)."""
+    adapter run. q (B, Hq, T, D), k and v (B, Hkv, S, D); returns (B, Hq, T, D). Packed
+    sequences (`packing`, from `packed_sequences`) go through the packed path on `backend`."""
+    if packing is not None and not dropout:
+        cu_q, _, max_q, _ = packing
+        out = varlen_attention(_packed(q), _packed(k), _packed(v), cu_q, max_q, causal=causal,
+                               softmax_scale=softmax_scale, backend=backend)
+        return out.transpose(0, 1)[None]
     B, _, T, _ = q.shape
     S = k.shape[2]
     key_padding, allowed = resolve_attention_mask(attention_mask, B, T, S, causal)
@@ -227,8 +279,11 @@ def masked_gated_prefix_attention(
     softmax_scale: float | None = None,
     causal: bool = True,
     backend: str = "auto",
+    packing: Packing | None = None,
 ) -> torch.Tensor:
-    """`gated_prefix_attention` under a transformers mask.
+    """`gated_prefix_attention` under a transformers mask, or `gated_prefix_attention_varlen`
+    for packed sequences (`packing`, from `packed_sequences`, which the mask then only
+    repeats).
 
     A mask that is causal attention plus key padding (what transformers builds for padded
     batches and KV caches) reaches the op as its key_padding_mask. Any other mask (a sliding
@@ -236,6 +291,12 @@ def masked_gated_prefix_attention(
     torch.compile traces) is honoured exactly by two masked scaled_dot_product_attention
     calls instead of the fused op, whatever `backend` says.
     """
+    if packing is not None:
+        out = gated_prefix_attention_varlen(
+            _packed(q), _packed(k), _packed(v), *packing, prefix_k, prefix_v, gate, causal=causal,
+            gate_activation=gate_activation, softmax_scale=softmax_scale, backend=backend,
+        )
+        return out.transpose(0, 1)[None]
     key_padding, allowed = resolve_attention_mask(attention_mask, q.shape[0], q.shape[2], k.shape[2], causal)
     if allowed is None:
         return gated_prefix_attention(
@@ -334,10 +395,12 @@ def llama_adapter_attention(
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     check_sliding_window(kwargs.get("sliding_window"), attention_mask, key.shape[2])
+    packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2])
     prompt = getattr(module, PROMPT_NAME, None)
+    backend = getattr(module, "adaption_backend", "auto")
     if prompt is None:
         out = masked_attention(query, key, value, attention_mask=attention_mask, softmax_scale=scaling,
-                               causal=causal, dropout=dropout)
+                               causal=causal, dropout=dropout, packing=packing, backend=backend)
         return out.transpose(1, 2), None
     if dropout:
         raise ValueError(
@@ -348,7 +411,7 @@ def llama_adapter_attention(
     out = masked_gated_prefix_attention(
         query, key, value, prefix_k, prefix_v, getattr(module, GATE_NAME),
         attention_mask=attention_mask, gate_activation=module.adaption_gate_activation,
-        softmax_scale=scaling, causal=causal, backend=module.adaption_backend,
+        softmax_scale=scaling, causal=causal, backend=backend, packing=packing,
     )
     return out.transpose(1, 2), None
 
