@@ -22,6 +22,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -143,7 +144,8 @@ def plot(rows: list[dict], env: dict, title: str, path: Path) -> None:
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("real (non-padding) tokens/s, median")
     ax.set_ylim(0, max(rates) * 1.3)
-    ax.set_title(f"{title}\npacked / padded = {rows[1]['packed_over_padded']:.2f}x", fontsize=10)
+    wrapped = textwrap.fill(title, 70)
+    ax.set_title(f"{wrapped}\npacked / padded = {rows[1]['packed_over_padded']:.2f}x", fontsize=9)
     fig.text(0.01, 0.01, common.format_environment(env), fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
