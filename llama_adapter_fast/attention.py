@@ -56,6 +56,18 @@ def check_like_q(q: torch.Tensor, **others: torch.Tensor) -> None:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
 
 
+def check_key_value(k: torch.Tensor, v: torch.Tensor, Hq: int, Hkv: int, D: int) -> None:
+    """k and v agree with q: the head dim last, the same shape, kv heads that divide q's."""
+    if k.shape[-1] != D:
+        raise ValueError(f"k must have q's head dim {D}, got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    if D == 0:
+        raise ValueError("q must have a head dim of at least 1")
+
+
 def check_prefix(prefix_k, prefix_v, n_seqs: int, Hkv: int, D: int, batch_name: str = "B") -> None:
     if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D or (prefix_k.dim() == 4 and prefix_k.shape[0] != n_seqs):
         want = f"({Hkv}, P, {D}) or ({n_seqs}, {Hkv}, P, {D}) (one per {batch_name})"
@@ -94,15 +106,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
     if k.shape[0] != B:
         raise ValueError(f"k must have q's batch size {B}, got shape {tuple(k.shape)}")
     Hkv, S = k.shape[1], k.shape[2]
-    if k.shape[3] != D:
-        raise ValueError(f"k must have q's head dim {D}, got shape {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    check_key_value(k, v, Hq, Hkv, D)
     check_prefix(prefix_k, prefix_v, B, Hkv, D)
-    if D == 0:
-        raise ValueError("q must have a head dim of at least 1")
     check_like_q(q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     gate = check_gate(gate, Hq, q.device)
 

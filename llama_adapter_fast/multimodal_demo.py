@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -227,7 +228,9 @@ def run(a) -> int:
         label = "all questions" if task is None else task
         print(f"      {label:22s} {nb:4d} ({100 * nb / n:3.0f}%) {ni:9d} ({100 * ni / n:3.0f}%)")
     example = heldout[0]
+    # Relative to the working directory when the pictures lie under it, so the line reads short.
+    picture = os.path.relpath(SHAPES_DIR / example["image"])
     print(f"\nTry one: llama-adapter-fast generate --base {base_dir} --adapter {res.adapter_path} "
-          f"--image {SHAPES_DIR / example['image']} --prompt \"{example['instruction']}\"")
+          f"--image {picture} --prompt \"{example['instruction']}\"")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0

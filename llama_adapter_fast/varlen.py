@@ -14,6 +14,7 @@ from llama_adapter_fast import ops
 from llama_adapter_fast.attention import (
     autocast_inputs,
     check_gate,
+    check_key_value,
     check_like_q,
     check_options,
     check_prefix,
@@ -66,14 +67,7 @@ def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     prefix_v = check_tensor("prefix_v", prefix_v, (3, 4))
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
-    if k.shape[2] != D:
-        raise ValueError(f"k must have q's head dim {D}, got shape {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
-    if D == 0:
-        raise ValueError("q must have a head dim of at least 1")
+    check_key_value(k, v, Hq, Hkv, D)
     check_like_q(q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q.device)
