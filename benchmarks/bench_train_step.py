@@ -122,7 +122,7 @@ def build_thin(cfg: TrainConfig, backend: str, device: torch.device) -> Built:
         from llama_adapter_fast.ops import TRITON_AVAILABLE, can_run_on
 
         if not (TRITON_AVAILABLE and can_run_on(device)):
-            raise Unavailable("the fused kernels need a GPU: kernel timings need a GPU")
+            raise Unavailable("timings of the fused kernels need a GPU")
     args = ModelArgs(
         dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
         vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,

@@ -38,7 +38,7 @@ from torch import nn
 
 from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
 from llama_adapter_fast.reference import GATE_ACTIVATIONS, allowed_keys
-from llama_adapter_fast.varlen import gated_prefix_attention_varlen, varlen_attention
+from llama_adapter_fast.varlen import gated_prefix_attention_varlen, packed_positions, varlen_attention
 
 ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
 # The fields of ModelArgs that describe the adapter rather than the base model.
@@ -179,13 +179,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
-
-
-def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Positions 0, 1, ... restarting at each record of a packed sequence of `total` tokens."""
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
-    return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,13 @@ def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return check_gate(gate, Hq, q.device), max_q, max_k
 
 
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions 0, 1, ... restarting at each record of packed sequences of `total` tokens."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
 def varlen_reference(
     attention: Callable[..., torch.Tensor],
     q: torch.Tensor,

@@ -9,10 +9,20 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from peft import AdaptionPromptConfig, get_peft_model  # noqa: E402
-from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    DataCollatorWithFlattening,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from llama_adapter_fast.integrations.peft import enable_fused_adaption_prompt  # noqa: E402
-from llama_adapter_fast.integrations.transformers import add_llama_adapter, packed_sequences  # noqa: E402
+from llama_adapter_fast.integrations.transformers import (  # noqa: E402
+    add_llama_adapter,
+    masked_attention,
+    packed_sequences,
+)
 from llama_adapter_fast.testing import expect_launches, rel_error  # noqa: E402
 
 LENGTHS = (7, 19, 1, 12)
@@ -47,6 +57,12 @@ def test_packed_sequences_reads_the_collators_batches():
     assert packed_sequences({"position_ids": torch.tensor([[0, 1, 0, 1]] * 2)}, 2, 4, 4) is None
     assert packed_sequences({"position_ids": torch.tensor([[0, 1, 2, 0]])}, 1, 1, 4) is None
     assert packed_sequences({"position_ids": torch.tensor([[0, 1, 0, 2]])}, 1, 4, 4) is None  # not restarting runs
+    # Multi-axis positions (one row per rope section) are not a packing of one row.
+    assert packed_sequences({"position_ids": torch.tensor([0, 1, 0, 1]).expand(3, 1, 4)}, 1, 4, 4) is None
+    # A sliding window that bites inside a sequence leaves the batch to the 4-d mask.
+    batch = flattened(False)
+    assert packed_sequences(batch, 1, sum(LENGTHS), sum(LENGTHS), sliding_window=18) is None
+    assert packed_sequences(batch, 1, sum(LENGTHS), sum(LENGTHS), sliding_window=19) is not None
 
 
 def _logits_and_grads(model, weight, **inputs):
@@ -108,3 +124,52 @@ def test_peft_adaption_prompt_packs(backend, op_calls):
     assert rel_error(fused, reference) < 1e-5
     for name, grad in fused_grads.items():
         assert rel_error(grad, reference_grads[name]) < 1e-4, name
+
+
+def tiny_mistral(sliding_window: int) -> MistralForCausalLM:
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window,
+                           attn_implementation="sdpa")
+    return MistralForCausalLM(config)
+
+
+def _each_sequence_alone(model) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(input_ids=torch.tensor([seq]), use_cache=False).logits for seq in sequences()], 1)
+
+
+@pytest.mark.parametrize("window, packed_op", [(5, False), (24, True)])
+def test_sliding_windows_hold_in_packed_batches(window, packed_op, op_calls):
+    """A window shorter than a packed sequence is honoured through transformers' 4-d mask
+    (which holds the window and the packing); one that never bites inside a sequence
+    leaves the packed op in charge, though the packed row is longer than the window."""
+    inputs = {k: v for k, v in flattened(False).items() if k != "labels"} | {"use_cache": False}
+    model = add_llama_adapter(tiny_mistral(window), adapter_len=4, adapter_layers=2, backend="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.uniform_(-1, 1)
+        packed = model(**inputs).logits
+    assert len(op_calls) == (2 if packed_op else 0) and all(kw["packed"] for kw in op_calls.kwargs)
+    assert rel_error(packed, _each_sequence_alone(model)) < 1e-5
+
+    peft_model = get_peft_model(tiny_mistral(window),
+                                AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(0.6)
+        reference = peft_model(**inputs).logits  # PEFT's own forward
+        enable_fused_adaption_prompt(peft_model, backend="sdpa")
+        fused = peft_model(**inputs).logits
+    assert rel_error(fused, reference) < 1e-5
+
+
+def test_dropout_over_packed_sequences_without_a_mask_is_refused():
+    """The packed path has no dropout, and the dropout path without a 4-d mask would let the
+    sequences see each other."""
+    q = k = v = torch.randn(1, 2, 6, 8)
+    packing = packed_sequences({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}, 1, 6, 6)
+    with pytest.raises(ValueError, match="dropout.*packed sequences needs a 4-d attention mask"):
+        masked_attention(q, k, v, attention_mask=None, dropout=0.1, packing=packing)

@@ -146,12 +146,13 @@ class FusedAdaptedAttention(AdaptedAttention):
             cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
             k, v = cache.update(k, v, attention.layer_idx, cache_kwargs)
         mask = kwargs.get("attention_mask")
-        check_sliding_window(getattr(attention.config, "sliding_window", None), mask, k.shape[2])
+        window = getattr(attention.config, "sliding_window", None)
+        packing = packed_sequences(kwargs, B, T, k.shape[2], window)
+        check_sliding_window(window, mask, k.shape[2], packing)
         prefix_k, prefix_v = prefix_keys_values(attention, self.adaption_prompt, q.dtype, key_norm=False)
         out = masked_gated_prefix_attention(
             q, k, v, prefix_k, prefix_v, self.adaption_gate, attention_mask=mask, gate_activation="identity",
-            softmax_scale=attention.scaling, causal=True, backend=self.fused_backend,
-            packing=packed_sequences(kwargs, B, T, k.shape[2]),
+            softmax_scale=attention.scaling, causal=True, backend=self.fused_backend, packing=packing,
         )
         out = attention.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         bias = getattr(attention.o_proj, "bias", None)

@@ -31,7 +31,7 @@ from torch import nn
 
 from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
 from llama_adapter_fast.reference import GATE_ACTIVATIONS, activate_gate, allowed_keys
-from llama_adapter_fast.varlen import gated_prefix_attention_varlen, varlen_attention
+from llama_adapter_fast.varlen import gated_prefix_attention_varlen, packed_positions, varlen_attention
 
 ATTENTION_NAME = "llama_adapter_fast"
 PROMPT_NAME = "adaption_prompt"
@@ -179,12 +179,23 @@ def resolve_attention_mask(
 Packing = tuple[torch.Tensor, torch.Tensor, int, int]  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
-def packed_sequences(kwargs: dict, batch: int, q_len: int, kv_len: int) -> Packing | None:
+def packed_sequences(
+    kwargs: dict, batch: int, q_len: int, kv_len: int, sliding_window: int | None = None
+) -> Packing | None:
     """The packing of a batch of one row holding several sequences, as transformers'
     DataCollatorWithFlattening makes it: from the flash-attention kwargs transformers passes
     along (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k), or else from
     position_ids that restart at 0 inside the row (0, 1, ..., 0, 1, ...). None for any other
-    batch. Reading position_ids reads data, so under torch.compile only the kwargs count."""
+    batch, and where a sliding window bites inside a sequence (the packed op has no window:
+    only a 4-d mask honours it). Reading position_ids reads data, so under torch.compile
+    only the kwargs count."""
+    packing = _read_packing(kwargs, batch, q_len, kv_len)
+    if packing is not None and sliding_window is not None and packing[3] > sliding_window:
+        return None
+    return packing
+
+
+def _read_packing(kwargs: dict, batch: int, q_len: int, kv_len: int) -> Packing | None:
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is not None:
         cu_k = kwargs.get("cu_seq_lens_k", cu_q)
@@ -194,7 +205,8 @@ def packed_sequences(kwargs: dict, batch: int, q_len: int, kv_len: int) -> Packi
             raise ValueError("cu_seq_lens_q needs max_length_q (the flash-attention kwargs come together)")
         return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
     positions = kwargs.get("position_ids")
-    if (positions is None or batch != 1 or q_len != kv_len or q_len < 2 or positions.shape[-1] != q_len
+    # One row of q_len positions only: (1, L) text positions, not multi-axis (rope-section) ones.
+    if (positions is None or batch != 1 or q_len != kv_len or q_len < 2 or positions.numel() != q_len
             or torch.compiler.is_compiling()):
         return None
     positions = positions.reshape(-1)
@@ -202,11 +214,9 @@ def packed_sequences(kwargs: dict, batch: int, q_len: int, kv_len: int) -> Packi
     if starts.numel() < 2 or int(starts[0]) != 0:
         return None
     cu = torch.cat([starts, starts.new_tensor([q_len])]).to(torch.int32)
-    lengths = cu[1:] - cu[:-1]
-    restarted = torch.arange(q_len, device=positions.device) - torch.repeat_interleave(cu[:-1].long(), lengths.long())
-    if not torch.equal(positions, restarted):
+    if not torch.equal(positions, packed_positions(cu, q_len)):
         return None  # not sequences laid end to end
-    longest = int(lengths.max())
+    longest = int((cu[1:] - cu[:-1]).max())
     return cu, cu, longest, longest
 
 
@@ -249,6 +259,9 @@ def masked_attention(
     """Plain attention (no prefix) under a transformers mask: what layers without an
     adapter run. q (B, Hq, T, D), k and v (B, Hkv, S, D); returns (B, Hq, T, D). Packed
     sequences (`packing`, from `packed_sequences`) go through the packed path on `backend`."""
+    if packing is not None and dropout and not _is_4d(attention_mask):
+        raise ValueError(f"attention dropout ({dropout}) over packed sequences needs a 4-d attention mask: the "
+                         "packed path has no dropout, and without the mask the sequences would see each other")
     if packing is not None and not dropout:
         cu_q, _, max_q, _ = packing
         out = varlen_attention(_packed(q), _packed(k), _packed(v), cu_q, max_q, causal=causal,
@@ -287,9 +300,9 @@ def masked_gated_prefix_attention(
 
     A mask that is causal attention plus key padding (what transformers builds for padded
     batches and KV caches) reaches the op as its key_padding_mask. Any other mask (a sliding
-    window shorter than the keys, packed sequences, a custom 4-d mask; or any 4-d mask while
-    torch.compile traces) is honoured exactly by two masked scaled_dot_product_attention
-    calls instead of the fused op, whatever `backend` says.
+    window shorter than the keys, packed sequences not given as `packing`, a custom 4-d
+    mask; or any 4-d mask while torch.compile traces) is honoured exactly by two masked
+    scaled_dot_product_attention calls instead of the fused op, whatever `backend` says.
     """
     if packing is not None:
         out = gated_prefix_attention_varlen(
@@ -311,10 +324,16 @@ def masked_gated_prefix_attention(
     return (word.float() + a * prefix.float()).to(q.dtype)
 
 
-def check_sliding_window(sliding_window: int | None, attention_mask: torch.Tensor | None, kv_len: int) -> None:
-    """A sliding window is honoured only through a 4-d mask; without one it must not bite."""
-    has_4d_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
-    if sliding_window is not None and not has_4d_mask and kv_len > sliding_window:
+def _is_4d(attention_mask: object) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+
+
+def check_sliding_window(sliding_window: int | None, attention_mask: torch.Tensor | None, kv_len: int,
+                         packing: Packing | None = None) -> None:
+    """A sliding window is honoured only through a 4-d mask; without one it must not bite.
+    Packed sequences (from `packed_sequences`, which drops a packing whose window bites)
+    never reach it: each is at most the window long."""
+    if sliding_window is not None and packing is None and not _is_4d(attention_mask) and kv_len > sliding_window:
         raise ValueError(
             f"a sliding window of {sliding_window} over {kv_len} keys needs a 4-d attention mask; "
             "the fused op supports causal attention with key padding only"
@@ -394,8 +413,9 @@ def llama_adapter_attention(
             raise ValueError(f"the {ATTENTION_NAME!r} attention does not support {name}")
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-    check_sliding_window(kwargs.get("sliding_window"), attention_mask, key.shape[2])
-    packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2])
+    window = kwargs.get("sliding_window")
+    packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], window)
+    check_sliding_window(window, attention_mask, key.shape[2], packing)
     prompt = getattr(module, PROMPT_NAME, None)
     backend = getattr(module, "adaption_backend", "auto")
     if prompt is None:
