@@ -2,7 +2,7 @@
 (non-padding) tokens per second at the same token budget.
 
     python -m benchmarks.bench_pack                  # the machine's preset: "gpu" or "cpu"
-    python -m benchmarks.bench_pack --preset cpu --rounds 9
+    python -m benchmarks.bench_pack --preset cpu --rounds 5   # shorter
 
 Records are random tokens whose lengths are drawn from a histogram of Alpaca prompt lengths
 (benchmarks/data/alpaca_lengths.json, counts only), truncated to --max-seq-len like
@@ -83,15 +83,15 @@ def make_trainers(args: argparse.Namespace, device: torch.device) -> dict[str, T
         model = LLaMAAdapter(margs)
     if preset["precision"] == "bf16":
         model.to(torch.bfloat16)  # the base in bf16; prompts and gates train in float32
-        for layer in model.adapter_layers():
-            layer.float()
+        for _, p in model.adapter_parameters():
+            p.data = p.data.float()
     records = args.batch_size * args.grad_accum * (args.rounds + args.warmup)
     dataset = SyntheticRecords(sample_lengths(records, args.seed), margs.vocab_size, args.max_seq_len, args.seed)
     trainers = {}
     for mode in MODES:
         cfg = TrainConfig(max_seq_len=args.max_seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           pack=mode == "packed", max_steps=args.rounds + args.warmup, lr=1e-3, warmup_steps=0,
-                          precision="fp32" if device.type == "cpu" else "bf16", device=str(device),
+                          precision=preset["precision"], device=str(device),
                           attention_backend=args.attention_backend, seed=args.seed, progress=False, plot=False)
         trainers[mode] = Trainer(cfg, model, dataset, Tokenizer(), Dist(), device)
     return trainers
@@ -160,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=None, help="records per padded micro-batch")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (padded)")
-    p.add_argument("--rounds", type=int, default=7, help="timed steps of each mode")
+    p.add_argument("--rounds", type=int, default=9, help="timed steps of each mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each mode first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")

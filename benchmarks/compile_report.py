@@ -1,7 +1,7 @@
 """Compile every kernel config the launchers can pick for NVIDIA GPUs, on a machine without one.
 
     python -m benchmarks.compile_report                 # the full sweep (sm_90 and sm_80)
-    python -m benchmarks.compile_report --quick --check # what `make test` runs
+    python -m benchmarks.compile_report --quick --check # sm_90, bf16, head dims 64, 128, 256, causal
 
 Triton ships ptxas, so a kernel compiles for a real H100 or A100 without a driver. The
 launchers of the package run on CPU tensors under `capture_launches()`, which records
@@ -318,7 +318,8 @@ def spill_target_misses(rows: list[Row]) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="the subset `make test` runs: sm_90, bf16, head dims 64, 128 and 256, causal")
+                   help="a quick subset: sm_90, bf16, head dims 64, 128 and 256, causal (make test also checks "
+                        "the padded and bidirectional modes, and the spill targets)")
     p.add_argument("--archs", default="90,80", help="compute capabilities, e.g. 90,80")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))

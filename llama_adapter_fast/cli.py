@@ -77,6 +77,17 @@ def _finetune_parser(sub) -> None:
     _add_image_training_options(p)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an int >= low (argparse names the option when it is not)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+    return parse
+
+
 def _layer_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -158,8 +169,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--base", default=None, help="skip pretraining: use this base folder")
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=_int_at_least(1), default=None)
+    p.add_argument("--finetune-steps", type=_int_at_least(1), default=None)
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
 
 
@@ -172,10 +183,10 @@ def _demo_mm_parser(sub) -> None:
     p.add_argument("--base", default=None, help="use this base folder (default: runs/demo/base if present)")
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--encoder-steps", type=int, default=None, help="contrastive steps of the image tower "
+    p.add_argument("--pretrain-steps", type=_int_at_least(1), default=None)
+    p.add_argument("--encoder-steps", type=_int_at_least(0), default=None, help="contrastive steps of the image tower "
                                                                    "(0: keep it random)")
-    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--finetune-steps", type=_int_at_least(1), default=None)
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the matrices are tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tower's and the adapter's initialization")

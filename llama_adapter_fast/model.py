@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -738,6 +739,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_adapter_path(path: Path) -> None:

@@ -25,6 +25,7 @@ which is the text adapter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ from torch import nn
 
 from llama_adapter_fast.data import InstructionDataset, load_instructions
 from llama_adapter_fast.model import ADAPTER_FORMAT, LLaMAAdapter, atomic_write, read_adapter_file
-from llama_adapter_fast.vision import FeatureCache, ImageEncoder, encode_image_files
+from llama_adapter_fast.vision import FeatureCache, ImageEncoder, encode_image_files, image_file_digests
 
 PROJECTION_PREFIX = "image_projection."
 ENCODER_KEY = "image_encoder"  # adapter file metadata: the encoder the projection was trained on
@@ -337,7 +338,12 @@ class ImageInstructionDataset(InstructionDataset):
         with_image = [i for i, r in enumerate(self.records) if r.get("image")]
         paths = [root / self.records[i]["image"] for i in with_image]
         where = [f"{source}: record {i}" for i in with_image]
-        features = encode_image_files(encoder, paths, cache=cache, progress=progress, where=where)
+        digests = image_file_digests(paths, where)
+        features = encode_image_files(encoder, paths, cache=cache, progress=progress, where=where, digests=digests)
+        # What the features depend on (the encoder and each record's image bytes), for resume.
+        self.images_sha256 = hashlib.sha256(json.dumps(
+            {"encoder": encoder.fingerprint(), "images": dict(zip(with_image, digests, strict=True))}
+        ).encode()).hexdigest()
         self.image_features = torch.zeros(len(self.records), encoder.feature_dim)
         self.image_mask = torch.zeros(len(self.records), dtype=torch.bool)
         if with_image:

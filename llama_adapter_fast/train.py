@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from llama_adapter_fast.attention import triton_dtype_problem
 from llama_adapter_fast.data import IGNORE_INDEX, InstructionDataset, TextDataset, collate, collate_packed, pack_records
-from llama_adapter_fast.model import ADAPTER_FIELDS, LLaMAAdapter, ModelArgs, atomic_write, first_line
+from llama_adapter_fast.model import ADAPTER_FIELDS, LLaMAAdapter, ModelArgs, atomic_write, file_sha256, first_line
 from llama_adapter_fast.tokenizer import Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -414,14 +414,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _examples_sha256(dataset) -> str:
     """The tokenized records (inputs and labels), as the model sees them."""
     digest = hashlib.sha256()
@@ -578,11 +570,13 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None
         # What a resumed run must share with its checkpoint: the base's architecture, the data
-        # file's bytes, and the data as tokenized (which the tokenizer decides).
+        # file's bytes, the data as tokenized (which the tokenizer decides), and the images.
         self.fingerprints = {"base": _sha256(json.dumps(_base_args(model.args), sort_keys=True).encode()),
                              "tokens": _examples_sha256(dataset)}
         if data_file is not None and Path(data_file).is_file():
-            self.fingerprints["data"] = _file_sha256(data_file)
+            self.fingerprints["data"] = file_sha256(data_file)
+        if hasattr(dataset, "images_sha256"):  # the multi-modal data: its encoder and image files
+            self.fingerprints["images"] = dataset.images_sha256
 
     def _amp_dtype(self) -> torch.dtype | None:
         return amp_dtype_for(self.cfg.precision, self.device)
@@ -672,7 +666,9 @@ class Trainer:
                                    "trained on"),
                           ("data", "--data: {data} holds other records than the file {path} was trained on"),
                           ("tokens", "--tokenizer: the records tokenize differently than when {path} was written "
-                                     "(another tokenizer?)")):
+                                     "(another tokenizer?)"),
+                          ("images", "--image-encoder or the pictures: the image features would differ from those "
+                                     "{path} was trained on (other encoder weights, or changed image files)")):
             if name in fingerprints and name in self.fingerprints and fingerprints[name] != self.fingerprints[name]:
                 raise ValueError("resume: " + why.format(path=path, data=self.cfg.data) + "; a resumed run must see "
                                  "what the checkpoint saw (start a new run: another --out, or --overwrite)")

@@ -10,8 +10,8 @@
   pixels agree with it (tests/test_multimodal.py checks this).
 - `ImageEncoder`: the frozen tower and its preprocessing; an image becomes the global
   features ([CLS] token) of several layers, each standardized, concatenated.
-- `FeatureCache` and `encode_image_files`: features on disk, keyed by the image file's
-  content hash and the encoder's fingerprint, so a data set is encoded once.
+- `FeatureCache`, `image_file_digests` and `encode_image_files`: features on disk, keyed by
+  the image file's content hash and the encoder's fingerprint, so a data set is encoded once.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_adapter_fast.model import atomic_write
+from llama_adapter_fast.model import atomic_write, file_sha256
 
 # OpenAI CLIP's normalization, the default of CLIP's preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -91,7 +91,12 @@ class CLIPVisionConfig:
             raise ValueError(f"config: not a CLIP vision config (model_type {config.get('model_type')!r})")
         fields = {f.name for f in dataclasses.fields(cls)} - {"projection_dim"}
         kwargs = {k: vision[k] for k in fields if k in vision}
-        projection = vision.get("projection_dim", config.get("projection_dim"))
+        # A CLIPModel's projection size is its top-level projection_dim (its vision_config
+        # carries transformers' default of 512 whatever the projection is).
+        if vision is config:
+            projection = vision.get("projection_dim")
+        else:
+            projection = config.get("projection_dim", vision.get("projection_dim"))
         return cls(**kwargs, projection_dim=projection)
 
     def to_hf(self, with_projection: bool) -> dict[str, Any]:
@@ -374,14 +379,6 @@ class ImagePreprocessor:
                    image_processor_type="CLIPImageProcessor")
         return out
 
-    def output_size(self, width: int, height: int) -> tuple[int, int]:
-        """(height, width) of the result for an image of this size."""
-        if self.do_center_crop:
-            return self.crop_size["height"], self.crop_size["width"]
-        if not self.do_resize:
-            return height, width
-        return self._resized(width, height)[::-1]
-
     def _resized(self, width: int, height: int) -> tuple[int, int]:
         if "shortest_edge" in self.size:
             short, long = sorted((width, height))
@@ -454,7 +451,7 @@ class ImageEncoder(nn.Module):
             crop_size={"height": tower.config.image_size, "width": tower.config.image_size})
         self.layers = layers
         self.source = source
-        self._weights_sha256: str | None = None
+        self._weights_sha256: tuple[tuple, str] | None = None  # (state of the tensors, hash)
 
     @property
     def feature_dim(self) -> int:
@@ -484,14 +481,18 @@ class ImageEncoder(nn.Module):
     def weights_sha256(self) -> str:
         """SHA-256 over the tower's tensors (names, dtypes, shapes, bytes): the same weights
         give the same hash whatever file layout they came from."""
-        if self._weights_sha256 is None:
+        tensors = sorted(self.tower.state_dict().items())
+        # Hashing reads every byte, so the hash is kept while no tensor was replaced (a data
+        # pointer, a dtype) or written in place (its version counter).
+        state = tuple((name, t.data_ptr(), t.dtype, t._version) for name, t in tensors)
+        if self._weights_sha256 is None or self._weights_sha256[0] != state:
             h = hashlib.sha256()
-            for name, t in sorted(self.tower.state_dict().items()):
+            for name, t in tensors:
                 t = t.detach().cpu().contiguous()
                 h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._weights_sha256 = h.hexdigest()
-        return self._weights_sha256
+            self._weights_sha256 = (state, h.hexdigest())
+        return self._weights_sha256[1]
 
     def record(self) -> dict[str, Any]:
         """What an adapter file keeps about the encoder it was trained with."""
@@ -527,14 +528,6 @@ class ImageEncoder(nn.Module):
         return self(pixels).cpu()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class FeatureCache:
     """Encoder features on disk: <folder>/<encoder fingerprint>/<image sha256>.safetensors,
     each written atomically (several processes may fill the same cache)."""
@@ -560,24 +553,30 @@ class FeatureCache:
         atomic_write(self._path(digest), lambda tmp: save_file(tensors, tmp))
 
 
-def encode_image_files(encoder: ImageEncoder, paths: Sequence[str | os.PathLike], *,
-                       cache: FeatureCache | None = None, batch_size: int = 64, progress: bool = True,
-                       where: Sequence[str] | None = None) -> torch.Tensor:
-    """Features (N, feature_dim) of image files, each distinct file content encoded once and
-    looked up in `cache` first. `where[i]` prefixes the error of a bad image i (for example
-    "data.jsonl: record 12")."""
-    from tqdm.auto import tqdm
-
+def image_file_digests(paths: Sequence[str | os.PathLike], where: Sequence[str] | None = None) -> list[str]:
+    """SHA-256 of each image file's bytes (what the feature cache is keyed by); a missing or
+    unreadable file is an ImageError, prefixed by `where[i]`."""
     digests = []
     for i, path in enumerate(paths):
+        prefix = f"{where[i]}: " if where else ""
         if not Path(path).is_file():
-            prefix = f"{where[i]}: " if where else ""
             raise ImageError(f"{prefix}image {path} does not exist")
         try:
             digests.append(file_sha256(path))
         except OSError as exc:
-            prefix = f"{where[i]}: " if where else ""
             raise ImageError(f"{prefix}image {path} cannot be read ({exc.strerror or exc})") from exc
+    return digests
+
+
+def encode_image_files(encoder: ImageEncoder, paths: Sequence[str | os.PathLike], *,
+                       cache: FeatureCache | None = None, batch_size: int = 64, progress: bool = True,
+                       where: Sequence[str] | None = None, digests: Sequence[str] | None = None) -> torch.Tensor:
+    """Features (N, feature_dim) of image files, each distinct file content encoded once and
+    looked up in `cache` first. `where[i]` prefixes the error of a bad image i (for example
+    "data.jsonl: record 12"); `digests` are the files' `image_file_digests` if known."""
+    from tqdm.auto import tqdm
+
+    digests = image_file_digests(paths, where) if digests is None else list(digests)
     features: dict[str, torch.Tensor] = {}
     todo: dict[str, int] = {}  # digest -> first index with that content
     for i, digest in enumerate(digests):

@@ -293,3 +293,32 @@ def test_pool_stops_jobs_at_the_deadline(tmp_path):
                                    say, timeout_s=1)
     say.close()
     assert code == -9 and "x\n" in (tmp_path / "log.txt").read_text()
+
+
+def test_pack_benchmark_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    from benchmarks import bench_pack
+    from llama_adapter_fast.model import ModelArgs
+
+    tiny = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=128, adapter_len=3,
+                     adapter_layers=1)
+    monkeypatch.setitem(bench_pack.PRESETS, "tiny", dict(model=tiny, batch_size=4, grad_accum=2, precision="fp32"))
+    monkeypatch.setitem(bench_pack.PRESETS, "tiny-bf16", dict(model=tiny, batch_size=4, grad_accum=2,
+                                                              precision="bf16"))
+    stem = tmp_path / "pack"
+    assert bench_pack.main(["--preset", "tiny", "--device", "cpu", "--attention-backend", "sdpa", "--max-seq-len",
+                            "128", "--rounds", "2", "--out", str(stem)]) == 0
+    padded, packed = common.read_csv(stem.with_suffix(".csv"))
+    assert (padded["mode"], packed["mode"]) == ("padded", "packed")
+    assert float(packed["padding"]) == 0 < float(padded["padding"])
+    assert float(packed["real_tokens_per_step"]) == float(padded["real_tokens_per_step"])  # the same records
+    assert "packed / padded" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").stat().st_size > 0
+
+    # The bf16 preset: the base in bf16, only the prompts and gates in float32.
+    args = bench_pack.parse_args(["--preset", "tiny-bf16", "--device", "cpu", "--attention-backend", "sdpa",
+                                  "--rounds", "1"])
+    trainer = bench_pack.make_trainers(args, CPU)["packed"]
+    adapter = {name for name, _ in trainer.model.adapter_parameters()}
+    dtypes = {name: p.dtype for name, p in trainer.model.named_parameters()}
+    assert adapter and all(dtypes[n] == torch.float32 for n in adapter)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in adapter)

@@ -98,6 +98,20 @@ def test_generate_options_out_of_range(base_dir, capsys, options, fragment):  # 
                  fragment)
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["demo", "--finetune-steps", "0"], "argument --finetune-steps: must be at least 1"),
+    (["demo", "--pretrain-steps", "-3"], "argument --pretrain-steps: must be at least 1"),
+    (["demo-mm", "--finetune-steps", "0"], "argument --finetune-steps: must be at least 1"),
+    (["demo-mm", "--encoder-steps", "-1"], "argument --encoder-steps: must be at least 0"),
+])
+def test_demo_step_counts_out_of_range(capsys, argv, fragment):
+    """A step count of 0 is refused, not replaced by the default."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def trained(base_dir, data_file, tmp_path_factory):  # noqa: F811
     """An out folder of a finished 2-step run (adapter and checkpoint)."""

@@ -5,6 +5,7 @@ cache, data and encoder errors, fine-tuning, and the bundled pictures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -266,6 +267,9 @@ def hf_clip(kind: str, seed: int = 0):
                   patch_size=8, projection_dim=12, hidden_act="quick_gelu")
     torch.manual_seed(seed)
     if kind == "clip":
+        # A real CLIPModel's projection size is the top-level one; its vision_config keeps
+        # transformers' default.
+        vision = {k: v for k, v in vision.items() if k != "projection_dim"}
         config = transformers.CLIPConfig(vision_config=vision, text_config=dict(hidden_size=16, intermediate_size=24,
                                          num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
                                          projection_dim=12)
@@ -385,6 +389,20 @@ def test_feature_cache_is_keyed_by_content(tmp_path, encoder_dir, monkeypatch):
     assert item["image_features"].shape == (encoder.feature_dim,) and bool(item["image_mask"])
 
 
+def test_the_encoders_fingerprint_follows_its_weights(encoder_dir):
+    """Weights written in place or replaced (another dtype) change the key of the feature
+    cache and the encoder's record; untouched weights keep it."""
+    encoder = ImageEncoder.from_pretrained(encoder_dir)
+    first = encoder.fingerprint()
+    assert encoder.fingerprint() == first
+    with torch.no_grad():
+        next(encoder.tower.parameters()).mul_(2)
+    second = encoder.fingerprint()
+    assert second != first
+    encoder.tower.double()
+    assert encoder.fingerprint() not in (first, second)
+
+
 @pytest.mark.parametrize("problem", ["missing", "not_an_image", "truncated"])
 def test_bad_images_name_the_data_file_record_and_image(tmp_path, encoder_dir, problem):
     encoder = ImageEncoder.from_pretrained(encoder_dir)
@@ -462,6 +480,29 @@ def test_finetune_then_generate_with_pictures(tmp_path, base_dir, encoder_dir, c
                      "--prompt", "What colour?", "--image", str(tmp_path / "data" / "p1.png"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "another image encoder" in err and "weights_sha256" in err
+
+
+def test_resume_refuses_other_pictures_or_encoder_weights(tmp_path, base_dir, encoder_dir):
+    """The features a run trained on depend on the image files and on the encoder's weights
+    (not only its folder's name): a resumed run must see the same, or stop."""
+    for i in range(2):
+        write_picture(tmp_path / "data" / f"p{i}.png", i)
+    data = tmp_path / "data" / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "What colour?", "output": c, "image": f"p{i}.png"}) + "\n"
+                            for i, c in enumerate(["red", "blue"])))
+    cfg = TrainConfig(base=str(base_dir), data=str(data), out_dir=str(tmp_path / "run"), image_encoder=str(encoder_dir),
+                      adapter_len=2, adapter_layers=2, attention_backend="sdpa", max_seq_len=80, batch_size=2,
+                      max_steps=1, progress=False, plot=False, device="cpu")
+    finetune(cfg)
+    again = dataclasses.replace(cfg, max_steps=2, resume=True)
+    write_picture(tmp_path / "data" / "p1.png", 5)  # another picture under the same name
+    with pytest.raises(ValueError, match="--image-encoder or the pictures"):
+        finetune(again)
+    write_picture(tmp_path / "data" / "p1.png", 1)  # the picture back: the run resumes
+    assert finetune(again).steps == 2
+    tiny_encoder(seed=7).save_pretrained(encoder_dir)  # other weights in the same folder
+    with pytest.raises(ValueError, match="--image-encoder or the pictures"):
+        finetune(dataclasses.replace(cfg, max_steps=3, resume=True))
 
 
 def test_the_readme_picture_error_holds(tmp_path, base_dir, encoder_dir, capsys, monkeypatch):
