@@ -463,7 +463,8 @@ class ImageEncoder(nn.Module):
         tower = CLIPVisionTower.from_pretrained(folder)
         if device is not None:
             tower = tower.to(device)
-        return cls(tower, ImagePreprocessor.from_pretrained(folder), layers, source=str(folder))
+        # Recorded absolute, so that an adapter file names its encoder from any working directory.
+        return cls(tower, ImagePreprocessor.from_pretrained(folder), layers, source=str(Path(folder).resolve()))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.tower.save_pretrained(folder)

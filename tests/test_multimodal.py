@@ -389,10 +389,13 @@ def test_feature_cache_is_keyed_by_content(tmp_path, encoder_dir, monkeypatch):
     assert item["image_features"].shape == (encoder.feature_dim,) and bool(item["image_mask"])
 
 
-def test_the_encoders_fingerprint_follows_its_weights(encoder_dir):
+def test_the_encoders_fingerprint_follows_its_weights(encoder_dir, monkeypatch):
     """Weights written in place or replaced (another dtype) change the key of the feature
-    cache and the encoder's record; untouched weights keep it."""
-    encoder = ImageEncoder.from_pretrained(encoder_dir)
+    cache and the encoder's record; untouched weights keep it. The record names the folder
+    absolute, whatever the working directory was."""
+    monkeypatch.chdir(encoder_dir.parent)
+    encoder = ImageEncoder.from_pretrained(encoder_dir.name)
+    assert encoder.record()["source"] == str(encoder_dir.resolve())
     first = encoder.fingerprint()
     assert encoder.fingerprint() == first
     with torch.no_grad():
