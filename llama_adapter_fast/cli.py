@@ -216,8 +216,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     result = finetune(cfg)
     if result.adapter_path is not None:
         print(f"adapter: {result.adapter_path}")
-        print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} in {result.steps} steps, "
-              f"{result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s")
+        if result.history:
+            print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} in {result.steps} steps, "
+                  f"{result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s")
+        else:
+            print(f"nothing to train: the checkpoint is at step {result.steps}, the last of this run")
         if result.plot_path:
             print(f"loss plot: {result.plot_path}")
     return 0

@@ -454,6 +454,9 @@ class LLaMAAdapter(nn.Module):
             return state
         queries = state["adapter_query.weight"]
         layers = self.adapter_layers()
+        if queries.dim() != 2 or not layers or queries.shape[0] % len(layers):
+            raise ValueError(f"adapter_query.weight of shape {tuple(queries.shape)} does not hold prompts for this "
+                             f"model's {len(layers)} adapter layers")
         queries = queries.reshape(len(layers), -1, queries.shape[-1])
         converted = {}
         for i, attn in enumerate(layers):
@@ -461,7 +464,9 @@ class LLaMAAdapter(nn.Module):
             converted[f"layers.{lid}.attention.adapter_prompt"] = queries[i]
             gate = state.get(f"layers.{lid}.attention.gate")
             if gate is not None:
-                converted[f"layers.{lid}.attention.gate"] = gate.reshape(attn.gate.shape)
+                # One gate per head: a file of another head count keeps its shape, for the shape check.
+                fits = gate.numel() == attn.gate.numel()
+                converted[f"layers.{lid}.attention.gate"] = gate.reshape(attn.gate.shape) if fits else gate
         return converted
 
     def save_adapter(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
@@ -850,6 +855,9 @@ def _original_config(state: Mapping[str, torch.Tensor], path: Path, given: Mappi
         raise ValueError(f"{path}: adapter_query.weight must be 2-d, got shape {tuple(queries.shape)}")
     rows = queries.shape[0]
     length, layers = given.get("adapter_len"), given.get("adapter_layers")
+    for option, value in (("--adapter-len", length), ("--adapter-layers", layers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{option} must be an int >= 1, got {value!r}")
     if layers is None and length is not None and rows % length == 0:
         layers = rows // length
     if layers is None:
@@ -862,6 +870,9 @@ def _original_config(state: Mapping[str, torch.Tensor], path: Path, given: Mappi
                              f"product is its {rows} prompt vectors)")
         layers = len(trained)
     if length is None:
+        if rows % layers:
+            raise ValueError(f"--adapter-layers {layers} does not fit {path}: its adapter_query holds {rows} = "
+                             f"adapter_len * adapter_layers prompt vectors")
         length = rows // layers
     if length * layers != rows:
         raise ValueError(f"--adapter-len {length} and --adapter-layers {layers} do not fit {path}: its adapter_query "

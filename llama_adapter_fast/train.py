@@ -344,6 +344,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics file. Rows are appended as steps finish, so a run killed mid-write
+    can leave its last line torn: that line is dropped (its step runs again on resume); a bad
+    line anywhere else is a ValueError naming the file."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row ({exc})") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row (no step)")
+        rows.append(row)
+    return rows
+
+
 def write_loss_plot(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "training loss",
                     ylabel: str = "cross-entropy") -> Path:
     """Loss per step from a metrics file, as a PNG."""
@@ -352,7 +373,7 @@ def write_loss_plot(metrics_path: str | os.PathLike, out_path: str | os.PathLike
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
@@ -692,6 +713,12 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
+            # A checkpoint written without FSDP keys its optimizer state by parameter number,
+            # which FSDP's loader cannot map (the other way round works).
+            groups = state["optimizer"].get("param_groups", [])
+            if any(isinstance(p, int) for g in groups for p in g.get("params", [])):
+                raise ValueError(f"resume: {path} was written without FSDP, and its optimizer state does not load "
+                                 f"under --strategy fsdp: resume it with --strategy ddp (or in one process)")
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
             set_model_state_dict(self.model, state["trainable"], options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
@@ -711,6 +738,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] or not self.scaler.is_enabled():  # a run that turns fp16 on starts a fresh scale
             self.scaler.load_state_dict(state["scaler"])
+        if state["step"] > self.total_steps:
+            raise ValueError(f"resume: {path} is at step {state['step']}, past the {self.total_steps} steps of this "
+                             f"run (--max-steps, --epochs): ask for more steps to continue it")
         self.step = self.saved_step = state["step"]
         # The optimizer's state dict brought back the saved peak rate and weight decay: this
         # run's settings rule from here on (the same values when nothing changed).
@@ -869,8 +899,7 @@ class Trainer:
             dist.barrier()
         if resume is not None and info.main and metrics_path.exists():
             # Drop the metrics of steps after the checkpoint: they will be run again.
-            rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-            kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.step)
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics_path) if r["step"] <= self.step)
             atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(kept))
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and info.main),

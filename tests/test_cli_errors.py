@@ -143,6 +143,33 @@ def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path
                  f"resume: {checkpoint}")
 
 
+def test_resume_of_a_finished_run(base_dir, data_file, trained, tmp_path, capsys):  # noqa: F811
+    """The trained run is at step 2: resuming it for 2 steps trains nothing and says so; for
+    fewer steps than it has done is an error."""
+    out = tmp_path / "o"
+    shutil.copytree(trained, out)
+    capsys.readouterr()
+    assert cli.main(finetune_args(base_dir, data_file, out, "--max-steps", "2", "--resume")) == 0
+    assert "nothing to train: the checkpoint is at step 2" in capsys.readouterr().out
+    expect_error(capsys, finetune_args(base_dir, data_file, out, "--max-steps", "1", "--resume"),
+                 "is at step 2, past the 1 steps of this run")
+
+
+def test_resume_over_a_torn_metrics_row(base_dir, data_file, trained, tmp_path, capsys):  # noqa: F811
+    """A run killed while appending a metrics row leaves it torn: resume drops it (its step
+    runs again); a bad row before the last is an error naming the file."""
+    out = tmp_path / "o"
+    shutil.copytree(trained, out)
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 3, "epo')
+    assert cli.main(finetune_args(base_dir, data_file, out, "--max-steps", "3", "--resume")) == 0
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    metrics.write_text('{"step": 1, "lo\n' + good)
+    expect_error(capsys, finetune_args(base_dir, data_file, out, "--max-steps", "4", "--resume"),
+                 f"{metrics}: line 1 is not a metrics row")
+
+
 def test_ctrl_c_ends_with_the_resume_line_and_no_traceback(base_dir, data_file, tmp_path, capsys,  # noqa: F811
                                                            monkeypatch):
     from llama_adapter_fast.train import Trainer
@@ -340,6 +367,17 @@ def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_pa
     # A file that records its settings must not be contradicted.
     expect_error(capsys, generate_args(base_dir, trained / "adapter.safetensors", "--adapter-len", "3"),
                  "--adapter-len 3")
+    # Settings out of range, or that do not divide the prompts, are named.
+    for extra, fragment in ((["--adapter-len", "0"], "--adapter-len must be an int >= 1"),
+                            (["--adapter-layers", "0"], "--adapter-layers must be an int >= 1"),
+                            (["--adapter-layers", "3"], "--adapter-layers 3 does not fit")):
+        expect_error(capsys, generate_args(base_dir, tmp_path / "zero.pth", *extra), fragment)
+    # A file made for a base with another number of heads (a gate per head).
+    state = torch.load(tmp_path / "original.pth")
+    for i in (0, 1):
+        state[f"layers.{i}.attention.gate"] = torch.full((1, 7, 1, 1), 0.1)
+    torch.save(state, tmp_path / "other_heads.pth")
+    expect_error(capsys, generate_args(base_dir, tmp_path / "other_heads.pth"), "attention.gate has shape (1, 7, 1, 1)")
 
 
 def test_runs_that_would_learn_nothing_stop(base_dir, data_file, tmp_path, capsys):  # noqa: F811

@@ -155,6 +155,21 @@ def test_two_gloo_processes_match_one_process(base_dir, data_file, one_process, 
     assert not torch.equal(one_process["layers.1.attention.gate"], torch.zeros(2))
 
 
+def test_a_checkpoint_without_fsdp_does_not_resume_under_fsdp(base_dir, data_file, tmp_path):
+    """Its optimizer state is keyed by parameter number, which FSDP's loader cannot map: the
+    one-line error naming the way that works, not a KeyError from the loader."""
+    out = tmp_path / "one"
+    finetune(config(base_dir, data_file, out, batch_size=4, grad_accum=1, max_steps=1))
+    proc = torchrun(["finetune", "--base", str(base_dir), "--data", str(data_file), "--out", str(out),
+                     "--adapter-len", "3", "--adapter-layers", "2", "--attention-backend", "sdpa",
+                     "--max-seq-len", "80", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2",
+                     "--lr", "2e-2", "--warmup-steps", "2", "--device", "cpu", "--no-progress", "--no-plot",
+                     "--strategy", "fsdp", "--resume"])
+    assert proc.returncode != 0  # (torchrun reports its failed workers with a traceback of its own)
+    assert "finetune: error: resume:" in proc.stderr, proc.stderr[-3000:]
+    assert "was written without FSDP" in proc.stderr and "--strategy ddp" in proc.stderr
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     base = tmp_path / "base"
     assert cli.main(["pretrain", "--data", str(SYNTHETIC_FILES["pretrain"]), "--out", str(base), "--dim", "32",
