@@ -1018,8 +1018,11 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
 
 def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAdapter | None,
               tokenizer: Tokenizer | None, callback: Callable[[str, int], None] | None) -> TrainResult:
-    if info.main and _resolve_resume(cfg) is None:
+    resume = _resolve_resume(cfg)
+    if resume is None and info.main:
         _check_fresh_out(cfg)
+    elif resume is not None and not resume.is_file():
+        read_checkpoint(resume)  # its error (missing, a folder) before minutes of loading
     # The same seed on every process: FSDP does not broadcast the initial prompts.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -1070,7 +1073,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
             return path
         return None
 
-    return trainer.run(resume=_resolve_resume(cfg), save_final=save_adapter, callback=callback)
+    return trainer.run(resume=resume, save_final=save_adapter, callback=callback)
 
 
 def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,

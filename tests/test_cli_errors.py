@@ -143,6 +143,19 @@ def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path
                  f"resume: {checkpoint}")
 
 
+def test_a_missing_resume_checkpoint_stops_before_loading(base_dir, data_file, tmp_path, capsys,  # noqa: F811
+                                                           monkeypatch):
+    import llama_adapter_fast.train as train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded before the checkpoint was looked for")
+
+    monkeypatch.setattr(train, "load_base", no_loading)
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--resume", str(missing)),
+                 f"resume: checkpoint {missing} does not exist")
+
+
 def test_resume_of_a_finished_run(base_dir, data_file, trained, tmp_path, capsys):  # noqa: F811
     """The trained run is at step 2: resuming it for 2 steps trains nothing and says so; for
     fewer steps than it has done is an error."""
