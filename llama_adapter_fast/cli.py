@@ -506,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         # Training has already said where its checkpoint is; the traceback would only bury it.
         print(f"llama-adapter-fast {a.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`generate ... | head`): stop quietly, as Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -430,3 +430,26 @@ def test_the_readme_error_examples_hold(base_dir, data_file, trained, tmp_path, 
     shutil.copytree(trained, "runs/alpaca")
     assert expect_error(capsys, finetune_args(base_dir, data_file, "runs/alpaca", "--resume", "--seed", "1",
                                               "--max-steps", "3")) == examples[1]
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """`generate ... | head`: the reader goes away while answers are being written; the
+    command stops with SIGPIPE's status and no traceback."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "from llama_adapter_fast import cli\n"
+              "def flood(a):\n"
+              "    for _ in range(100000):\n"
+              "        print('an answer ' * 10, flush=True)\n"
+              "    return 0\n"
+              "cli.cmd_generate = flood\n"
+              "sys.exit(cli.main(['generate', '--base', 'b', '--prompt', 'hi']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parent.parent)})
+    assert proc.stdout.read(10) == b"an answer "
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
