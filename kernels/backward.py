@@ -267,28 +267,29 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # One flat loop over (query head of the group, query block): a nested loop would keep
-    # the pipelining state of the inner loop alive across the outer one.
+    # the pipelining state of the inner loop alive across the outer one. The sequence's bases
+    # are computed once, outside the loops: only the head changes inside.
+    q_seq = Q + b * stride_qb + q_start * stride_qt
+    do_seq = DO + b * stride_dob + q_start * stride_dot
+    lse_seq = LSE1 + b * stride_lb + q_start
+    delta_seq = DELTA1 + b * stride_lb + q_start
     for i in range(0, GROUP * n_diag):
         hh = i // n_diag
         h = g * GROUP + hh
-        row0 = b * stride_lb + h * stride_lh + q_start
         dk, dv = _dkdv_step(
             dk, dv, k, v, key_ok,
-            Q + b * stride_qb + h * stride_qh + q_start * stride_qt,
-            DO + b * stride_dob + h * stride_doh + q_start * stride_dot,
-            LSE1 + row0, DELTA1 + row0, offs_n, lo + (i - hh * n_diag) * BLOCK_M, offs_d, d_valid,
+            q_seq + h * stride_qh, do_seq + h * stride_doh, lse_seq + h * stride_lh, delta_seq + h * stride_lh,
+            offs_n, lo + (i - hh * n_diag) * BLOCK_M, offs_d, d_valid,
             stride_qt, stride_qd, stride_dot, stride_dod, T, S, scale_log2,
             CAUSAL, HAS_MASK, EVEN_D, BLOCK_M, DOT_PRECISION,
         )
     for i in range(0, GROUP * n_full):
         hh = i // n_full
         h = g * GROUP + hh
-        row0 = b * stride_lb + h * stride_lh + q_start
         dk, dv = _dkdv_step(
             dk, dv, k, v, key_ok,
-            Q + b * stride_qb + h * stride_qh + q_start * stride_qt,
-            DO + b * stride_dob + h * stride_doh + q_start * stride_dot,
-            LSE1 + row0, DELTA1 + row0, offs_n, mid + (i - hh * n_full) * BLOCK_M, offs_d, d_valid,
+            q_seq + h * stride_qh, do_seq + h * stride_doh, lse_seq + h * stride_lh, delta_seq + h * stride_lh,
+            offs_n, mid + (i - hh * n_full) * BLOCK_M, offs_d, d_valid,
             stride_qt, stride_qd, stride_dot, stride_dod, T, S, scale_log2,
             False, HAS_MASK, EVEN_D, BLOCK_M, DOT_PRECISION,
         )
@@ -378,7 +379,9 @@ def varlen_backward(
     do = do.to(q.dtype)
     delta1 = torch.empty_like(lse1)
     dpk, dpv, dgate = launch_backward(
-        do, q, k, v, prefix_k, prefix_v, gate_act, None, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2, delta1,
+        # The kernels read cu_seqlens with stride 1.
+        do, q, k, v, prefix_k, prefix_v, gate_act, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+        out, lse1, lse2, delta1,
         dq, dk, dv, *(packed_strides(x) for x in (q, k, v, out, do, dq, dk, dv)), (0, lse1.stride(0)),
         n_seqs, H, Hkv, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
     )

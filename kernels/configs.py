@@ -162,7 +162,9 @@ def autotuner(kernel: str, fn):
 
     return triton.autotune(
         configs=[c.as_config() for c in pool],
-        key=["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET", "DOT_PRECISION"],
+        # The prefix tile (BLOCK_P, ONE_PREFIX_BLOCK) changes shared memory: the fit check reruns with it.
+        key=["HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET",
+             "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune},
     )(fn)
 

@@ -64,10 +64,13 @@ def store_tile(ptr, x, offs_r, stride_r, offs_d, stride_d, r_valid, d_valid, EVE
 def sequence_bounds(CU_Q, CU_K, b, T_MAX, S_MAX, VARLEN: tl.constexpr):
     """(first query row, T, first key row, S) of sequence b."""
     if VARLEN:
+        # int64: a row index times a row stride passes 2**31 within a large packed batch.
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
-        return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
-    return 0, T_MAX, 0, S_MAX
+        return (q_start.to(tl.int64), tl.load(CU_Q + b + 1) - q_start,
+                k_start.to(tl.int64), tl.load(CU_K + b + 1) - k_start)
+    zero = tl.full((), 0, tl.int64)  # the branches' types must agree; the constant folds away
+    return zero, T_MAX, zero, S_MAX
 
 
 @triton.jit
@@ -288,7 +291,9 @@ def varlen_forward(
     if out.numel() == 0 or n_seqs == 0:
         return out, lse1, lse2
     launch_forward(
-        q, k, v, prefix_k, prefix_v, gate_act, None, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2,
+        # The kernels read cu_seqlens with stride 1.
+        q, k, v, prefix_k, prefix_v, gate_act, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), out,
+        lse1, lse2,
         packed_strides(q), packed_strides(k), packed_strides(v), packed_strides(out), (0, lse1.stride(0)),
         n_seqs, H, k.shape[1], max_seqlen_q, max_seqlen_k, causal, softmax_scale,
     )

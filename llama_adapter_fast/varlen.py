@@ -45,7 +45,10 @@ def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -
         raise ValueError(f"{name} must end at the number of packed rows ({total}), got {values[-1]}")
 
 
-def _check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
+def _check_max_seqlen(name: str, value: object, cu: torch.Tensor, total: int) -> int:
+    """The value, at most `total`: no sequence is longer than all rows, and the kernels'
+    grids and partial buffers are sized by it (a max_position_embeddings passed here would
+    otherwise size them)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
@@ -54,7 +57,7 @@ def _check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
         longest = int((cu[1:] - cu[:-1]).max())
         if value < longest:
             raise ValueError(f"{name} ({value}) is below the longest sequence ({longest})")
-    return int(value)
+    return min(int(value), total)
 
 
 def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_k, prefix_v,
@@ -76,8 +79,8 @@ def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          f"of keys per sequence of queries), got {cu_seqlens_k.numel()}")
     n_seqs = cu_seqlens_q.numel() - 1
     check_prefix(prefix_k, prefix_v, n_seqs, Hkv, D, batch_name="sequence")
-    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
-    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, total_q)
+    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, total_k)
     return check_gate(gate, Hq, q.device), max_q, max_k
 
 

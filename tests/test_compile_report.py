@@ -1,7 +1,8 @@
 """The kernels compiled for an H100 (sm_90) on this machine, with ptxas: every launch has
 a config that fits the shared memory, the configs the launcher can pick fit, and the
 16-bit spill targets hold (no spills at head dims 64 and 128, a spill-free wgmma config at
-256). The full sweep (sm_80 too, all dtypes, head dims and modes) is `make compile-report`."""
+256; the packed kernels are checked for compilation and fit). The full sweep (sm_80 too,
+all dtypes, head dims and modes) is `make compile-report`."""
 
 import os
 import subprocess
@@ -19,7 +20,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("modes", ["causal", "causal-padded,bidirectional"])
+@pytest.mark.parametrize("modes", ["causal", "causal-padded,bidirectional", "packed"])
 def test_sm90_bf16_compile_report(modes):
     result = _run("--archs", "90", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", modes,
                   "--no-write", "--check", "--spill-targets")

@@ -96,3 +96,37 @@ def test_candidate_lists():
             if kernel == "backward_dq":
                 assert len({m for m, *_ in specs}) == 1, (elem, d)
     assert dq_block_m(128, 2) == 16  # the interpreter's block
+
+
+def test_packed_offsets_past_2_31_elements():
+    """A packed sequence whose first row times the row stride passes 2**31 (q a view into a
+    large buffer): its start offset is computed in 64 bits, and every result equals the one
+    on compact copies."""
+    from llama_adapter_fast import gated_prefix_attention_varlen
+
+    T, D = 5, 16
+    stride = 2**29 + 64
+    storage = torch.empty(T * stride, dtype=torch.float16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = [], [], [], []
+    for i, out in enumerate((q, k, v, grad_out)):
+        view = storage.as_strided((T, 1, D), (stride, D, 1), storage_offset=i * D)
+        view.copy_(torch.randn(T, 1, D, generator=g).half())
+        out.append(view)
+    (q,), (k,), (v,), (grad_out,) = q, k, v, grad_out
+    cu = torch.tensor([0, 1, 4, 5], dtype=torch.int32)  # the last sequence starts at row 4
+    assert 4 * q.stride(0) > 2**31
+    pk, pv = torch.randn(2, 3, 1, 3, D, generator=g).half()
+    gate = torch.tensor([0.7])
+
+    def run(q, k, v, grad_out):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pv, gate)]
+        out = gated_prefix_attention_varlen(*leaves[:3], cu, cu, 3, 3, *leaves[3:], backend="triton")
+        return [out, *torch.autograd.grad(out, leaves, grad_out)]
+
+    with expect_launches("forward", "backward_dq", "backward_dkdv"):
+        strided = run(q, k, v, grad_out)
+    compact = run(q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous())
+    for name, a, b in zip(("out", *GRAD_NAMES), strided, compact, strict=True):
+        assert torch.equal(a, b), name
+        assert torch.isfinite(a).all(), name

@@ -141,3 +141,29 @@ def test_compiles_with_fullgraph():
         out, grads = _run(compiled, tensors, grad_out)
     for x, r in zip((out, *grads), (ref, *ref_grads), strict=True):
         assert rel_error(x, r) < 1e-6
+
+
+def test_strided_cu_seqlens_and_a_large_max_seqlen():
+    """cu_seqlens may be a strided view (the kernels read them with stride 1), and
+    max_seqlen may be far above the longest sequence (a max_position_embeddings): the
+    grids are sized by at most the packed rows."""
+    tensors, kwargs, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(CASES["block_edges_gqa"])
+    grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    compact = _run(packed_fns((cu_q, cu_k, max_q, max_k))[0], tensors, grad_out, **kwargs)
+
+    def strided(cu):
+        spaced = torch.full((2 * cu.numel(),), 10**6, dtype=torch.int32, device=cu.device)
+        spaced[::2] = cu
+        return spaced[::2]
+
+    cu_q2, cu_k2 = strided(cu_q), strided(cu_k)
+    assert cu_q2.stride(0) == 2 and torch.equal(cu_q2, cu_q)
+
+    def fused(q, k, v, pk, pv, gate, **kw):
+        return gated_prefix_attention_varlen(q, k, v, cu_q2, cu_k2, 2**40, 2**40, pk, pv, gate, backend="triton",
+                                             **kw)
+
+    with expect_launches(*KERNELS):
+        out, grads = _run(fused, tensors, grad_out, **kwargs)
+    for label, x, ref in zip(("out", *GRAD_NAMES), (out, *grads), (compact[0], *compact[1]), strict=True):
+        assert torch.equal(x, ref), label
