@@ -4,7 +4,6 @@ strides."""
 from __future__ import annotations
 
 import collections
-import functools
 import os
 
 import torch
@@ -22,7 +21,6 @@ AUTOTUNE = not INTERPRET and os.environ.get("LLAMA_ADAPTER_FAST_AUTOTUNE", "1") 
 # to prove that the Triton path ran rather than some fallback.
 LAUNCH_COUNTS: collections.Counter[str] = collections.Counter()
 
-MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
 
@@ -33,22 +31,6 @@ def count_launch(name: str) -> None:
 def can_run_on(device: torch.device) -> bool:
     """True when the kernels can run on tensors of this device."""
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
-
-
-# An H100's streaming multiprocessors: the count assumed for launches captured on a machine
-# without a GPU (compile reports).
-DEFAULT_NUM_SMS = 132
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_NUM_SMS
-    return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def block_d(head_dim: int) -> int:
