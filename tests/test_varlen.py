@@ -30,6 +30,7 @@ CASES = {
     "kv_cache_chunks": PackedCase((3, 1, 9), lens_k=(20, 33, 9)),  # bottom-right causal per sequence
     "empty_sequence_p70": PackedCase((8, 0, 19), lens_k=(8, 0, 19), P=70),
     "d80": PackedCase((11, 20), D=80),
+    "no_word_keys": PackedCase((3, 18), lens_k=(0, 0)),  # the prefix alone (the dK/dV kernel has no keys)
 }
 
 
