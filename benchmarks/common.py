@@ -368,18 +368,19 @@ def compile_only(config_shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
 
     if "warmup" not in inspect.signature(JITFunction.run).parameters:
         raise RuntimeError("this Triton has no compile-only launch (JITFunction.run(warmup=...))")
+    from llama_adapter_fast.kernels import configs
+
     jits, tuners = kernel_objects()
     index, count = config_shard
     saved = {}
     try:
         for jit in jits:
             jit.run = functools.partial(_run_without_launch, type(jit).run.__get__(jit))
-        for tuner in tuners:
+        for kernel, tuner in configs.AUTOTUNERS.items():
             saved[tuner] = (vars(tuner).get("early_config_prune"), vars(tuner).get("do_bench"),
                             getattr(tuner, "cache_results", False))
-            # Shard what the kernel's own prune keeps for the call (its candidates that fit).
-            tuner.early_config_prune = functools.partial(_shard_pruned, getattr(tuner, "early_config_prune", None),
-                                                         index, count)
+            # This process's share of the call's candidates, before anything is compiled.
+            tuner.early_config_prune = functools.partial(_shard_candidates, kernel, index, count)
             tuner.do_bench = _compile_and_pretend_to_time
             # The pretended timings must never reach Triton's on-disk autotuning cache.
             tuner.cache_results = False
@@ -397,9 +398,14 @@ def compile_only(config_shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
             tuner.cache.clear()
 
 
-def _shard_pruned(prune: Callable | None, index: int, count: int, configs, named_args, **kwargs) -> list:
-    kept = prune(configs, named_args, **kwargs) if prune is not None else list(configs)
-    return kept[index::count] or kept[:1]
+def _shard_candidates(kernel: str, index: int, count: int, candidates, named_args, **kwargs) -> list:
+    """Every count-th of the call's candidates from the index-th, none of them compiled yet
+    (the kernel's own prune would compile them all to measure their shared memory: the
+    timing run does that later, from the cache this fills)."""
+    from llama_adapter_fast.kernels import configs
+
+    found = configs.wanted(kernel, candidates, kwargs, named_args["Q"].element_size())
+    return found[index::count] or found[:1]
 
 
 def _run_without_launch(run: Callable, *args, **kwargs):

@@ -144,6 +144,21 @@ def compiled_shared_bytes(fn, args: dict | tuple, meta: dict, config: dict) -> i
     return int(kernel.metadata.shared)
 
 
+def _as_candidate(config: triton.Config) -> Candidate:
+    return Candidate(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def wanted(kernel: str, configs: list, meta: dict, elem_bytes: int) -> list:
+    """The autotuner's configs that are candidates of this call (its head dim and element
+    size), in order of preference."""
+    order = {c: i for i, c in enumerate(candidates(kernel, meta["HEAD_DIM"], elem_bytes))}
+    return sorted((c for c in configs if _as_candidate(c) in order), key=lambda c: order[_as_candidate(c)])
+
+
+# The autotuner of each kernel (when autotuning is on), by kernel name.
+AUTOTUNERS: dict[str, object] = {}
+
+
 def autotuner(kernel: str, fn):
     """Wrap a JIT function in Triton's autotuner over every candidate of the kernel, pruned
     at each new key to those of the call's head dim and dtype whose binaries fit the
@@ -152,21 +167,24 @@ def autotuner(kernel: str, fn):
         return None
     pool = list(dict.fromkeys(Candidate(*s) for specs in CANDIDATES[kernel].values() for s in specs))
 
-    def prune(configs, named_args, **meta):
+    def prune(configs, named_args, **kwargs):
+        # Triton passes every keyword argument of the call, the launch's own (grid, warmup)
+        # among them: only the kernel's parameters go on to the compiler.
+        meta = {k: v for k, v in kwargs.items() if k in fn.arg_names}
         q = named_args["Q"]
-        wanted = set(candidates(kernel, meta["HEAD_DIM"], q.element_size()))
-        found = [c for c in configs
-                 if Candidate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        found = wanted(kernel, configs, meta, q.element_size())
         limit = device_shared_limit(q.device.index or 0)
         return fitting(kernel, found, lambda c: compiled_shared_bytes(fn, named_args, meta, c.all_kwargs()), limit)
 
-    return triton.autotune(
+    tuned = triton.autotune(
         configs=[c.as_config() for c in pool],
         # The prefix tile (BLOCK_P, ONE_PREFIX_BLOCK) changes shared memory: the fit check reruns with it.
         key=["HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET",
              "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune},
     )(fn)
+    AUTOTUNERS[kernel] = tuned
+    return tuned
 
 
 @dataclass
@@ -209,7 +227,36 @@ def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, m
     count_launch(kernel)
 
 
+# The fixed-config path's choice, by everything that decides which binary a launch uses
+# (see _binary_key), so that a launch compiles or looks up its candidates once, not on every call.
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def _binary_key(kernel: str, args: tuple, meta: dict) -> tuple:
+    """Kernel, device, dtypes, constexprs and Triton's specialization of the arguments:
+    integers equal to 1 or divisible by 16, and tensors aligned to 16 bytes, compile into
+    other binaries (whose shared memory may differ)."""
+    spec = []
+    for a in args:
+        if isinstance(a, bool):
+            spec.append(a)
+        elif isinstance(a, int):
+            spec.append(1 if a == 1 else 16 if a % 16 == 0 else 0)
+        elif hasattr(a, "data_ptr"):
+            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+    device = args[0].device.index or 0
+    return kernel, device, tuple(spec), tuple(sorted(meta.items()))
+
+
 def _first_fitting(kernel: str, fn, args: tuple, meta: dict) -> dict:
+    key = _binary_key(kernel, args, meta)
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _compile_first_fitting(kernel, fn, args, meta)
+    return chosen
+
+
+def _compile_first_fitting(kernel: str, fn, args: tuple, meta: dict) -> dict:
     q = args[0]
     found = [c.kwargs() for c in candidates(kernel, meta["HEAD_DIM"], q.element_size())]
     limit = device_shared_limit(q.device.index or 0)

@@ -139,27 +139,35 @@ def test_refused_everywhere_is_unsupported_and_oom_keeps_the_forward():
     assert [r["status"] for r in rows] == ["ok", "oom", "oom"]
 
 
-def test_compile_only_patches_launches_and_restores(monkeypatch):
+def test_compile_only_patches_launches_shards_before_compiling_and_restores(monkeypatch):
+    from llama_adapter_fast.kernels import configs
+
     class FakeJit:
         def run(self, *args, grid=None, warmup=False, **kwargs):
             return "compiled" if warmup else "launched"
 
-    def keep_odd(configs, named_args, **kwargs):
-        return [c for c in configs if c % 2]
+    def compiles_everything(candidates, named_args, **kwargs):
+        raise AssertionError("the kernel's own prune compiles every candidate: it must not run when sharding")
 
     class FakeTuner:
         def __init__(self):
-            self.configs, self.cache = list(range(12)), {"key": 1}
-            self.early_config_prune = keep_odd
+            self.cache = {"key": 1}
+            self.early_config_prune = compiles_everything
 
     jit, tuner = FakeJit(), FakeTuner()
     monkeypatch.setattr(common, "kernel_objects", lambda: ([jit], [tuner]))
-    with common.compile_only((1, 4)):
+    monkeypatch.setattr(configs, "AUTOTUNERS", {"forward": tuner})
+    specs = [spec for by_class in configs.CANDIDATES["forward"].values() for spec in by_class]
+    pool = [c.as_config() for c in dict.fromkeys(configs.Candidate(*spec) for spec in specs)]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    with common.compile_only((1, 2)):
         assert jit.run(grid=(1,), warmup=False) == "compiled"
-        assert tuner.early_config_prune(tuner.configs, {}) == [3, 11]  # every 4th of the kept, from the 2nd
+        # What Triton's Autotuner.run passes: the call's keyword arguments, grid and warmup included.
+        kept = tuner.early_config_prune(pool, {"Q": q}, HEAD_DIM=128, CAUSAL=True, grid=lambda m: (1,), warmup=False)
+        assert [configs._as_candidate(c) for c in kept] == configs.candidates("forward", 128, 2)[1::2]
         assert tuner.do_bench(lambda: None, quantiles=(0.5,)) == [1.0, 1.0, 1.0]
     assert jit.run(grid=(1,), warmup=False) == "launched"
-    assert tuner.early_config_prune is keep_odd and tuner.cache == {} and "do_bench" not in vars(tuner)
+    assert tuner.early_config_prune is compiles_everything and tuner.cache == {} and "do_bench" not in vars(tuner)
     assert tuner.cache_results is False
 
 
