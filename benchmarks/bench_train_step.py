@@ -81,6 +81,9 @@ PRESETS = {
     # Small enough for a step or two a second on two CPU cores, with LLaMA's proportions.
     "cpu": TrainConfig(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=4096, multiple_of=64,
                        batch=2, seq_len=256, dtype="fp32", image_hidden=768, image_depth=12),
+    # A smoke test of every variant, the fused ones under Triton's interpreter on a CPU.
+    "tiny": TrainConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, batch=2,
+                        seq_len=24, dtype="fp32", image_hidden=64, image_depth=4),
 }
 
 
@@ -254,22 +257,24 @@ def compile_variant(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def bench(variants: Sequence[str], cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
-          base: dict, deadline: common.Deadline) -> list[dict]:
-    rows = []
+          base: dict, deadline: common.Deadline, csv_path: Path | None = None) -> list[dict]:
+    """One row per variant, each written to csv_path as soon as it is measured; a variant
+    that fails in any way is recorded with its error and the next one runs."""
+    log = common.RowLog(csv_path, COLUMNS)
     for variant in common.progress(variants, "train-step variants"):
         row = {**base, "impl": variant, **_config_fields(cfg), "steps": steps}
         if deadline.passed():
-            rows.append({**row, "status": "skipped", "note": "time budget spent"})
+            log.write({**row, "status": "skipped", "note": "time budget spent"})
             continue
         try:
             row.update(run_variant(variant, cfg, device, steps, warmup))
         except Unavailable as exc:
             row.update(status="skipped", note=str(exc))
-        except RuntimeError as exc:
+        except Exception as exc:  # out of memory, a failing kernel, anything: recorded, and the next runs
             status = "oom" if common.is_out_of_memory(exc) else "error"
             row.update(status=status, note=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
         common.release_memory()
-        rows.append(row)
+        log.write(row)
         if row["status"] == "ok":
             images = f" ({row['images_per_s']:,.1f} images/s)" if row.get("images_per_s") else ""
             common.log(f"  {variant}: {row['tokens_per_s']:,.0f} tokens/s{images}, step {row['step_ms']:.1f} ms"
@@ -277,7 +282,7 @@ def bench(variants: Sequence[str], cfg: TrainConfig, device: torch.device, steps
                        + f", first loss {row['loss0']:.4f}")
         else:
             common.log(f"  {variant}: {row['status']}: {row['note']}")
-    return rows
+    return log.rows
 
 
 def _config_fields(cfg: TrainConfig) -> dict:
@@ -338,8 +343,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     deadline = common.Deadline(args.deadline) if args.deadline else common.Deadline.after(args.budget_s)
     print(f"train-step benchmark on {common.format_environment(env)}: {cfg.n_layers} layers of dim {cfg.dim}, "
           f"{cfg.batch} x {cfg.seq_len} tokens, {cfg.dtype}; {', '.join(variants)}")
-    rows = bench(variants, cfg, device, args.steps, args.warmup, {**env, "bench": "train_step"}, deadline)
-    common.write_csv(csv_path, rows, COLUMNS)
+    rows = bench(variants, cfg, device, args.steps, args.warmup, {**env, "bench": "train_step"}, deadline, csv_path)
     print(f"wrote {csv_path}")
     return rows
 

@@ -148,6 +148,41 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[s
     return path
 
 
+class RowLog:
+    """A CSV file that grows a row at a time, each row flushed as it is written, so that a run
+    stopped at any point keeps every finished row. Several processes may append to one file
+    (each write holds an exclusive lock; whoever finds the file empty writes the header).
+
+    `fixed` fields (the environment) go into every row; keys outside `columns` are dropped.
+    With path None the rows are only kept in memory (`rows`)."""
+
+    def __init__(self, path: str | os.PathLike | None, columns: Sequence[str], fixed: dict | None = None,
+                 fresh: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.columns = list(columns)
+        self.fixed = dict(fixed or {})
+        self.rows: list[dict] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self.path.unlink(missing_ok=True)
+
+    def write(self, row: dict) -> None:
+        import fcntl
+
+        row = {**self.fixed, **row}
+        self.rows.append(row)
+        if self.path is None:
+            return
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow({k: _csv_value(row.get(k)) for k in self.columns})
+            f.flush()
+
+
 def _csv_value(value: object) -> object:
     if value is None:
         return ""

@@ -1,7 +1,7 @@
 """Compile every kernel config the launchers can pick for NVIDIA GPUs, on a machine without one.
 
-    python -m benchmarks.compile_report                 # the full sweep (sm_90 and sm_80)
-    python -m benchmarks.compile_report --quick --check # sm_90, bf16, head dims 64, 128, 256, causal
+    python -m benchmarks.compile_report                 # the full sweep (sm_90 and sm_80, every shape)
+    python -m benchmarks.compile_report --quick --check # sm_90, bf16, head dims 64, 128, 256, causal, one shape
 
 Triton ships ptxas, so a kernel compiles for a real H100 or A100 without a driver. The
 launchers of the package run on CPU tensors under `capture_launches()`, which records
@@ -18,12 +18,18 @@ launcher's own call would compile it on the card. For each it reports:
 - the launch grid.
 
 Results go to benchmarks/results/compile-report-<date>.csv and a markdown table beside it.
+Every launch is captured on several launch shapes (`SHAPES`): on a GPU, Triton compiles
+another binary for an integer argument equal to 1 or divisible by 16, so the shapes put
+each integer argument in each of those classes (decoding's T = 1, P = 1, a group of 1,
+B = 1, S = 1, odd lengths and head counts). Shapes that compile to the same binary are
+compiled once.
+
 With --check the exit status is 1 when no candidate of a launch fits its architecture's
 shared memory, when a config that can be picked does not fit, when a config fails to
 compile, or when a grid dimension is over CUDA's limits; --spill-targets adds the spill
-targets of 16-bit kernels on sm_90 (no pickable config spills at head dims 64 to 128, and
-at 256 each kernel has a spill-free pickable config that uses wgmma), in the padded modes
-(causal, causal-padded, bidirectional); the packed mode's spills are reported only.
+targets of 16-bit kernels on sm_90: no pickable config spills, at any head dim, in any
+mode (causal, causal-padded, bidirectional, packed), on any shape, and each kernel has a
+pickable config that uses wgmma.
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ import concurrent.futures
 import contextlib
 import csv
 import datetime
+import hashlib
 import io
 import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -51,7 +58,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ARCH_NAMES = {80: "sm_80", 90: "sm_90"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("causal", "causal-padded", "bidirectional", "packed")
-HEAD_DIMS = (64, 80, 96, 128, 256)
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
@@ -61,6 +68,7 @@ class Row:
     dtype: str
     head_dim: int
     mode: str
+    shape: str
     kernel: str
     block_m: int
     block_n: int
@@ -78,6 +86,7 @@ class Row:
     grid: str
     compile_s: float
     error: str = ""
+    binary: str = ""  # a hash of the compiled binary's source and options: shapes that share it share a row
 
     def problems(self) -> list[str]:
         found = []
@@ -98,13 +107,36 @@ class Row:
         return f"{self.kernel} M{self.block_m} N{self.block_n} w{self.num_warps} s{self.num_stages}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
     B: int = 2
     Hq: int = 32
     Hkv: int = 8
     T: int = 1024
     P: int = 10
+    S: int | None = None  # keys per sequence; None: T
+
+    @property
+    def seq_k(self) -> int:
+        return self.T if self.S is None else self.S
+
+    def describe(self) -> str:
+        return f"B={self.B}, Hq={self.Hq}, Hkv={self.Hkv}, T={self.T}, S={self.seq_k}, P={self.P}"
+
+
+# Launch shapes. On a GPU, Triton compiles another binary for an integer argument equal to 1
+# (it becomes a constant) or divisible by 16 (an alignment hint), so the shapes below cover
+# every integer argument of the kernels (sizes, head counts, the group, strides such as T * D
+# and H * T) in each of those classes, and the combinations that decoding and MHA make.
+SHAPES = {
+    "base": Problem(),                                         # sizes divisible by 16, a group of 4
+    "odd": Problem(B=3, Hq=28, Hkv=4, T=777, P=7),             # nothing divisible by 16, a group of 7
+    "decode": Problem(B=1, Hq=32, Hkv=8, T=1, S=777, P=10),    # one new query over an odd cache
+    "chunk": Problem(B=4, Hq=32, Hkv=8, T=5, S=1024, P=10),    # a few new queries (speculative decoding)
+    "mha-decode": Problem(B=1, Hq=8, Hkv=8, T=1, S=1024, P=1),  # T = P = B = group = 1
+    "mqa": Problem(B=2, Hq=32, Hkv=1, T=512, P=16),            # one kv head, a prefix of 16
+    "ones": Problem(B=1, Hq=1, Hkv=1, T=1, S=1, P=1),          # every size 1
+}
 
 
 def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Problem) -> list:
@@ -115,21 +147,23 @@ def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pro
     from llama_adapter_fast.kernels.configs import capture_launches
 
     p = problem
+    S = p.seq_k
     q = torch.empty(p.B, p.Hq, p.T, head_dim, dtype=dtype)
-    k = torch.empty(p.B, p.Hkv, p.T, head_dim, dtype=dtype)
+    k = torch.empty(p.B, p.Hkv, S, head_dim, dtype=dtype)
     v = torch.empty_like(k)
     pk = torch.empty(p.Hkv, p.P, head_dim, dtype=dtype)
     pv = torch.empty_like(pk)
     gate = torch.zeros(p.Hq)
-    mask = torch.ones(p.B, p.T, dtype=torch.bool) if mode == "causal-padded" else None
+    mask = torch.ones(p.B, S, dtype=torch.bool) if mode == "causal-padded" else None
     causal = mode != "bidirectional"
     scale = head_dim**-0.5
     if mode == "packed":  # the B sequences end to end, causal (the kernels' VARLEN specialization)
-        q, k, v = (x.transpose(1, 2).reshape(p.B * p.T, x.shape[1], head_dim) for x in (q, k, v))
-        cu = torch.arange(0, p.B * p.T + 1, p.T, dtype=torch.int32)
+        q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], head_dim) for x in (q, k, v))
+        cu_q = torch.arange(0, p.B * p.T + 1, p.T, dtype=torch.int32)
+        cu_k = torch.arange(0, p.B * S + 1, S, dtype=torch.int32)
         with capture_launches() as launches:
-            out, lse1, lse2 = fwd.varlen_forward(q, k, v, pk, pv, gate, cu, cu, p.T, p.T, True, scale)
-            bwd.varlen_backward(torch.empty_like(out), q, k, v, pk, pv, gate, cu, cu, p.T, p.T, out, lse1, lse2,
+            out, lse1, lse2 = fwd.varlen_forward(q, k, v, pk, pv, gate, cu_q, cu_k, p.T, S, True, scale)
+            bwd.varlen_backward(torch.empty_like(out), q, k, v, pk, pv, gate, cu_q, cu_k, p.T, S, out, lse1, lse2,
                                 True, scale)
         return launches
     with capture_launches() as launches:
@@ -155,6 +189,11 @@ def _ptxas_numbers(log: str) -> tuple[int, int, int, int]:
             number(r"(\d+) bytes spill stores"), number(r"(\d+) bytes spill loads"))
 
 
+# Results by binary (within one process): shapes of the same specialization compile to the
+# same binary, which is compiled once.
+_COMPILED: dict[str, dict] = {}
+
+
 def compile_one(launch, candidate, arch: int) -> dict:
     """Compile one launch with one config for one architecture, as JITFunction.run would
     on that card; returns shared memory, ptxas numbers and the MMA kind."""
@@ -171,22 +210,36 @@ def compile_one(launch, candidate, arch: int) -> dict:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    key = f"{source.hash()}-{options.hash()}-{arch}"
+    if key in _COMPILED:
+        return dict(_COMPILED[key], compile_s=0.0)
+    binary = hashlib.sha256(key.encode()).hexdigest()[:12]
     # Compile even when Triton's cache has the binary, so that ptxas prints its numbers.
     knobs.compilation.always_compile = True
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                options=options.__dict__)
+        kernel = triton.compile(source, target=target, options=options.__dict__)
     registers, stack, spill_stores, spill_loads = _ptxas_numbers(log.getvalue())
-    return dict(shared_bytes=int(kernel.metadata.shared), registers=registers, stack_bytes=stack,
-                spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
-                mma=_mma_kind(kernel.asm["ptx"]), compile_s=time.perf_counter() - start)
+    _COMPILED[key] = dict(shared_bytes=int(kernel.metadata.shared), registers=registers, stack_bytes=stack,
+                          spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
+                          mma=_mma_kind(kernel.asm["ptx"]), binary=binary)
+    return dict(_COMPILED[key], compile_s=time.perf_counter() - start)
 
 
-def _job(arch: int, dtype_name: str, head_dim: int, mode: str, problem: Problem, kernels: tuple[str, ...]) -> list[Row]:
-    """Every candidate of every launch of one (arch, dtype, head dim, mode)."""
+def _job(arch: int, dtype_name: str, head_dim: int, mode: str, shapes: dict[str, Problem],
+         kernels: tuple[str, ...]) -> list[Row]:
+    """Every candidate of every launch of one (arch, dtype, head dim, mode), on each shape."""
+    rows = []
+    for name, problem in shapes.items():
+        rows += _shape_rows(arch, dtype_name, head_dim, mode, name, problem, kernels)
+    return rows
+
+
+def _shape_rows(arch: int, dtype_name: str, head_dim: int, mode: str, shape: str, problem: Problem,
+                kernels: tuple[str, ...]) -> list[Row]:
     from llama_adapter_fast.kernels.configs import SHARED_MEMORY_LIMIT, candidates, fitting
 
     dtype = DTYPES[dtype_name]
@@ -198,7 +251,7 @@ def _job(arch: int, dtype_name: str, head_dim: int, mode: str, problem: Problem,
         group = []
         for cand in candidates(launch.kernel, launch.meta["HEAD_DIM"], dtype.itemsize):
             row = dict(arch=ARCH_NAMES.get(arch, f"sm_{arch}"), dtype=dtype_name, head_dim=head_dim, mode=mode,
-                       kernel=launch.kernel, block_m=cand.block_m, block_n=cand.block_n,
+                       shape=shape, kernel=launch.kernel, block_m=cand.block_m, block_n=cand.block_n,
                        num_warps=cand.num_warps, num_stages=cand.num_stages, default=False, pickable=False,
                        shared_limit=limit, grid="x".join(str(d) for d in launch.grid(cand.kwargs())))
             try:
@@ -221,7 +274,7 @@ def _job(arch: int, dtype_name: str, head_dim: int, mode: str, problem: Problem,
     return rows
 
 
-def sweep(archs, dtypes, head_dims, modes, problem: Problem, kernels, jobs: int) -> list[Row]:
+def sweep(archs, dtypes, head_dims, modes, shapes: dict[str, Problem], kernels, jobs: int) -> list[Row]:
     tasks = [(a, d, h, m) for a in archs for d in dtypes for h in head_dims for m in modes]
     try:
         from tqdm import tqdm
@@ -229,16 +282,44 @@ def sweep(archs, dtypes, head_dims, modes, problem: Problem, kernels, jobs: int)
         tqdm = None
     rows: list[Row] = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_job, *t, problem, kernels) for t in tasks]
+        futures = [pool.submit(_job, *t, shapes, kernels) for t in tasks]
         done = concurrent.futures.as_completed(futures)
         if tqdm is not None:
             done = tqdm(done, total=len(futures), desc="compiling", file=sys.stderr, dynamic_ncols=True)
         for future in done:
             rows.extend(future.result())
+    rows = merge_shapes(rows, list(shapes))
     order = {k: i for i, k in enumerate(("forward", "backward_dq", "backward_dkdv"))}
+    shape_order = {name: i for i, name in enumerate(shapes)}
     rows.sort(key=lambda r: (r.arch, r.dtype, r.head_dim, MODES.index(r.mode) if r.mode in MODES else 9,
-                             order.get(r.kernel, 9), not r.default, r.block_m, r.block_n, r.num_warps, r.num_stages))
+                             shape_order.get(r.shape, 99), order.get(r.kernel, 9), not r.default, r.block_m,
+                             r.block_n, r.num_warps, r.num_stages))
     return rows
+
+
+def merge_shapes(rows: list[Row], shapes: list[str]) -> list[Row]:
+    """One row per binary: the shapes that compile a config to the same binary share its row
+    (named together, or "all"), with the largest of their grids."""
+    merged: dict[tuple, list[Row]] = {}
+    for r in rows:
+        same = r.binary or f"{r.shape}-{id(r)}"  # a row without a binary (an error) stays alone
+        merged.setdefault((r.arch, r.dtype, r.head_dim, r.mode, r.kernel, r.block_m, r.block_n, r.num_warps,
+                           r.num_stages, same), []).append(r)
+    out = []
+    for group in merged.values():
+        names = [r.shape for r in group]
+        grid = max((r.grid for r in group), key=_grid_size)
+        out.append(replace(group[0], shape="all" if sorted(names) == sorted(shapes) and len(shapes) > 1
+                           else "+".join(names), grid=grid, compile_s=sum(r.compile_s for r in group),
+                           default=any(r.default for r in group), pickable=any(r.pickable for r in group)))
+    return out
+
+
+def _grid_size(grid: str) -> int:
+    product = 1
+    for d in grid.split("x"):
+        product *= int(d)
+    return product
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -270,16 +351,17 @@ def read_csv(path: Path) -> list[Row]:
     return rows
 
 
-def markdown(rows: list[Row], title: str) -> str:
+def markdown(rows: list[Row], title: str, shapes: dict[str, Problem]) -> str:
     """A summary per (arch, dtype, kernel) and the full table of configs."""
-    lines = [f"# {title}", ""]
+    described = "; ".join(f"{name} ({p.describe()})" for name, p in shapes.items())
+    lines = [f"# {title}", "", f"Launch shapes: {described}", ""]
     problems = [(r, p) for r in rows for p in r.problems()]
     problems += [(None, p) for p in spill_target_misses(rows)]
     spilling = [r for r in rows if r.pickable and r.spills]
     lines += [f"{len(rows)} compiles; {len(problems)} problems; {len(spilling)} pickable configs spill.", ""]
     if problems:
         lines += ["## Problems", ""]
-        lines += [f"- {r.arch} {r.dtype} d{r.head_dim} {r.mode} {r.label()}: {p}" if r else f"- {p}"
+        lines += [f"- {r.arch} {r.dtype} d{r.head_dim} {r.mode} {r.shape} {r.label()}: {p}" if r else f"- {p}"
                   for r, p in problems]
         lines.append("")
     lines += ["## Spills of the pickable configs", "",
@@ -294,13 +376,13 @@ def markdown(rows: list[Row], title: str) -> str:
         lines.append(f"| {arch} | {dtype} | {kernel} | {', '.join(map(str, dims)) or '-'} | "
                      f"{sum(r.spills for r in group)} / {len(group)} |")
     lines += ["", "## Every config", "",
-              "| arch | dtype | D | mode | kernel | M | N | warps | stages | default | pickable | shared KB "
+              "| arch | dtype | D | mode | shape | kernel | M | N | warps | stages | default | pickable | shared KB "
               "| regs | stack | spill st/ld | mma |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shared = f"{r.shared_bytes / 1024:.0f}" if not r.error else "-"
         lines.append(
-            f"| {r.arch} | {r.dtype} | {r.head_dim} | {r.mode} | {r.kernel} | {r.block_m} | {r.block_n} | "
+            f"| {r.arch} | {r.dtype} | {r.head_dim} | {r.mode} | {r.shape} | {r.kernel} | {r.block_m} | {r.block_n} | "
             f"{r.num_warps} | {r.num_stages} | {'yes' if r.default else ''} | {'yes' if r.pickable else 'no'} | "
             f"{shared} | {r.registers} | {r.stack_bytes} | {r.spill_store_bytes}/{r.spill_load_bytes} | "
             f"{r.mma or r.error} |")
@@ -308,21 +390,19 @@ def markdown(rows: list[Row], title: str) -> str:
 
 
 def spill_target_misses(rows: list[Row]) -> list[str]:
-    """The spill targets of 16-bit kernels on sm_90: no pickable config spills at head dims
-    64 to 128; at 256 each kernel has a spill-free pickable config that uses wgmma."""
+    """The spill targets of 16-bit kernels on sm_90: no pickable config spills, at any head
+    dim, in any mode, on any launch shape; and each kernel has a pickable config that uses
+    wgmma."""
     misses = []
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        # The packed kernels (VARLEN) are compiled and checked for fit, but not yet tuned
-        # for spills: the targets are those of the padded modes.
-        if r.arch == "sm_90" and r.dtype in ("bf16", "fp16") and r.pickable and r.mode != "packed":
-            groups.setdefault((r.dtype, r.head_dim, r.mode, r.kernel), []).append(r)
-    for (dtype, head_dim, mode, kernel), group in groups.items():
-        if head_dim <= 128:
-            misses += [f"sm_90 {dtype} d{head_dim} {mode} {r.label()} spills "
-                       f"{r.spill_store_bytes}/{r.spill_load_bytes} B" for r in group if r.spills]
-        elif not any(not r.spills and r.mma == "wgmma" for r in group):
-            misses.append(f"sm_90 {dtype} d{head_dim} {mode} {kernel}: no spill-free wgmma config")
+        if r.arch == "sm_90" and r.dtype in ("bf16", "fp16") and r.pickable:
+            groups.setdefault((r.dtype, r.head_dim, r.mode, r.shape, r.kernel), []).append(r)
+    for (dtype, head_dim, mode, shape, kernel), group in groups.items():
+        misses += [f"sm_90 {dtype} d{head_dim} {mode} {shape} {r.label()} spills "
+                   f"{r.spill_store_bytes}/{r.spill_load_bytes} B" for r in group if r.spills]
+        if not any(r.mma == "wgmma" for r in group):
+            misses.append(f"sm_90 {dtype} d{head_dim} {mode} {shape} {kernel}: no config uses wgmma")
     return misses
 
 
@@ -336,11 +416,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--kernels", default="forward,backward_dq,backward_dkdv")
-    p.add_argument("--batch", type=int, default=Problem.B)
-    p.add_argument("--q-heads", type=int, default=Problem.Hq)
-    p.add_argument("--kv-heads", type=int, default=Problem.Hkv)
-    p.add_argument("--seq-len", type=int, default=Problem.T)
-    p.add_argument("--prefix-len", type=int, default=Problem.P)
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"launch shapes, of {', '.join(SHAPES)} (default: all), or 'custom' for the one the "
+                        "options below give")
+    p.add_argument("--batch", type=int, default=Problem.B, help="with --shapes custom")
+    p.add_argument("--q-heads", type=int, default=Problem.Hq, help="with --shapes custom")
+    p.add_argument("--kv-heads", type=int, default=Problem.Hkv, help="with --shapes custom")
+    p.add_argument("--seq-len", type=int, default=Problem.T, help="with --shapes custom")
+    p.add_argument("--keys", type=int, default=None, help="with --shapes custom (default: --seq-len)")
+    p.add_argument("--prefix-len", type=int, default=Problem.P, help="with --shapes custom")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, help="CSV path (default: benchmarks/results/compile-report-<date>.csv)")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
@@ -348,22 +432,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spill-targets", action="store_true", help="with --check, also fail on missed spill targets")
     args = p.parse_args(argv)
     if args.quick:
-        args.archs, args.dtypes, args.head_dims, args.modes = "90", "bf16", "64,128,256", "causal"
+        args.archs, args.dtypes, args.head_dims, args.modes, args.shapes = "90", "bf16", "64,128,256", "causal", "base"
+    custom = Problem(args.batch, args.q_heads, args.kv_heads, args.seq_len, args.prefix_len, args.keys)
+    known = {**SHAPES, "custom": custom}
+    unknown = [name for name in args.shapes.split(",") if name not in known]
+    if unknown:
+        p.error(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    args.shapes = {name: known[name] for name in args.shapes.split(",")}
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     archs = [int(a) for a in args.archs.split(",")]
-    problem = Problem(args.batch, args.q_heads, args.kv_heads, args.seq_len, args.prefix_len)
     start = time.perf_counter()
     rows = sweep(archs, args.dtypes.split(","), [int(h) for h in args.head_dims.split(",")],
-                 args.modes.split(","), problem, tuple(args.kernels.split(",")), args.jobs)
+                 args.modes.split(","), args.shapes, tuple(args.kernels.split(",")), args.jobs)
     import triton
 
-    title = (f"Compile report: B={problem.B}, Hq={problem.Hq}, Hkv={problem.Hkv}, T=S={problem.T}, "
-             f"P={problem.P} (triton {triton.__version__}, {datetime.date.today()})")
-    table = markdown(rows, title)
+    title = f"Compile report (triton {triton.__version__}, {datetime.date.today()})"
+    table = markdown(rows, title, args.shapes)
     if not args.no_write:
         out = args.out or RESULTS_DIR / f"compile-report-{datetime.date.today()}.csv"
         write_csv(rows, out)

@@ -1,37 +1,42 @@
 """GPU check of the fused kernels: correctness with real compilation, then a short timing.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu-check-<card>-<date>
+    python benchmarks/gpu_check.py --out OUT [--dtypes bf16,fp16,fp32] [--deadline-s 400]
 
 1. The correctness grid of the test suite, on larger shapes that cross the GPU's block
-   sizes, padded and packed, in float32 (against the float64 oracle, well under 1e-4),
-   float16 and bfloat16 (FlashAttention's criterion: at most twice the eager backend's
-   error in the same dtype). Forward and all six gradients, and a check that the Triton
-   kernels ran.
+   sizes, padded and packed, in bfloat16 first (the one dtype the CPU cannot check), then
+   float16 and float32: FlashAttention's criterion in 16-bit (at most twice the eager
+   backend's error in the same dtype), the float64 oracle within 1e-4 in float32. Forward
+   and all six gradients, and a check that the Triton kernels ran.
 2. 64-bit indexing: a problem whose q holds more than 2**31 elements.
-3. Timing of forward and forward+backward, triton against sdpa and eager (medians of
-   triton.testing.do_bench), bf16, head dim 128, causal, P = 10, B*T = 16k.
-Prints one table at the end and writes it, with a CSV, under --out. Autotuning is off for
-the grid (one config per head dim keeps compilation short) unless --autotune is given; the
-timings use whatever the grid used.
+3. Timing of forward and forward+backward, triton against sdpa and eager (medians, with
+   the 20th and 80th percentiles, of triton.testing.do_bench), bf16, head dim 128, causal,
+   P = 10, B*T = 16k.
+
+Every row is appended to OUT/gpu-check.csv as it is measured, with the device and the
+versions; a case that fails or raises is recorded and the check goes on; after
+--deadline-s no new case starts (it is recorded as skipped). Autotuning is off for the grid
+(one config per head dim keeps compilation short) unless --autotune is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import pathlib
 import sys
 import time
 import traceback
+from collections.abc import Iterable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if "--autotune" not in sys.argv:
     os.environ.setdefault("LLAMA_ADAPTER_FAST_AUTOTUNE", "0")
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from llama_adapter_fast import eager_attention, gated_prefix_attention, sdpa_attention  # noqa: E402
 from llama_adapter_fast.testing import (  # noqa: E402
     Case,
@@ -66,52 +71,65 @@ GRID = {
     "scalar_identity_gate": Case(T=180, gate_shape=(), gate_activation="identity", D=64),
     "one_gate_scale": Case(T=180, gate_shape=(1,), softmax_scale=0.2, D=128),
     "long": Case(B=1, Hq=4, Hkv=2, T=2048, D=128),
-}
-# Packed sequences (gated_prefix_attention_varlen): boundaries inside and at the edges of
-# the GPU's blocks, one-token and empty sequences, one sequence far longer than the others.
-VARLEN_GRID = {
+    # Packed sequences (gated_prefix_attention_varlen): boundaries inside and at the edges of
+    # the GPU's blocks, one-token and empty sequences, one sequence far longer than the others.
     "varlen_gqa": PackedCase((128, 37, 300, 1, 64), Hq=8, Hkv=2, D=128),
     "varlen_long_one": PackedCase((5, 700, 3), D=64, per_sequence_prefix=False),
     "varlen_kv_chunks": PackedCase((9, 1, 40), lens_k=(200, 65, 40), D=128),
     "varlen_bidirectional_d80": PackedCase((90, 0, 150), D=80, causal=False),
 }
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dry run's grid (Triton's interpreter on the CPU): the same kinds of case, tiny.
+TINY_GRID = {
+    "gqa_causal": Case(B=1, Hq=4, Hkv=2, T=20, D=16),
+    "padding_mask": Case(B=2, Hq=2, Hkv=1, T=18, D=16, mask="empty_rows"),
+    "varlen_gqa": PackedCase((7, 0, 12), Hq=4, Hkv=2, D=16),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COLUMNS = (*common.ENV_COLUMNS, "section", "name", "dtype", "status", "detail", "worst_error", "eager_error",
+           "seconds", "fwd_ms", "fwd_ms_p20", "fwd_ms_p80", "fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80")
 
 
-def run_grid(rows: list[dict]) -> None:
-    grid = {**GRID, **VARLEN_GRID}
-    cases = [(name, type(case)(**{**case.__dict__, "dtype": dtype}), dtype)
-             for dtype in DTYPES for name, case in grid.items()]
-    for name, case, dtype in cases:
-        start = time.perf_counter()
-        try:
-            if isinstance(case, PackedCase):
-                result = check_packed(case, tol=1e-4)
-            elif dtype == torch.float32:
-                result = check_against_oracle(case, tol=1e-4)
-            else:
-                result = check_low_precision(case)
-            if dtype == torch.float32:
-                detail = f"max rel err {max(result.values()):.1e}"
-            else:
-                worst_key = max(result, key=lambda k: result[k][0] / (2 * result[k][1] + 1e-4))
-                f, e = result[worst_key]
-                detail = f"worst {worst_key}: triton {f:.1e} vs eager {e:.1e}"
-            status = "PASS"
-        except Exception as exc:  # a failure is reported, and the sweep goes on
-            status, detail = "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
-            traceback.print_exc()
-        row = dict(section="correctness", name=name, dtype=str(dtype).replace("torch.", ""),
-                   status=status, detail=detail, seconds=round(time.perf_counter() - start, 2))
-        rows.append(row)
-        print(f"[{row['status']}] {row['dtype']:8s} {name:26s} {detail}  ({row['seconds']} s)", flush=True)
+def cases(dtype_names: Iterable[str], grid: dict | None = None) -> list[tuple[str, str, Case | PackedCase]]:
+    """(name, dtype name, case) in dtype-major order."""
+    grid = GRID if grid is None else grid
+    return [(name, dt, type(case)(**{**case.__dict__, "dtype": DTYPES[dt]}))
+            for dt in dtype_names for name, case in grid.items()]
 
 
-def run_large_index(rows: list[dict]) -> None:
+def check_case(name: str, dtype_name: str, case: Case | PackedCase) -> dict:
+    """One correctness case as a row; a failure or an exception is the row's result."""
+    start = time.perf_counter()
+    row = dict(section="correctness", name=name, dtype=dtype_name)
+    if case.dtype == torch.bfloat16 and not torch.cuda.is_available():
+        return dict(row, status="skipped", detail="Triton's interpreter has no bfloat16 arithmetic", seconds=0.0)
+    try:
+        if isinstance(case, PackedCase):
+            result = check_packed(case, tol=1e-4)
+        elif case.dtype == torch.float32:
+            result = check_against_oracle(case, tol=1e-4)
+        else:
+            result = check_low_precision(case)
+        if case.dtype == torch.float32:
+            worst = max(result, key=result.get)
+            row.update(detail=f"max rel err {result[worst]:.1e} ({worst})", worst_error=result[worst])
+        else:
+            worst = max(result, key=lambda k: result[k][0] / (2 * result[k][1] + 1e-4))
+            fused, eager = result[worst]
+            row.update(detail=f"worst {worst}: triton {fused:.1e} vs eager {eager:.1e}", worst_error=fused,
+                       eager_error=eager)
+        row["status"] = "PASS"
+    except Exception as exc:  # a failure is reported, and the sweep goes on
+        row.update(status="FAIL", detail=f"{type(exc).__name__}: {str(exc)[:300]}")
+        traceback.print_exc()
+    return dict(row, seconds=round(time.perf_counter() - start, 2))
+
+
+def check_large_index() -> dict:
     """q, k, v, out and their gradients over 2**31 elements: only int64 offsets index them."""
     H, T, D, P = 8, 256, 128, 10
     B = 2**31 // (H * T * D) + 2
     start = time.perf_counter()
+    row = dict(section="int64", name="over_2**31_elements", dtype="bf16")
     try:
         g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -130,24 +148,14 @@ def run_large_index(rows: list[dict]) -> None:
         ref = eager_attention(*last, gate.detach().double())
         ref_grads = torch.autograd.grad(ref, last, do[-1:].double())
         errs = [rel_error(out[-1:], ref)] + [rel_error(a[-1:], b) for a, b in zip(grads, ref_grads, strict=True)]
-        status = "PASS" if max(errs) < 2e-2 else "FAIL"
-        detail = f"q.numel()={q.numel()} > 2**31; last batch max rel err {max(errs):.1e} (bf16)"
+        row.update(status="PASS" if max(errs) < 2e-2 else "FAIL", worst_error=max(errs),
+                   detail=f"q.numel()={q.numel()} > 2**31; last batch max rel err {max(errs):.1e} (bf16)")
         del q, k, v, pk, pv, out, do, grads
     except Exception as exc:
-        status, detail = "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
+        row.update(status="FAIL", detail=f"{type(exc).__name__}: {str(exc)[:300]}")
         traceback.print_exc()
-    torch.cuda.empty_cache()
-    rows.append(dict(section="int64", name="over_2**31_elements", dtype="bfloat16", status=status,
-                     detail=detail, seconds=round(time.perf_counter() - start, 2)))
-    print(f"[{status}] {detail}", flush=True)
-
-
-def _time_fwd_bwd(fn, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    """Medians in ms of the forward, and of forward plus backward, by do_bench."""
-    fwd = triton.testing.do_bench(lambda: fn(*inputs))
-    do = torch.randn_like(fn(*inputs))
-    both = triton.testing.do_bench(lambda: torch.autograd.grad(fn(*inputs), inputs, do))
-    return fwd, both
+    common.release_memory()
+    return dict(row, seconds=round(time.perf_counter() - start, 2))
 
 
 def _random_problem(B: int, Hq: int, Hkv: int, T: int, D: int, P: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -157,64 +165,74 @@ def _random_problem(B: int, Hq: int, Hkv: int, T: int, D: int, P: int, seed: int
     return (*tensors, torch.linspace(-1, 1, Hq, device="cuda").requires_grad_())
 
 
-def run_timing(rows: list[dict], seq_lens: list[int]) -> None:
+def time_implementations(seq_lens: Iterable[int], deadline: common.Deadline) -> Iterable[dict]:
+    """Rows of forward and forward+backward medians per implementation and length."""
     Hq, Hkv, D, P, tokens = 32, 8, 128, 10, 16384
     impls = {
         "triton": lambda *a: gated_prefix_attention(*a, backend="triton"),
         "two-sdpa": sdpa_attention,
         "eager": eager_attention,
     }
+    timer = common.CudaTimer()
     for T in seq_lens:
         B = max(1, tokens // T)
         inputs = _random_problem(B, Hq, Hkv, T, D, P, seed=T)
         for impl, fn in impls.items():
-            row = dict(section="timing", name=f"T={T} B={B}", dtype="bfloat16", status=impl)
+            row = dict(section="timing", name=f"T={T} B={B}", dtype="bf16", status=impl)
+            if deadline.passed():
+                yield dict(row, detail="skipped: time budget spent")
+                continue
             try:
-                fwd, both = _time_fwd_bwd(fn, inputs)
-                row.update(detail=f"fwd {fwd:.3f} ms  fwd+bwd {both:.3f} ms", fwd_ms=fwd, fwd_bwd_ms=both)
-            except torch.OutOfMemoryError:
-                row.update(detail="out of memory")
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"[time] T={T:5d} B={B:3d} {impl:9s} {row['detail']}", flush=True)
+                fwd = timer(lambda fn=fn, x=inputs: fn(*x))
+                do = torch.randn_like(fn(*inputs))
+                both = timer(lambda fn=fn, x=inputs, do=do: torch.autograd.grad(fn(*x), x, do))
+                row.update(detail=f"fwd {fwd.ms:.3f} ms  fwd+bwd {both.ms:.3f} ms", fwd_ms=fwd.ms,
+                           fwd_ms_p20=fwd.p20, fwd_ms_p80=fwd.p80, fwd_bwd_ms=both.ms, fwd_bwd_ms_p20=both.p20,
+                           fwd_bwd_ms_p80=both.p80)
+            except Exception as exc:  # out of memory, or anything else: recorded, and the timing goes on
+                kind = "out of memory" if common.is_out_of_memory(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
+                row.update(detail=kind)
+            common.release_memory()
+            yield row
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for the table and CSV")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default: none, print only)")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="of the grid, in this order")
+    parser.add_argument("--deadline-s", type=float, default=None, help="no new case starts after this many seconds")
     parser.add_argument("--autotune", action="store_true", help="autotune the kernels (longer compilation)")
     parser.add_argument("--skip-large", action="store_true", help="skip the over-2**31-elements check")
     parser.add_argument("--seq-lens", type=int, nargs="*", default=[512, 2048, 8192])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device; on the CPU run `make test` (Triton's interpreter).")
         return 2
-
-    header = (f"gpu_check {datetime.date.today()} on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-              f"triton {triton.__version__}, CUDA {torch.version.cuda}; autotune "
-              f"{os.environ.get('LLAMA_ADAPTER_FAST_AUTOTUNE', '1') != '0'}")
-    print(header, flush=True)
-    rows: list[dict] = []
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)} (known: {', '.join(DTYPES)})")
+    env = common.environment("cuda")
+    deadline = common.Deadline.after(args.deadline_s)
+    log = common.RowLog(args.out / f"{common.run_stem(env)}-gpu-check.csv" if args.out else None, COLUMNS, env)
+    print(f"gpu_check on {common.format_environment(env)}; autotune {common.autotuning_enabled()}", flush=True)
     start = time.perf_counter()
-    run_grid(rows)
-    if not args.skip_large:
-        run_large_index(rows)
-    run_timing(rows, args.seq_lens)
-
-    failed = [r for r in rows if r["status"] == "FAIL"]
-    lines = [header, "", f"{'section':12s} {'dtype':9s} {'case':26s} {'result':9s} detail"]
-    lines += [f"{r['section']:12s} {r['dtype']:9s} {r['name']:26s} {r['status']:9s} {r['detail']}" for r in rows]
-    passed = sum(r["status"] == "PASS" for r in rows)
-    lines += ["", f"{passed} passed, {len(failed)} failed in {time.perf_counter() - start:.0f} s"]
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check.txt").write_text(table + "\n")
-        with open(args.out / "gpu_check.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
+    for name, dtype_name, case in cases(args.dtypes.split(",")):
+        row = (dict(section="correctness", name=name, dtype=dtype_name, status="skipped", detail="time budget spent")
+               if deadline.passed() else check_case(name, dtype_name, case))
+        log.write(row)
+        print(f"[{row['status']}] {dtype_name:5s} {name:26s} {row['detail']}  ({row.get('seconds', 0)} s)",
+              flush=True)
+    if not args.skip_large and not deadline.passed():
+        row = check_large_index()
+        log.write(row)
+        print(f"[{row['status']}] {row['detail']}", flush=True)
+    for row in time_implementations(args.seq_lens, deadline):
+        log.write(row)
+        print(f"[time] {row['name']:14s} {row['status']:9s} {row['detail']}", flush=True)
+    failed = sum(r["status"] == "FAIL" for r in log.rows)
+    passed = sum(r["status"] == "PASS" for r in log.rows)
+    print(f"\n{passed} passed, {failed} failed in {time.perf_counter() - start:.0f} s"
+          + (f"; rows in {log.path}" if log.path else ""))
     return 1 if failed else 0
 
 

@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -39,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from benchmarks import bench_attention, common, plot  # noqa: E402
+from benchmarks.processes import Job, Tee, python_command, run_pool, run_streaming  # noqa: E402
 
 # Seconds kept for the phases after each one (the whole suite is expected to take about
 # half of its default budget; the reserves only matter when something is slow).
@@ -46,117 +42,6 @@ PLOT_RESERVE_S = 25
 TRAIN_RESERVE_S = {"full": 75, "quick": 50}
 ATTENTION_MIN_S = {"full": 150, "quick": 45}
 GRACE_S = 40  # a shape or variant that started before its deadline may finish this much later
-
-
-class Tee:
-    """Print to the console and append to the suite's log file."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")  # closed at the end of main
-        self.lock = threading.Lock()
-
-    def __call__(self, text: str = "") -> None:
-        with self.lock:
-            print(text, flush=True)
-            self.file.write(text + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-# ----------------------------------------------------------------------------------------
-# Subprocesses
-
-
-def python_command(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)  # the kernels must compile for the GPU
-    return env
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Stop a child and everything it started (it leads its own process group)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
-def run_streaming(cmd: Sequence[str], say: Tee, timeout_s: float) -> int:
-    """Run a child, copying its output line by line; kill it after timeout_s."""
-    proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=_child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
-
-    def copy() -> None:
-        for line in proc.stdout:
-            # tqdm redraws its bar with carriage returns: keep the last state of each line.
-            say(line.rstrip("\n").split("\r")[-1])
-
-    reader = threading.Thread(target=copy, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=max(1.0, timeout_s))
-    except subprocess.TimeoutExpired:
-        say(f"!! {' '.join(cmd[2:4])} ran past its time limit: stopped (its CSV keeps what was finished)")
-        _kill(proc)
-        code = -9
-    reader.join(timeout=5)
-    return code
-
-
-@dataclass
-class Job:
-    name: str
-    cmd: list[str]
-    proc: subprocess.Popen | None = None
-    log: object = None
-    started: float = 0.0
-    result: str = ""
-    output: list[str] = field(default_factory=list)
-
-
-def run_pool(jobs: list[Job], workers: int, deadline: common.Deadline, say: Tee, log_path: Path) -> None:
-    """Run jobs `workers` at a time; stop the ones still running at the deadline. Each job's
-    output goes to log_path when it ends."""
-    pending, running = list(jobs), []
-    with open(log_path, "a", encoding="utf-8") as log:
-        while pending or running:
-            while pending and len(running) < workers and not deadline.passed():
-                job = pending.pop(0)
-                job.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-                job.proc = subprocess.Popen(job.cmd, cwd=common.REPO_ROOT, env=_child_env(), stdout=job.log,
-                                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-                job.started = time.time()
-                running.append(job)
-            if deadline.passed():
-                for job in pending:
-                    job.result = "not started (time budget)"
-                pending = []
-            for job in list(running):
-                code = job.proc.poll()
-                if code is None and deadline.passed():
-                    _kill(job.proc)
-                    code, job.result = -9, "stopped (time budget)"
-                if code is None:
-                    continue
-                running.remove(job)
-                job.result = job.result or ("ok" if code == 0 else f"failed (exit code {code})")
-                job.log.seek(0)
-                text = job.log.read()
-                job.log.close()
-                log.write(f"===== {job.name}: {job.result} after {time.time() - job.started:.0f} s\n{text}\n")
-                log.flush()
-                if job.result != "ok":
-                    tail = [line for line in text.strip().splitlines() if line.strip()][-3:]
-                    say(f"   {job.name}: {job.result}" + "".join(f"\n      {t}" for t in tail))
-            time.sleep(0.2)
 
 
 def compile_jobs(shapes: Sequence[bench_attention.Shape], workers: int, preset: str,

@@ -28,11 +28,15 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def load(paths: Sequence[Path]) -> tuple[list[dict], list[dict]]:
-    """Attention rows and train-step rows from any mix of CSV files."""
+    """Attention rows and train-step rows from any mix of CSV files (other rows, such as
+    correctness checks, are left out)."""
     attention, train = [], []
     for path in paths:
         for row in common.read_csv(path):
-            (train if row.get("bench") == "train_step" else attention).append(row)
+            if row.get("bench") == "train_step":
+                train.append(row)
+            elif row.get("bench") == "attention":
+                attention.append(row)
     return attention, train
 
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .configs import autotuner, dq_block_m, launch
 from .forward import load_tile, packed_strides, sequence_bounds, store_tile, word_key_ranges
-from .utils import LOG2E, block_d, block_p, dot_precision, prefix_strides, strides, t_bucket
+from .utils import LOG2E, SIZES_AND_SMALL_STRIDES, block_d, block_p, dot_precision, prefix_strides, strides, t_bucket
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _dq_words(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES_AND_SMALL_STRIDES)
 def _dq_kernel(
     Q, K, V, PK, PV, A, MASK, CU_Q, CU_K, OUT, DO, LSE1, LSE2, DQ, DELTA1, GATE_PART, DPK_PART, DPV_PART,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -211,7 +211,7 @@ def _dkdv_step(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES_AND_SMALL_STRIDES)
 def _dkdv_kernel(
     Q, K, V, MASK, CU_Q, CU_K, DO, LSE1, DELTA1, DK, DV,
     stride_qb, stride_qh, stride_qt, stride_qd,

@@ -4,10 +4,10 @@ Each kernel has a short list of (BLOCK_M, BLOCK_N, num_warps, num_stages) candid
 element size (2 bytes: float16 and bfloat16; 4 bytes: float32 through tf32x3) and head-dim
 class (up to 64; 80 and 96; 128; 256). BLOCK_M counts queries and BLOCK_N keys in every kernel. The lists
 were chosen with `benchmarks/compile_report.py`, which compiles every candidate for sm_90
-and sm_80 with the launchers' own arguments and reports shared memory, registers and
-spills: no 16-bit candidate spills on sm_90 at head dims 64 to 128, and at 256 each kernel
-has a spill-free candidate that uses wgmma. The first candidate that fits is the one used
-when autotuning is off.
+and sm_80 with the launchers' own arguments, on launch shapes that cover Triton's
+specializations, and reports shared memory, registers and spills: no 16-bit candidate
+spills on sm_90, at any head dim, in any mode or shape. The first candidate that fits is
+the one used when autotuning is off (chosen once per binary).
 
 Shared memory is accounted exactly: a candidate is kept when its compiled kernel (the
 binary the launch would use, for the device's architecture) fits the device's opt-in
@@ -36,9 +36,9 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = {
     "forward": {
         (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-        (2, 96): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        (2, 96): [(128, 64, 8, 3), (128, 128, 8, 1), (64, 64, 4, 3), (128, 32, 8, 3)],
         (2, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-        (2, 256): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+        (2, 256): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
         (4, 64): [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)],
         (4, 96): [(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
         (4, 128): [(128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
@@ -46,7 +46,7 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
     },
     # Every dQ candidate of a key has the same BLOCK_M (see dq_block_m).
     "backward_dq": {
-        (2, 64): [(128, 64, 8, 2), (128, 32, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3)],
+        (2, 64): [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3)],
         (2, 96): [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
         (2, 128): [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
         (2, 256): [(64, 32, 8, 2), (64, 64, 8, 2)],
@@ -58,8 +58,8 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
     "backward_dkdv": {
         (2, 64): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
         (2, 96): [(32, 128, 8, 2), (64, 64, 8, 2)],
-        (2, 128): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3)],
-        (2, 256): [(16, 64, 8, 2), (32, 64, 8, 2)],
+        (2, 128): [(32, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 3), (32, 64, 8, 3)],
+        (2, 256): [(16, 64, 8, 3), (32, 32, 8, 2), (16, 32, 8, 2)],
         (4, 64): [(32, 32, 4, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
         (4, 96): [(16, 16, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
         (4, 128): [(16, 16, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
@@ -179,8 +179,10 @@ def autotuner(kernel: str, fn):
     tuned = triton.autotune(
         configs=[c.as_config() for c in pool],
         # The prefix tile (BLOCK_P, ONE_PREFIX_BLOCK) changes shared memory: the fit check reruns with it.
+        # GROUP is a plain argument (one binary for every group size) but MHA and GQA may
+        # prefer other tiles (the dK/dV loop runs over the group): each is tuned.
         key=["HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET",
-             "DOT_PRECISION"],
+             "GROUP", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune},
     )(fn)
     AUTOTUNERS[kernel] = tuned

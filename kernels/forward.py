@@ -27,6 +27,7 @@ import triton.language as tl
 from .configs import autotuner, launch
 from .utils import (
     LOG2E,
+    SIZES_AND_SMALL_STRIDES,
     block_d,
     block_p,
     dot_precision,
@@ -142,7 +143,7 @@ def prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_l
     return m2, l2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES_AND_SMALL_STRIDES)
 def _fwd_kernel(
     Q, K, V, PK, PV, A, MASK, CU_Q, CU_K, OUT, LSE1, LSE2,
     stride_qb, stride_qh, stride_qt, stride_qd,

@@ -23,6 +23,17 @@ LAUNCH_COUNTS: collections.Counter[str] = collections.Counter()
 
 LOG2E = 1.4426950408889634
 
+# Integer arguments that Triton must not specialize. On a GPU it compiles another binary for
+# an integer equal to 1 (made a constant) or divisible by 16 (an alignment hint): for sizes
+# (T = 1 in decoding, P = 1, a group of 1, B = 1) and for the strides of the small lse and
+# mask rows that only multiplies the binaries to check, and some of them spilled where the
+# general one did not. The strides of the (rows, D) tiles stay specialized: their alignment
+# is what lets the loads vectorize.
+SIZES_AND_SMALL_STRIDES = (
+    "H", "HKV", "BH", "BG", "T_MAX", "S_MAX", "P", "GROUP", "T_BUCKET",
+    "stride_lb", "stride_lh", "stride_mb", "stride_ms",
+)
+
 
 def count_launch(name: str) -> None:
     LAUNCH_COUNTS[name] += 1

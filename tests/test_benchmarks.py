@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import bench_attention as ba
 from benchmarks import bench_train_step as bts
-from benchmarks import common, gpu_suite, plot
+from benchmarks import common, gpu_suite, plot, processes
 from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
 from llama_adapter_fast.ops import TRITON_AVAILABLE, can_run_on
 
@@ -287,17 +287,17 @@ def test_compile_jobs_split_groups_and_candidates():
 
 
 def test_pool_stops_jobs_at_the_deadline(tmp_path):
-    say = gpu_suite.Tee(tmp_path / "log.txt")
-    jobs = [gpu_suite.Job("quick", [sys.executable, "-c", "print('hello')"]),
-            gpu_suite.Job("slow", [sys.executable, "-c", "import time; time.sleep(60)"]),
-            gpu_suite.Job("late", [sys.executable, "-c", "print('never')"])]
+    say = processes.Tee(tmp_path / "log.txt")
+    jobs = [processes.Job("quick", [sys.executable, "-c", "print('hello')"]),
+            processes.Job("slow", [sys.executable, "-c", "import time; time.sleep(60)"]),
+            processes.Job("late", [sys.executable, "-c", "print('never')"])]
     start = time.time()
-    gpu_suite.run_pool(jobs, 2, common.Deadline(time.time() + 2), say, tmp_path / "compile.log")
+    processes.run_pool(jobs, 2, common.Deadline(time.time() + 2), say, tmp_path / "compile.log")
     assert time.time() - start < 20
     assert [j.result for j in jobs][:2] == ["ok", "stopped (time budget)"]
     assert jobs[2].result in ("ok", "not started (time budget)")
     assert "hello" in (tmp_path / "compile.log").read_text()
-    code = gpu_suite.run_streaming([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
+    code = processes.run_streaming([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
                                    say, timeout_s=1)
     say.close()
     assert code == -9 and "x\n" in (tmp_path / "log.txt").read_text()
