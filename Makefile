@@ -38,7 +38,7 @@ demo-mm: setup
 
 # The op alone through every backend, with errors against the float64 oracle and timings.
 demo-op: setup
-	$(INTERPRET) $(PY) -m llama_adapter_fast.demo
+	$(INTERPRET) $(PY) -m llama_adapter_fast.cli.demos.op
 
 test: setup
 	$(INTERPRET) $(PY) -m pytest -q tests

@@ -16,6 +16,13 @@ setup(
     python_requires=">=3.10",
     packages=[
         "llama_adapter_fast",
+        "llama_adapter_fast.ops",
+        "llama_adapter_fast.models",
+        "llama_adapter_fast.training",
+        "llama_adapter_fast.integrations",
+        "llama_adapter_fast.integrations.transformers",
+        "llama_adapter_fast.cli",
+        "llama_adapter_fast.cli.demos",
         "llama_adapter_fast.kernels",
     ],
     package_dir={

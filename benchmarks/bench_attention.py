@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common  # before llama_adapter_fast: it makes a bare checkout importable
+from benchmarks import harness
 from llama_adapter_fast import gated_prefix_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,7 +58,7 @@ CPU_Q_HEADS = 8
 CPU_KV_HEADS = (8, 2)
 CPU_HEAD_DIMS = (64,)
 
-COLUMNS = (*common.ENV_COLUMNS, "bench", "impl", "sdpa_backend", "tuning", "dtype", "B", "T", "S", "Hq", "Hkv",
+COLUMNS = (*harness.ENV_COLUMNS, "bench", "impl", "sdpa_backend", "tuning", "dtype", "B", "T", "S", "Hq", "Hkv",
            "D", "P", "causal", "mode", "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "status",
            "out_err", "grad_err", "note")
 
@@ -332,7 +332,7 @@ def check_fused(x: Inputs, device: torch.device) -> dict:
         del ref_inputs
         out_low, grads_low = _output_and_grads(lambda i: two_sdpa_attention(i, repeat_kv=True), x)
     except RuntimeError as exc:
-        if not common.is_out_of_memory(exc):
+        if not harness.is_out_of_memory(exc):
             raise
         return {"ok": None, "out_err": None, "grad_err": None,
                 "note": "not checked: the float32 SDPA reference ran out of memory"}
@@ -383,13 +383,13 @@ def measure_impl(impl: Impl, x: Inputs, shape: Shape, device: torch.device, time
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                peak = common.peak_memory_mib(fwd_bwd, device)
+                peak = harness.peak_memory_mib(fwd_bwd, device)
             except RuntimeError as exc:
-                failure = ("oom" if common.is_out_of_memory(exc) else "refused", _first_line(str(exc)))
+                failure = ("oom" if harness.is_out_of_memory(exc) else "refused", _first_line(str(exc)))
         if failure is None:
             note = variant.note + (f" ({refusals[0]})" if variant.note and refusals else "")
             return _time_modes(fwd, fwd_bwd, inputs, x, timer, peak), note
-        common.release_memory()
+        harness.release_memory()
         kind, message = failure
         if kind == "oom":
             # The forward alone may still fit: it keeps less than forward+backward does.
@@ -415,12 +415,12 @@ def _time_modes(fwd, fwd_bwd, inputs, x: Inputs, timer, peak) -> dict:
                 timing = timer(fwd_bwd)
             results[mode] = {"timing": timing, "status": "ok"}
         except RuntimeError as exc:
-            if not common.is_out_of_memory(exc):
+            if not harness.is_out_of_memory(exc):
                 raise
             results[mode] = {"timing": None, "status": "oom"}
             oom = True
         if oom:
-            common.release_memory()
+            harness.release_memory()
     return results
 
 
@@ -430,10 +430,10 @@ def _time_forward_only(fwd, timer) -> dict:
     try:
         results["fwd"] = {"timing": timer(fwd), "status": "ok"}
     except RuntimeError as exc:
-        if not common.is_out_of_memory(exc):
+        if not harness.is_out_of_memory(exc):
             raise
         results["fwd"] = {"timing": None, "status": "oom"}
-    common.release_memory()
+    harness.release_memory()
     return results
 
 
@@ -478,7 +478,7 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
             rows.extend(_rows(impl, shape, {}, base, refused, str(exc), tuning, check_result))
             return
         except Exception as exc:  # a failing implementation must not stop the sweep
-            common.release_memory()
+            harness.release_memory()
             rows.extend(_rows(impl, shape, {}, base, "error", f"{type(exc).__name__}: {_first_line(str(exc))}",
                               tuning, check_result))
             return
@@ -491,11 +491,11 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
                 fastest = (both["timing"].ms, impl.sdpa_backend)
 
     if "fused" in impl_names:
-        tuning = {True: "autotuned", False: "fixed config", None: ""}[common.autotuning_enabled()]
+        tuning = {True: "autotuned", False: "fixed config", None: ""}[harness.autotuning_enabled()]
         try:
             check_result = check_fused(x, device) if check else None
         except Exception as exc:
-            common.release_memory()
+            harness.release_memory()
             rows.extend(_rows(Impl("fused", []), shape, {}, base, "error",
                               f"{type(exc).__name__}: {_first_line(str(exc))}", tuning))
             check_result = False
@@ -523,10 +523,10 @@ def compile_shape(shape: Shape, device: torch.device, config_shard: tuple[int, i
     """Compile every autotuning candidate of the fused kernels for this shape, without
     running them (fills Triton's cache for a later timing run)."""
     x = make_inputs(shape, device)
-    common.reset_autotuning()
-    with common.compile_only(config_shard):
+    harness.reset_autotuning()
+    with harness.compile_only(config_shard):
         torch.autograd.grad(fused_attention(x), x.tensors(ADAPTER_INPUTS), x.grad_out)
-    common.synchronize(device)
+    harness.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -555,7 +555,7 @@ def select_shapes(args: argparse.Namespace, device: torch.device) -> list[Shape]
         shapes = [s for s in shapes if s.headline]
     elif args.part == "rest":
         shapes = [s for s in shapes if not s.headline]
-    index, count = common.parse_shard(args.shard)
+    index, count = harness.parse_shard(args.shard)
     return shapes[index::count]
 
 
@@ -603,14 +603,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else common.default_device()
+    device = torch.device(args.device) if args.device else harness.default_device()
     args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     shapes = select_shapes(args, device)
     if args.list:
         for shape in shapes:
             print(shape.describe() + f" P={shape.P} causal={shape.causal}")
         return []
-    env = common.environment(device)
+    env = harness.environment(device)
     if args.compile_only:
         return _compile_main(args, shapes, device)
 
@@ -623,32 +623,32 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         missing = [b for b in args.sdpa_backends if b not in backends]
         if missing:
             print(f"SDPA backends not available here: {', '.join(missing)}")
-        timer = common.CudaTimer(args.warmup_ms, args.rep_ms)
+        timer = harness.CudaTimer(args.warmup_ms, args.rep_ms)
     else:
         backends = {"default": None}
-        timer = common.CpuTimer(args.repeats)
+        timer = harness.CpuTimer(args.repeats)
     if "fused" in impl_names and args.tune_rep_ms > 0:
-        import llama_adapter_fast.ops  # noqa: F401  (loads the kernels and their autotuners)
+        import llama_adapter_fast.ops.custom_ops  # noqa: F401  (loads the kernels and their autotuners)
 
-        common.shorten_autotuning(min(args.tune_rep_ms / 5, args.warmup_ms), args.tune_rep_ms)
+        harness.shorten_autotuning(min(args.tune_rep_ms / 5, args.warmup_ms), args.tune_rep_ms)
 
-    csv_path = args.csv or common.RESULTS_DIR / f"{common.run_stem(env)}-attention.csv"
-    deadline = common.Deadline(args.deadline) if args.deadline else common.Deadline.after(args.budget_s)
+    csv_path = args.csv or harness.RESULTS_DIR / f"{harness.run_stem(env)}-attention.csv"
+    deadline = harness.Deadline(args.deadline) if args.deadline else harness.Deadline.after(args.budget_s)
     base = {**env, "bench": "attention"}
-    print(f"attention benchmark on {common.format_environment(env)}: {len(shapes)} shapes, "
+    print(f"attention benchmark on {harness.format_environment(env)}: {len(shapes)} shapes, "
           f"{', '.join(impl_names)}; SDPA backends {', '.join(backends)}")
     rows: list[dict] = []
-    for shape in common.progress(shapes, "attention shapes"):
+    for shape in harness.progress(shapes, "attention shapes"):
         if deadline.passed():
             rows.extend(skipped_rows(shape, impl_names, base, "time budget spent"))
             continue
         start = time.time()
         shape_rows = bench_shape(shape, device, timer, impl_names, backends, base, check=not args.no_check)
-        common.release_memory(collect=False)  # the shape's inputs are gone: hand their memory back
+        harness.release_memory(collect=False)  # the shape's inputs are gone: hand their memory back
         rows.extend(shape_rows)
-        common.log(f"  {shape.describe()}: {describe_rows(shape_rows)}  [{time.time() - start:.1f} s]")
-        common.write_csv(csv_path, rows, COLUMNS)
-    common.write_csv(csv_path, rows, COLUMNS)
+        harness.log(f"  {shape.describe()}: {describe_rows(shape_rows)}  [{time.time() - start:.1f} s]")
+        harness.write_csv(csv_path, rows, COLUMNS)
+    harness.write_csv(csv_path, rows, COLUMNS)
     skipped = sum(1 for r in rows if r["status"] == "skipped" and r["mode"] == "fwd")
     if skipped:
         print(f"{skipped} shapes skipped: the time budget was spent")
@@ -671,10 +671,10 @@ def describe_rows(rows: Sequence[dict]) -> str:
 
 
 def _compile_main(args: argparse.Namespace, shapes: Sequence[Shape], device: torch.device) -> list[dict]:
-    import llama_adapter_fast.ops  # noqa: F401  (loads the kernels)
+    import llama_adapter_fast.ops.custom_ops  # noqa: F401  (loads the kernels)
 
-    config_shard = common.parse_shard(args.config_shard)
-    deadline = common.Deadline(args.deadline) if args.deadline else common.Deadline.after(args.budget_s)
+    config_shard = harness.parse_shard(args.config_shard)
+    deadline = harness.Deadline(args.deadline) if args.deadline else harness.Deadline.after(args.budget_s)
     for shape in shapes:
         if deadline.passed():
             print(f"compile: time budget spent before {shape.describe()}", flush=True)
@@ -684,7 +684,7 @@ def _compile_main(args: argparse.Namespace, shapes: Sequence[Shape], device: tor
             compile_shape(shape, device, config_shard)
         except Exception as exc:  # report and go on: the timing run will show the failure too
             print(f"compile: {shape.describe()} failed: {type(exc).__name__}: {_first_line(str(exc))}", flush=True)
-            common.release_memory()
+            harness.release_memory()
             continue
         print(f"compiled {shape.describe()} (candidates {args.config_shard}) in {time.time() - start:.1f} s",
               flush=True)

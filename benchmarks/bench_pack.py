@@ -7,7 +7,7 @@
 Records are random tokens whose lengths are drawn from a histogram of Alpaca prompt lengths
 (benchmarks/data/alpaca_lengths.json, counts only), truncated to --max-seq-len like
 `finetune` truncates them; the first 40% of each record is the prompt (no loss). Both modes
-are `finetune`'s own training step (llama_adapter_fast.train.Trainer) on the same model and
+are `finetune`'s own training step (llama_adapter_fast.training.trainer.Trainer) on the same model and
 the same records each round: padded right-pads --grad-accum groups of --batch-size records
 to the longest of the group; packed concatenates the same records into packs of at most
 --batch-size * --max-seq-len tokens, the largest padded micro-batch. The modes alternate
@@ -22,17 +22,19 @@ import dataclasses
 import json
 import statistics
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import common  # before llama_adapter_fast: it makes a bare checkout importable
-from llama_adapter_fast.data import IGNORE_INDEX  # noqa: E402
-from llama_adapter_fast.model import LLaMAAdapter, ModelArgs  # noqa: E402
-from llama_adapter_fast.tokenizer import Tokenizer  # noqa: E402
-from llama_adapter_fast.train import Dist, TrainConfig, Trainer  # noqa: E402
+from benchmarks import harness
+from llama_adapter_fast.models.config import ModelArgs  # noqa: E402
+from llama_adapter_fast.models.llama import LLaMAAdapter
+from llama_adapter_fast.training.config import TrainConfig  # noqa: E402
+from llama_adapter_fast.training.data import IGNORE_INDEX  # noqa: E402
+from llama_adapter_fast.training.distributed import Dist
+from llama_adapter_fast.training.tokenizer import Tokenizer  # noqa: E402
+from llama_adapter_fast.training.trainer import Trainer
 
 LENGTHS = Path(__file__).resolve().parent / "data" / "alpaca_lengths.json"
 MODES = ("padded", "packed")
@@ -100,13 +102,13 @@ def make_trainers(args: argparse.Namespace, device: torch.device) -> dict[str, T
 def bench(args: argparse.Namespace, device: torch.device) -> list[dict]:
     trainers = make_trainers(args, device)
     samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    for r in common.progress(range(args.warmup + args.rounds), "rounds"):
+    for r in harness.progress(range(args.warmup + args.rounds), "rounds"):
         # Alternate which mode goes first, so that neither always runs on a warmer cache.
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            common.synchronize(device)
+            harness.synchronize(device)
             start = time.perf_counter()
             stats = trainers[mode].train_step()
-            common.synchronize(device)
+            harness.synchronize(device)
             seconds = time.perf_counter() - start
             if r >= args.warmup:
                 samples[mode].append(dict(seconds=seconds, real_tokens=stats["real_tokens"],
@@ -115,7 +117,7 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for mode in MODES:
         s = samples[mode]
         rates = [x["real_tokens"] / x["seconds"] for x in s]
-        median, p20, p80 = common.quantiles(rates)
+        median, p20, p80 = harness.quantiles(rates)
         rows.append(dict(mode=mode, rounds=len(s), real_tokens_per_s=median, real_tokens_per_s_p20=p20,
                          real_tokens_per_s_p80=p80, step_ms=statistics.median(x["seconds"] for x in s) * 1e3,
                          real_tokens_per_step=statistics.mean(x["real_tokens"] for x in s),
@@ -125,31 +127,6 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for row in rows:
         row["packed_over_padded"] = ratio
     return rows
-
-
-def plot(rows: list[dict], env: dict, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rates = [r["real_tokens_per_s"] for r in rows]
-    bars = ax.bar([r["mode"] for r in rows], rates, color=["#999999", "#3a7bd5"])
-    errors = [[r["real_tokens_per_s"] - r["real_tokens_per_s_p20"] for r in rows],
-              [r["real_tokens_per_s_p80"] - r["real_tokens_per_s"] for r in rows]]
-    ax.errorbar([0, 1], rates, yerr=errors, fmt="none", ecolor="black", capsize=4)
-    for bar, r in zip(bars, rows, strict=True):
-        ax.annotate(f"{r['real_tokens_per_s']:,.0f} tok/s\npadding {r['padding']:.0%}",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("real (non-padding) tokens/s, median")
-    ax.set_ylim(0, max(rates) * 1.3)
-    wrapped = textwrap.fill(title, 70)
-    ax.set_title(f"{wrapped}\npacked / padded = {rows[1]['packed_over_padded']:.2f}x", fontsize=9)
-    fig.text(0.01, 0.01, common.format_environment(env), fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
     p.add_argument("--out", type=Path, default=None, help="file stem (default benchmarks/results/pack-<device>-<date>)")
     args = p.parse_args(argv)
-    device = torch.device(args.device) if args.device else common.default_device()
+    device = torch.device(args.device) if args.device else harness.default_device()
     args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     args.batch_size = args.batch_size or PRESETS[args.preset]["batch_size"]
     args.grad_accum = args.grad_accum or PRESETS[args.preset]["grad_accum"]
@@ -178,25 +155,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = common.environment(args.device)
+    env = harness.environment(args.device)
     margs = PRESETS[args.preset]["model"]
     title = (f"adapter training step, {margs.n_layers} layers of dim {margs.dim}, vocab {margs.vocab_size}; "
              f"{args.batch_size * args.grad_accum} records a step, budget {args.batch_size * args.max_seq_len} tokens")
-    common.log(f"{title} on {common.format_environment(env)}")
+    harness.log(f"{title} on {harness.format_environment(env)}")
     rows = [{**env, **row, "preset": args.preset, "attention_backend": args.attention_backend,
              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_seq_len": args.max_seq_len}
             for row in bench(args, args.device)]
-    stem = args.out or common.RESULTS_DIR / f"pack-{common.run_stem(env)}"
-    csv_path = common.write_csv(stem.with_suffix(".csv"), rows, ("mode", "real_tokens_per_s", "padding"))
-    plot(rows, env, title, stem.with_suffix(".png"))
+    stem = args.out or harness.RESULTS_DIR / f"pack-{harness.run_stem(env)}"
+    csv_path = harness.write_csv(stem.with_suffix(".csv"), rows, ("mode", "real_tokens_per_s", "padding"))
+    ratio = rows[1]["packed_over_padded"]
+    harness.bar_plot(stem.with_suffix(".png"), [f"{r['mode']} (padding {r['padding']:.0%})" for r in rows],
+                     [r["real_tokens_per_s"] for r in rows], "real (non-padding) tokens/s, median",
+                     f"{title}\npacked / padded = {ratio:.2f}x; {harness.format_environment(env)}",
+                     [r["real_tokens_per_s_p20"] for r in rows], [r["real_tokens_per_s_p80"] for r in rows])
+    table = harness.markdown_table(
+        ["mode", "real tokens/s", "p20-p80", "step ms", "real tokens/step", "padding"],
+        [[r["mode"], f"{r['real_tokens_per_s']:,.0f}", f"{r['real_tokens_per_s_p20']:,.0f}-"
+          f"{r['real_tokens_per_s_p80']:,.0f}", f"{r['step_ms']:.0f}", f"{r['real_tokens_per_step']:,.0f}",
+          f"{r['padding']:.0%}"] for r in rows])
     lines = [f"# Padded against packed fine-tuning steps ({env['date']})", "", title + ".",
-             f"{common.format_environment(env)}; medians of {args.rounds} alternating rounds.", "",
-             "| mode | real tokens/s | p20-p80 | step ms | real tokens/step | padding |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['real_tokens_per_s']:,.0f} | {r['real_tokens_per_s_p20']:,.0f}-"
-                     f"{r['real_tokens_per_s_p80']:,.0f} | {r['step_ms']:.0f} | {r['real_tokens_per_step']:,.0f} | "
-                     f"{r['padding']:.0%} |")
-    lines += ["", f"packed / padded: **{rows[1]['packed_over_padded']:.2f}x** real tokens/s."]
+             f"{harness.format_environment(env)}; medians of {args.rounds} alternating rounds.", "", table, "",
+             f"packed / padded: **{ratio:.2f}x** real tokens/s."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {csv_path}, {stem.with_suffix('.png')} and {stem.with_suffix('.md')}")

@@ -26,7 +26,7 @@ import torch
 from peft import AdaptionPromptConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from benchmarks import common  # before llama_adapter_fast: it makes a bare checkout importable
+from benchmarks import harness
 from llama_adapter_fast.integrations.peft import disable_fused_adaption_prompt, enable_fused_adaption_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="timed steps of each path, alternating")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
     p.add_argument("--profile", action="store_true", help="print the top operators of one step of each path")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
     p.add_argument("--tag", default="", help="appended to the names of the result files")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
@@ -112,13 +112,13 @@ def make_step(model, batch, optimizer, device):
     """One training step; returns (wall-clock ms, CPU ms of this process)."""
 
     def step() -> tuple[float, float]:
-        common.synchronize(device)
+        harness.synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        common.synchronize(device)
+        harness.synchronize(device)
         return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
     return step
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = common.environment(device)
-    extra = common.extra_environment()
-    print(f"{common.format_environment(env)}; transformers {extra['transformers']}, peft {extra['peft']}", flush=True)
+    env = harness.environment(device)
+    extra = harness.extra_environment()
+    print(f"{harness.format_environment(env)}; transformers {extra['transformers']}, peft {extra['peft']}", flush=True)
 
     model = build_model(args, device, dtype)
     g = torch.Generator().manual_seed(1)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {**env, "transformers": extra["transformers"], "peft": extra["peft"], **shape, "path": name,
                "steps": len(wall[name])}
         for clock, times in (("wall", wall), ("cpu", cpu)):
-            ms, p20, p80 = common.quantiles(times[name])
+            ms, p20, p80 = harness.quantiles(times[name])
             row.update({f"{clock}_ms": ms, f"{clock}_p20_ms": p20, f"{clock}_p80_ms": p80,
                         f"{clock}_speedup_medians": summary[clock]["medians"],
                         f"{clock}_speedup_paired": summary[clock]["paired"],
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused speedup over PEFT, {label}: {summary[clock]['medians']:.3f}x (ratio of medians), "
               f"{summary[clock]['paired']:.3f}x (median of per-round ratios)")
     if not args.no_save:
-        stem = f"peft-step-{common.run_stem(env)}" + (f"-{args.tag}" if args.tag else "")
-        csv_path = common.write_csv(args.out / f"{stem}.csv", rows)
+        stem = f"peft-step-{harness.run_stem(env)}" + (f"-{args.tag}" if args.tag else "")
+        csv_path = harness.write_csv(args.out / f"{stem}.csv", rows)
         md_path = write_markdown(args.out / f"{stem}.md", env, extra, shape, rows, parity, summary, device)
         png_path = write_plot(args.out / f"{stem}.png", rows, env, shape)
         print("wrote", csv_path, md_path, png_path or "(no plot: matplotlib missing)")
@@ -221,10 +221,20 @@ def speedups(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def write_markdown(path: Path, env, extra, shape, rows, parity, summary, device) -> Path:
+    table = harness.markdown_table(
+        ["path", "wall ms/step (median)", "p20", "p80", "CPU ms/step (median)", "p20", "p80"],
+        [[r["path"], *(f"{r[k]:.1f}" for k in ("wall_ms", "wall_p20_ms", "wall_p80_ms", "cpu_ms", "cpu_p20_ms",
+                                                 "cpu_p80_ms"))] for r in rows])
+    speedup = [["wall clock", f"**{summary['wall']['medians']:.3f}x**", f"{summary['wall']['paired']:.3f}x"]]
+    if device.type == "cpu":
+        # CPU time leaves out the time the process waits for a core, which a shared machine adds
+        # to the wall clock at random.
+        speedup.append(["CPU time of the process", f"**{summary['cpu']['medians']:.3f}x**",
+                        f"{summary['cpu']['paired']:.3f}x"])
     lines = [
         "# PEFT adaption-prompt training step: PEFT's attention vs the fused op",
         "",
-        f"- device: {common.format_environment(env)}",
+        f"- device: {harness.format_environment(env)}",
         f"- transformers {extra['transformers']}, peft {extra['peft']}, python {extra['python']}, "
         f"commit {extra['commit'] or 'n/a'}, date {env['date']}",
         "- model: " + ", ".join(f"{k} {v}" for k, v in shape.items()),
@@ -234,51 +244,22 @@ def write_markdown(path: Path, env, extra, shape, rows, parity, summary, device)
         f"largest relative gradient error {parity['max_grad_rel_error']:.2e}",
         "- the output layer and the loss (vocab x hidden) cost the same in both paths, so a large vocabulary "
         "dilutes the ratio",
-        "",
-        "| path | wall ms/step (median) | p20 | p80 | CPU ms/step (median) | p20 | p80 |",
-        "|---|---|---|---|---|---|---|",
+        "", table, "",
+        harness.markdown_table(["fused speedup over PEFT", "ratio of the medians", "median of the per-round ratios"],
+                               speedup),
+        "", "Every step, in order (wall ms): " + "; ".join(f"{r['path']} {r['wall_all_ms']}" for r in rows), "",
     ]
-    for r in rows:
-        lines.append(f"| {r['path']} | {r['wall_ms']:.1f} | {r['wall_p20_ms']:.1f} | {r['wall_p80_ms']:.1f} | "
-                     f"{r['cpu_ms']:.1f} | {r['cpu_p20_ms']:.1f} | {r['cpu_p80_ms']:.1f} |")
-    lines += [
-        "",
-        "| fused speedup over PEFT | ratio of the medians | median of the per-round ratios |",
-        "|---|---|---|",
-        f"| wall clock | **{summary['wall']['medians']:.3f}x** | {summary['wall']['paired']:.3f}x |",
-    ]
-    if device.type == "cpu":
-        # CPU time leaves out the time the process waits for a core, which a shared machine adds
-        # to the wall clock at random.
-        lines.append(f"| CPU time of the process | **{summary['cpu']['medians']:.3f}x** | "
-                     f"{summary['cpu']['paired']:.3f}x |")
-    lines += ["", "Every step, in order (wall ms): "
-              + "; ".join(f"{r['path']} {r['wall_all_ms']}" for r in rows), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
 def write_plot(path: Path, rows, env, shape) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    names = [r["path"] for r in rows]
-    ms = [r["wall_ms"] for r in rows]
-    errs = [[r["wall_ms"] - r["wall_p20_ms"] for r in rows], [r["wall_p80_ms"] - r["wall_ms"] for r in rows]]
-    ax.bar(names, ms, yerr=errs, color=["#999999", "#1f77b4"], capsize=4)
-    ax.set_ylabel("ms per training step (median, wall clock)")
-    ax.set_title(f"PEFT adaption prompt, {shape['arch']}, {env['device']}: width {shape['hidden']}, "
-                 f"{shape['layers']} layers, seq {shape['seq']}, vocab {shape['vocab']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return harness.bar_plot(path, [r["path"] for r in rows], [r["wall_ms"] for r in rows],
+                            "ms per training step (median, wall clock)",
+                            f"PEFT adaption prompt, {shape['arch']}, {env['device']}: width {shape['hidden']}, "
+                            f"{shape['layers']} layers, seq {shape['seq']}, vocab {shape['vocab']}",
+                            [r["wall_p20_ms"] for r in rows], [r["wall_p80_ms"] for r in rows])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """End-to-end adapter fine-tuning steps: tokens/s and peak memory of
 
-- thin (triton): this package's LLaMA (``llama_adapter_fast.model``) with the fused kernels;
+- thin (triton): this package's LLaMA (``llama_adapter_fast.models.llama``) with the fused kernels;
 - thin (sdpa): the same model, same weights, with the two-SDPA backend;
 - peft: PEFT's adaption prompt on transformers' LlamaForCausalLM, its default attention;
-- mm (triton): the multi-modal adapter (``llama_adapter_fast.multimodal``) on the thin
+- mm (triton): the multi-modal adapter (``llama_adapter_fast.models.multimodal``) on the thin
   model: every sample's image feature projected and added to the prompts, so each adapted
   layer's prefix is per sample, (B, Hkv, P, D), and goes to the fused kernels;
 - mm (sdpa): the same model and weights with the per-sample prefix through two SDPA calls.
@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common  # before llama_adapter_fast: it makes a bare checkout importable
+from benchmarks import harness
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("thin-triton", "thin-sdpa", "peft", "mm-triton", "mm-sdpa")
 NEEDS_GPU = ("thin-triton", "mm-triton")
-COLUMNS = (*common.ENV_COLUMNS, "bench", "impl", "attention", "dtype", "n_layers", "adapter_layers",
+COLUMNS = (*harness.ENV_COLUMNS, "bench", "impl", "attention", "dtype", "n_layers", "adapter_layers",
            "adapter_len", "dim", "n_heads", "n_kv_heads", "vocab_size", "batch", "seq_len", "steps",
            "step_ms", "step_ms_p20", "step_ms_p80", "tokens_per_s", "images_per_s", "peak_mem_mib", "weights_mib",
            "trainable_params", "loss0", "status", "note")
@@ -118,11 +118,12 @@ class Built:
 
 def build_thin(cfg: TrainConfig, backend: str, device: torch.device) -> Built:
     try:
-        from llama_adapter_fast.model import LLaMAAdapter, ModelArgs
+        from llama_adapter_fast.models.config import ModelArgs
+        from llama_adapter_fast.models.llama import LLaMAAdapter
     except ImportError as exc:
-        raise Unavailable(f"llama_adapter_fast.model is not available ({exc})") from None
+        raise Unavailable(f"llama_adapter_fast.models.llama is not available ({exc})") from None
     if backend == "triton":
-        from llama_adapter_fast.ops import TRITON_AVAILABLE, can_run_on
+        from llama_adapter_fast.ops.custom_ops import TRITON_AVAILABLE, can_run_on
 
         if not (TRITON_AVAILABLE and can_run_on(device)):
             raise Unavailable("timings of the fused kernels need a GPU")
@@ -159,18 +160,22 @@ def build_peft(cfg: TrainConfig, device: torch.device) -> Built:
     attn = getattr(model.config, "_attn_implementation", None) or "default"
     return Built(lambda tokens: model(input_ids=tokens).logits, model,
                  f"PEFT adaption prompt, transformers {attn} attention",
-                 f"adapter parameters in the model dtype; PEFT {common.package_version('peft')}")
+                 f"adapter parameters in the model dtype; PEFT {harness.package_version('peft')}")
 
 
 def build_multimodal(cfg: TrainConfig, backend: str, device: torch.device) -> Built:
     """The thin model inside MultiModalLLaMAAdapter, with fixed image features. The CLIP
     tower is built on the meta device: the step never runs it, only its shape matters."""
     thin = build_thin(cfg, backend, device)
-    from llama_adapter_fast.multimodal import MultiModalLLaMAAdapter
-    from llama_adapter_fast.vision import CLIPVisionConfig, CLIPVisionTower, ImageEncoder
+    from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
+    from llama_adapter_fast.models.vision import ImageEncoder
 
+    try:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+    except ImportError as exc:
+        raise Unavailable(f"the image encoder is transformers' CLIPVisionModel ({exc.name} is not installed)") from None
     with torch.device("meta"):
-        tower = CLIPVisionTower(CLIPVisionConfig(
+        tower = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=cfg.image_hidden, intermediate_size=4 * cfg.image_hidden, num_hidden_layers=cfg.image_depth,
             num_attention_heads=max(1, cfg.image_hidden // 64), image_size=224, patch_size=14))
     model = MultiModalLLaMAAdapter(thin.module, ImageEncoder(tower))
@@ -213,7 +218,7 @@ def run_variant(variant: str, cfg: TrainConfig, device: torch.device, steps: int
     trainable = [p for p in built.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     tokens = make_tokens(cfg, device)
-    common.synchronize(device)
+    harness.synchronize(device)
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
     def step() -> float:
@@ -226,16 +231,16 @@ def run_variant(variant: str, cfg: TrainConfig, device: torch.device, steps: int
     loss0 = float(step())  # also the first call: compiles and autotunes the kernels
     for _ in range(max(0, warmup - 1)):
         step()
-    common.synchronize(device)
+    harness.synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        common.synchronize(device)
+        harness.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    ms, p20, p80 = common.quantiles(times)
+    ms, p20, p80 = harness.quantiles(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "attention": built.attention, "note": built.note, "step_ms": ms, "step_ms_p20": p20, "step_ms_p80": p80,
@@ -250,18 +255,18 @@ def compile_variant(cfg: TrainConfig, device: torch.device) -> None:
     """Compile the fused kernels the thin model uses, without running them."""
     built = build_thin(cfg, "triton", device)
     tokens = make_tokens(cfg, device)
-    common.reset_autotuning()
-    with common.compile_only():
+    harness.reset_autotuning()
+    with harness.compile_only():
         next_token_loss(built.forward(tokens), tokens).backward()
-    common.synchronize(device)
+    harness.synchronize(device)
 
 
 def bench(variants: Sequence[str], cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
-          base: dict, deadline: common.Deadline, csv_path: Path | None = None) -> list[dict]:
+          base: dict, deadline: harness.Deadline, csv_path: Path | None = None) -> list[dict]:
     """One row per variant, each written to csv_path as soon as it is measured; a variant
     that fails in any way is recorded with its error and the next one runs."""
-    log = common.RowLog(csv_path, COLUMNS)
-    for variant in common.progress(variants, "train-step variants"):
+    log = harness.RowLog(csv_path, COLUMNS)
+    for variant in harness.progress(variants, "train-step variants"):
         row = {**base, "impl": variant, **_config_fields(cfg), "steps": steps}
         if deadline.passed():
             log.write({**row, "status": "skipped", "note": "time budget spent"})
@@ -271,17 +276,17 @@ def bench(variants: Sequence[str], cfg: TrainConfig, device: torch.device, steps
         except Unavailable as exc:
             row.update(status="skipped", note=str(exc))
         except Exception as exc:  # out of memory, a failing kernel, anything: recorded, and the next runs
-            status = "oom" if common.is_out_of_memory(exc) else "error"
+            status = "oom" if harness.is_out_of_memory(exc) else "error"
             row.update(status=status, note=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
-        common.release_memory()
+        harness.release_memory()
         log.write(row)
         if row["status"] == "ok":
             images = f" ({row['images_per_s']:,.1f} images/s)" if row.get("images_per_s") else ""
-            common.log(f"  {variant}: {row['tokens_per_s']:,.0f} tokens/s{images}, step {row['step_ms']:.1f} ms"
+            harness.log(f"  {variant}: {row['tokens_per_s']:,.0f} tokens/s{images}, step {row['step_ms']:.1f} ms"
                        + (f", peak {row['peak_mem_mib']:,.0f} MiB" if row["peak_mem_mib"] else "")
                        + f", first loss {row['loss0']:.4f}")
         else:
-            common.log(f"  {variant}: {row['status']}: {row['note']}")
+            harness.log(f"  {variant}: {row['status']}: {row['note']}")
     return log.rows
 
 
@@ -328,7 +333,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else common.default_device()
+    device = torch.device(args.device) if args.device else harness.default_device()
     args.preset = args.preset or ("7b" if device.type == "cuda" else "cpu")
     cfg = config_from_args(args)
     if args.compile_only:
@@ -336,12 +341,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(f"compiled the thin model's kernels ({cfg.n_layers} layers, {cfg.batch} x {cfg.seq_len})", flush=True)
         return []
     variants = args.variants or [v for v in VARIANTS if device.type == "cuda" or v not in NEEDS_GPU]
-    env = common.environment(device)
+    env = harness.environment(device)
     if device.type != "cuda" and not set(NEEDS_GPU) & set(variants):
         print("Kernel timings need a GPU: the models with the fused kernels are not timed on the CPU.")
-    csv_path = args.csv or common.RESULTS_DIR / f"{common.run_stem(env)}-train-step.csv"
-    deadline = common.Deadline(args.deadline) if args.deadline else common.Deadline.after(args.budget_s)
-    print(f"train-step benchmark on {common.format_environment(env)}: {cfg.n_layers} layers of dim {cfg.dim}, "
+    csv_path = args.csv or harness.RESULTS_DIR / f"{harness.run_stem(env)}-train-step.csv"
+    deadline = harness.Deadline(args.deadline) if args.deadline else harness.Deadline.after(args.budget_s)
+    print(f"train-step benchmark on {harness.format_environment(env)}: {cfg.n_layers} layers of dim {cfg.dim}, "
           f"{cfg.batch} x {cfg.seq_len} tokens, {cfg.dtype}; {', '.join(variants)}")
     rows = bench(variants, cfg, device, args.steps, args.warmup, {**env, "bench": "train_step"}, deadline, csv_path)
     print(f"wrote {csv_path}")

@@ -1,4 +1,4 @@
-"""GPU check of the fused kernels: correctness with real compilation, then a short timing.
+"""GPU check of the fused kernels: correctness with real compilation.
 
     python benchmarks/gpu_check.py --out OUT [--dtypes bf16,fp16,fp32] [--deadline-s 400]
 
@@ -8,9 +8,9 @@
    backend's error in the same dtype), the float64 oracle within 1e-4 in float32. Forward
    and all six gradients, and a check that the Triton kernels ran.
 2. 64-bit indexing: a problem whose q holds more than 2**31 elements.
-3. Timing of forward and forward+backward, triton against sdpa and eager (medians, with
-   the 20th and 80th percentiles, of triton.testing.do_bench), bf16, head dim 128, causal,
-   P = 10, B*T = 16k.
+
+The timings are bench_attention's (its target shapes are these lengths and more); the
+first-contact script runs this grid in parallel worker processes.
 
 Every row is appended to OUT/gpu-check.csv as it is measured, with the device and the
 versions; a case that fails or raises is recorded and the check goes on; after
@@ -31,14 +31,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-if "--autotune" not in sys.argv:
+if __name__ == "__main__" and "--autotune" not in sys.argv:  # before the kernels load
     os.environ.setdefault("LLAMA_ADAPTER_FAST_AUTOTUNE", "0")
 
 import torch  # noqa: E402
 
-from benchmarks import common  # noqa: E402
-from llama_adapter_fast import eager_attention, gated_prefix_attention, sdpa_attention  # noqa: E402
-from llama_adapter_fast.testing import (  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from llama_adapter_fast import eager_attention, gated_prefix_attention  # noqa: E402
+from llama_adapter_fast.ops.testing import (  # noqa: E402
     Case,
     PackedCase,
     check_against_oracle,
@@ -85,8 +85,8 @@ TINY_GRID = {
     "varlen_gqa": PackedCase((7, 0, 12), Hq=4, Hkv=2, D=16),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COLUMNS = (*common.ENV_COLUMNS, "section", "name", "dtype", "status", "detail", "worst_error", "eager_error",
-           "seconds", "fwd_ms", "fwd_ms_p20", "fwd_ms_p80", "fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80")
+COLUMNS = (*harness.ENV_COLUMNS, "section", "name", "dtype", "status", "detail", "worst_error", "eager_error",
+           "seconds")
 
 
 def cases(dtype_names: Iterable[str], grid: dict | None = None) -> list[tuple[str, str, Case | PackedCase]]:
@@ -154,46 +154,8 @@ def check_large_index() -> dict:
     except Exception as exc:
         row.update(status="FAIL", detail=f"{type(exc).__name__}: {str(exc)[:300]}")
         traceback.print_exc()
-    common.release_memory()
+    harness.release_memory()
     return dict(row, seconds=round(time.perf_counter() - start, 2))
-
-
-def _random_problem(B: int, Hq: int, Hkv: int, T: int, D: int, P: int, seed: int) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    shapes = [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (Hkv, P, D), (Hkv, P, D)]
-    tensors = [torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for s in shapes]
-    return (*tensors, torch.linspace(-1, 1, Hq, device="cuda").requires_grad_())
-
-
-def time_implementations(seq_lens: Iterable[int], deadline: common.Deadline) -> Iterable[dict]:
-    """Rows of forward and forward+backward medians per implementation and length."""
-    Hq, Hkv, D, P, tokens = 32, 8, 128, 10, 16384
-    impls = {
-        "triton": lambda *a: gated_prefix_attention(*a, backend="triton"),
-        "two-sdpa": sdpa_attention,
-        "eager": eager_attention,
-    }
-    timer = common.CudaTimer()
-    for T in seq_lens:
-        B = max(1, tokens // T)
-        inputs = _random_problem(B, Hq, Hkv, T, D, P, seed=T)
-        for impl, fn in impls.items():
-            row = dict(section="timing", name=f"T={T} B={B}", dtype="bf16", status=impl)
-            if deadline.passed():
-                yield dict(row, detail="skipped: time budget spent")
-                continue
-            try:
-                fwd = timer(lambda fn=fn, x=inputs: fn(*x))
-                do = torch.randn_like(fn(*inputs))
-                both = timer(lambda fn=fn, x=inputs, do=do: torch.autograd.grad(fn(*x), x, do))
-                row.update(detail=f"fwd {fwd.ms:.3f} ms  fwd+bwd {both.ms:.3f} ms", fwd_ms=fwd.ms,
-                           fwd_ms_p20=fwd.p20, fwd_ms_p80=fwd.p80, fwd_bwd_ms=both.ms, fwd_bwd_ms_p20=both.p20,
-                           fwd_bwd_ms_p80=both.p80)
-            except Exception as exc:  # out of memory, or anything else: recorded, and the timing goes on
-                kind = "out of memory" if common.is_out_of_memory(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
-                row.update(detail=kind)
-            common.release_memory()
-            yield row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=None, help="no new case starts after this many seconds")
     parser.add_argument("--autotune", action="store_true", help="autotune the kernels (longer compilation)")
     parser.add_argument("--skip-large", action="store_true", help="skip the over-2**31-elements check")
-    parser.add_argument("--seq-lens", type=int, nargs="*", default=[512, 2048, 8192])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device; on the CPU run `make test` (Triton's interpreter).")
@@ -211,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if unknown:
         parser.error(f"--dtypes: unknown {', '.join(unknown)} (known: {', '.join(DTYPES)})")
-    env = common.environment("cuda")
-    deadline = common.Deadline.after(args.deadline_s)
-    log = common.RowLog(args.out / f"{common.run_stem(env)}-gpu-check.csv" if args.out else None, COLUMNS, env)
-    print(f"gpu_check on {common.format_environment(env)}; autotune {common.autotuning_enabled()}", flush=True)
+    env = harness.environment("cuda")
+    deadline = harness.Deadline.after(args.deadline_s)
+    log = harness.RowLog(args.out / f"{harness.run_stem(env)}-gpu-check.csv" if args.out else None, COLUMNS, env)
+    print(f"gpu_check on {harness.format_environment(env)}; autotune {harness.autotuning_enabled()}", flush=True)
     start = time.perf_counter()
     for name, dtype_name, case in cases(args.dtypes.split(",")):
         row = (dict(section="correctness", name=name, dtype=dtype_name, status="skipped", detail="time budget spent")
@@ -226,9 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         row = check_large_index()
         log.write(row)
         print(f"[{row['status']}] {row['detail']}", flush=True)
-    for row in time_implementations(args.seq_lens, deadline):
-        log.write(row)
-        print(f"[time] {row['name']:14s} {row['status']:9s} {row['detail']}", flush=True)
     failed = sum(r["status"] == "FAIL" for r in log.rows)
     passed = sum(r["status"] == "PASS" for r in log.rows)
     print(f"\n{passed} passed, {failed} failed in {time.perf_counter() - start:.0f} s"

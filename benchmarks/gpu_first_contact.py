@@ -2,6 +2,7 @@
 a hard time budget.
 
     python benchmarks/gpu_first_contact.py OUT             # on a GPU, at most --budget-s (540 s)
+    python benchmarks/gpu_first_contact.py OUT --full      # the whole suite (make bench on a GPU), 840 s
     python benchmarks/gpu_first_contact.py OUT --dry-run   # on the CPU: every phase, tiny, under Triton's interpreter
 
 Runs from a bare checkout with torch and triton only (tqdm, matplotlib, transformers and
@@ -24,7 +25,7 @@ Every row is written as soon as it is measured. OUT gets at most 8 files, named 
 and date (<stem> as nvidia-h200-2026-12-02): <stem>-first-contact.log (everything printed),
 -environment.json, -correctness.csv (smoke, grid and int64 rows), -attention.csv,
 -train-step.csv, -summary.md (phases, correctness, the benchmarks' tables; what
-`python -m benchmarks.plot --readme` reads), -attention-time-bf16.png and
+`python -m benchmarks.harness.report --readme` reads), -attention-time-bf16.png and
 -first-contact-extras.tar.gz (worker and compile logs, the other plots).
 """
 
@@ -47,11 +48,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common, processes  # noqa: E402
+from benchmarks import gpu_check, harness  # noqa: E402
+from benchmarks.harness import processes  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-CORRECTNESS_COLUMNS = (*common.ENV_COLUMNS, "section", "name", "dtype", "status", "detail", "worst_error",
-                       "eager_error", "seconds")
 MAX_FILES = 8
 
 
@@ -80,9 +80,9 @@ def file_names(out: Path, stem: str) -> dict[str, Path]:
 def worker_environment(args: argparse.Namespace) -> int:
     import torch
 
-    env = common.environment(common.default_device())
-    info: dict = {**env, **common.extra_environment(), "dry_run": args.dry_run, "cpu_count": os.cpu_count(),
-                  "cpu": common.cpu_name(), "platform": platform.platform()}
+    env = harness.environment(harness.default_device())
+    info: dict = {**env, **harness.extra_environment(), "dry_run": args.dry_run, "cpu_count": os.cpu_count(),
+                  "cpu": harness.cpu_name(), "platform": platform.platform()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
@@ -92,7 +92,7 @@ def worker_environment(args: argparse.Namespace) -> int:
 
         info["sdpa_backends"] = list(available_sdpa_backends(["flash", "cudnn", "efficient"], torch.device("cuda"),
                                                              torch.bfloat16))
-    info["autotune"] = common.autotuning_enabled()
+    info["autotune"] = harness.autotuning_enabled()
     path = Path(args.path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
@@ -118,12 +118,12 @@ def worker_smoke(args: argparse.Namespace) -> int:
 
     from benchmarks import bench_attention as ba
     from llama_adapter_fast import gated_prefix_attention, gated_prefix_attention_varlen
-    from llama_adapter_fast.testing import expect_launches
+    from llama_adapter_fast.ops.testing import expect_launches
 
-    device = common.default_device()
+    device = harness.default_device()
     dtype = "fp32" if args.dry_run else "bf16"  # the interpreter has no bfloat16 arithmetic
-    env = common.environment(device)
-    log = common.RowLog(args.path, CORRECTNESS_COLUMNS, env, fresh=False)
+    env = harness.environment(device)
+    log = harness.RowLog(args.path, gpu_check.COLUMNS, env, fresh=False)
     size = dict(T=24, D=16, B=1, Hq=4, Hkv=2) if args.dry_run else dict(T=1024, D=128, B=2, Hq=8, Hkv=2)
 
     def padded() -> str:
@@ -192,22 +192,20 @@ def chosen_configs() -> str:
         for config in tuner.cache.values():
             k = config.kwargs
             chosen.append(f"{kernel} {k['BLOCK_M']}x{k['BLOCK_N']} w{config.num_warps} s{config.num_stages}")
-    return ", ".join(dict.fromkeys(chosen)) or f"fixed (autotune {common.autotuning_enabled()})"
+    return ", ".join(dict.fromkeys(chosen)) or f"fixed (autotune {harness.autotuning_enabled()})"
 
 
 def worker_grid(args: argparse.Namespace) -> int:
     """Every n-th case of the grid in the given dtypes from the i-th, or the int64 check."""
-    from benchmarks import gpu_check
-
-    env = common.environment(common.default_device())
-    log = common.RowLog(args.path, CORRECTNESS_COLUMNS, env, fresh=False)
-    deadline = common.Deadline(args.deadline)
+    env = harness.environment(harness.default_device())
+    log = harness.RowLog(args.path, gpu_check.COLUMNS, env, fresh=False)
+    deadline = harness.Deadline(args.deadline)
     if args.int64:
         row = gpu_check.check_large_index()
         log.write(row)
         print(f"[{row['status']}] int64: {row['detail']}", flush=True)
         return 0
-    index, count = common.parse_shard(args.shard)
+    index, count = harness.parse_shard(args.shard)
     grid = gpu_check.TINY_GRID if args.dry_run else gpu_check.GRID
     for name, dtype_name, case in gpu_check.cases(args.dtypes.split(","), grid)[index::count]:
         if deadline.passed():
@@ -220,6 +218,21 @@ def worker_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def compile_jobs(shapes, workers: int, preset: str, train_args: list[str], env: dict[str, str]) -> list:
+    """Compile-only processes that fill Triton's cache before the timing process runs: one
+    per (dtype, head dim) group and share of the autotuning candidates (the shapes of a
+    group share their binaries), and one for the train step's model."""
+    groups = list(dict.fromkeys((shape.dtype, shape.D) for shape in shapes))
+    shards = max(1, min(6, round(2 * workers / max(1, len(groups)))))
+    jobs = [processes.Job("compile train-step model", processes.python_command(
+        "benchmarks.bench_train_step", "--compile-only", *train_args), env)]
+    for dtype, D in groups:
+        jobs += [processes.Job(f"compile {dtype} D={D} candidates {i}/{shards}", processes.python_command(
+            "benchmarks.bench_attention", "--compile-only", "--preset", preset, "--dtypes", dtype, "--head-dims",
+            str(D), "--config-shard", f"{i}/{shards}"), env) for i in range(shards)]
+    return jobs
+
+
 # ----------------------------------------------------------------------------------------
 # The run
 
@@ -230,16 +243,17 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.dry = args.dry_run
+        self.full = args.full
         self.start = time.time()
-        self.budget = args.budget_s or (240.0 if self.dry else 540.0)
+        self.budget = args.budget_s or (240.0 if self.dry else 840.0 if self.full else 540.0)
         self.out = args.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix="first-contact-"))  # what goes into the archive
         import torch
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.env = common.environment(self.device)
-        self.stem = common.run_stem(self.env)
+        self.env = harness.environment(self.device)
+        self.stem = harness.run_stem(self.env)
         self.files = file_names(self.out, self.stem)
         for path in self.files.values():
             path.unlink(missing_ok=True)
@@ -253,6 +267,10 @@ class Run:
         self.ends = ends
         # Whatever runs is stopped by then, so that the files are written inside the budget.
         self.hard_end = self.start + self.budget - min(20.0, 0.05 * self.budget)
+
+    def train_args(self) -> list[str]:
+        """The train step's model: LLaMA-7B's shapes, 8 of its layers (4 in the first contact)."""
+        return ["--layers", "8" if self.full else "4"]
 
     def deadline(self, phase: str) -> float:
         return self.ends[phase]
@@ -291,7 +309,7 @@ class Run:
     def correctness(self) -> str:
         path = str(self.files["correctness"])
         deadline = self.deadline("smoke+correctness")
-        common.RowLog(path, CORRECTNESS_COLUMNS)  # a fresh file with its header written by the first row
+        harness.RowLog(path, gpu_check.COLUMNS)  # a fresh file with its header written by the first row
         dtypes = ["bf16", "fp16", "fp32"]
         shards = self.workers
         jobs = [processes.Job("smoke", self.worker("smoke", "--path", path), self.child_env(autotune=True))]
@@ -303,7 +321,7 @@ class Run:
             if dtype == "bf16" and not self.dry:
                 jobs.append(processes.Job("int64", self.worker("grid", "--path", path, "--int64"),
                                           self.child_env(autotune=False)))
-        processes.run_pool(jobs, self.workers + 1, common.Deadline(deadline), self.say,
+        processes.run_pool(jobs, self.workers + 1, harness.Deadline(deadline), self.say,
                            self.work / "correctness-workers.log")
         for job in jobs:
             for line in job.output:
@@ -313,7 +331,7 @@ class Run:
         return f"{done}/{len(jobs)} worker processes finished"
 
     def timing(self) -> str:
-        from benchmarks import bench_attention, gpu_suite
+        from benchmarks import bench_attention
 
         deadline = self.deadline("timing")
         csv = str(self.files["attention"])
@@ -325,13 +343,12 @@ class Run:
                                   self.child_env())]
             timed = ["--impls", "fused,eager,two-sdpa,floor", "--repeats", "1", *tiny]
         else:
-            jobs = gpu_suite.compile_jobs(bench_attention.target_shapes(), self.workers, "targets",
-                                          ["--layers", "4"])
-            for job in jobs:
-                job.env = self.child_env(autotune=True)
-            timed = ["--preset", "targets"]
+            preset = "gpu" if self.full else "targets"
+            shapes = bench_attention.sweep() if self.full else bench_attention.target_shapes()
+            jobs = compile_jobs(shapes, self.workers, preset, self.train_args(), self.child_env(autotune=True))
+            timed = ["--preset", preset]
         # Compiling may take up to half of the phase; the timing process compiles what is left.
-        compile_deadline = common.Deadline(time.time() + 0.5 * (deadline - time.time()))
+        compile_deadline = harness.Deadline(time.time() + 0.5 * (deadline - time.time()))
         self.say(f"   compiling: {len(jobs)} jobs on {self.workers} processes")
         processes.run_pool(jobs, self.workers, compile_deadline, self.say, self.work / "compile.log")
         code = processes.run_streaming(
@@ -346,7 +363,7 @@ class Run:
             args = ["--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "1",
                     "--variants", "thin-triton,thin-sdpa,peft,mm-triton,mm-sdpa"]
         else:
-            args = ["--layers", "4", "--steps", "3", "--warmup", "2"]
+            args = [*self.train_args(), "--steps", "5" if self.full else "3", "--warmup", "2"]
         code = processes.run_streaming(
             processes.python_command("benchmarks.bench_train_step", *args, "--csv", str(self.files["train"]),
                                      "--deadline", f"{deadline:.0f}"),
@@ -355,19 +372,19 @@ class Run:
 
     # -- the end
     def finish(self) -> int:
-        from benchmarks import plot
+        from benchmarks.harness import report
 
         csvs = [p for p in (self.files["attention"], self.files["train"]) if p.is_file()]
-        attention, train = plot.load(csvs) if csvs else ([], [])
+        attention, train = report.load(csvs) if csvs else ([], [])
         if csvs:
             try:
-                plot.render(csvs, self.work, self.stem)
+                report.render(csvs, self.work, self.stem)
             except Exception as exc:  # the CSVs are the result; a plotting failure must not hide them
                 self.say(f"!! plotting failed: {type(exc).__name__}: {exc}")
         headline = self.work / self.files["plot"].name
         if headline.is_file():
             shutil.copy(headline, self.files["plot"])
-        correctness = common.read_csv(self.files["correctness"]) if self.files["correctness"].is_file() else []
+        correctness = harness.read_csv(self.files["correctness"]) if self.files["correctness"].is_file() else []
         summary = self.summary(correctness, attention, train, [self.files["plot"]] if headline.is_file() else [])
         self.files["summary"].write_text(summary, encoding="utf-8")
         self.say("\n" + summary)
@@ -383,10 +400,10 @@ class Run:
         return 1 if any(r["status"] == "FAIL" for r in correctness) else 0
 
     def summary(self, correctness: list[dict], attention: list[dict], train: list[dict], images: list[Path]) -> str:
-        from benchmarks import gpu_check, plot
+        from benchmarks.harness import report
 
         lines = [f"# First contact: {self.env['device_name']}, {self.env['date']}", "",
-                 f"{common.format_environment(self.env)}; budget {self.budget:.0f} s"
+                 f"{harness.format_environment(self.env)}; budget {self.budget:.0f} s"
                  + ("; dry run (Triton's interpreter, tiny shapes)" if self.dry else ""), "",
                  "| phase | result | seconds |", "|---|---|---|"]
         lines += [f"| {name} | {result} | {seconds:.0f} |" for name, result, seconds in self.phases]
@@ -403,7 +420,7 @@ class Run:
             lines += [f"| {r['section']} | {r['name']} | {r['dtype']} | {r['status']} | {r['detail']} |"
                       for r in special]
         if attention or train:  # the benchmarks' own summary, without its title
-            lines += ["", plot.markdown(attention, train, images).split("\n", 1)[1]]
+            lines += ["", report.markdown(attention, train, images).split("\n", 1)[1]]
         return "\n".join(lines) + "\n"
 
 
@@ -412,6 +429,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("out", type=Path, help="output folder (created); at most 8 files land there")
     p.add_argument("--budget-s", type=float, default=None, help="hard budget of the whole run (540 s; 240 dry)")
     p.add_argument("--dry-run", action="store_true", help="every phase on the CPU under Triton's interpreter, tiny")
+    p.add_argument("--full", action="store_true",
+                   help="the whole benchmark suite: every attention shape (T 256 to 16k, bf16 and fp16, head dims "
+                        "128 and 64, 32 and 8 kv heads) and an 8-layer train step (budget 840 s); what make bench "
+                        "runs on a GPU")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: cores - 2)")
     # Internal: one phase's worker process.
     p.add_argument("--worker", choices=("env", "smoke", "grid"), help=argparse.SUPPRESS)
@@ -430,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return {"env": worker_environment, "smoke": worker_smoke, "grid": worker_grid}[args.worker](args)
     run = Run(args)
-    run.say(f"first contact on {common.format_environment(run.env)}: budget {run.budget:.0f} s, "
+    run.say(f"first contact on {harness.format_environment(run.env)}: budget {run.budget:.0f} s, "
             f"{run.workers} workers, output {run.out}" + (" (dry run)" if run.dry else ""))
     run.phase("environment", run.environment)
     run.phase("smoke+correctness", run.correctness)

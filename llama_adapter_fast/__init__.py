@@ -22,9 +22,13 @@ def _map_checkout_kernels() -> None:
 
 _map_checkout_kernels()
 
-from llama_adapter_fast.attention import gated_prefix_attention  # noqa: E402
-from llama_adapter_fast.reference import concat_attention, eager_attention, sdpa_attention  # noqa: E402
-from llama_adapter_fast.varlen import gated_prefix_attention_varlen  # noqa: E402
+from llama_adapter_fast.ops import (  # noqa: E402
+    concat_attention,
+    eager_attention,
+    gated_prefix_attention,
+    gated_prefix_attention_varlen,
+    sdpa_attention,
+)
 
 __all__ = [
     "gated_prefix_attention",

@@ -1,7 +1,7 @@
 """Generate the bundled pictures and questions of the multi-modal demo, deterministically
 (the same bytes on every run; a test checks it).
 
-The drawing lives in llama_adapter_fast/shape_pictures.py (the demo also draws pictures
+The drawing lives in llama_adapter_fast/cli/demos/shape_pictures.py (the demo also draws pictures
 with it to pre-train its tiny image encoder). Writes into llama_adapter_fast/assets/shapes/:
     images/train_NNN.png, images/heldout_NNN.png   32 x 32 pictures of coloured shapes
     blank.png                                      a white picture: the demo's "no picture"
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llama_adapter_fast.shape_pictures import write_bundle
+from llama_adapter_fast.cli.demos.shape_pictures import write_bundle
 
 OUT = Path(__file__).resolve().parent.parent / "llama_adapter_fast" / "assets" / "shapes"
 

@@ -25,7 +25,7 @@ def training_text(synthetic: Path) -> list[str]:
     import sys
 
     sys.path.insert(0, str(ASSETS.parent.parent))
-    from llama_adapter_fast.data import format_prompt
+    from llama_adapter_fast.training.data import format_prompt
 
     lines = [json.loads(line)["text"] for line in (synthetic / "pretrain.jsonl").read_text("utf-8").splitlines()]
     for name in ("instructions_train.jsonl", "instructions_heldout.jsonl"):

@@ -2,6 +2,8 @@
 set before triton is first imported, hence here, before any test module imports it."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ def op_calls(monkeypatch) -> OpCalls:
     import importlib
 
     calls = OpCalls()
-    for name in ("transformers", "peft"):
+    for name in ("transformers.masks", "peft"):
         try:
             module = importlib.import_module(f"llama_adapter_fast.integrations.{name}")
         except ImportError:  # the optional library is not installed
@@ -45,3 +47,30 @@ def op_calls(monkeypatch) -> OpCalls:
 
             monkeypatch.setattr(module, op_name, counted)
     return calls
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA saved as a Hugging Face folder, with the bundled tokenizer."""
+    from llama_adapter_fast.bundled import TOKENIZER
+    from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+    from llama_adapter_fast.training.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = LLaMAAdapter(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=Tokenizer().n_words, multiple_of=16,
+                                   max_seq_len=96, adapter_layers=0))
+    model.save_hf(folder)
+    shutil.copy(TOKENIZER, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """The first 24 of the bundled instructions."""
+    from llama_adapter_fast.bundled import SYNTHETIC_FILES
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = SYNTHETIC_FILES["train"].read_text().splitlines()[:24]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -36,13 +36,10 @@ except ImportError:  # older peft wraps Llama-style attention only
     _BaseAdaptedAttention = AdaptedAttention
     AdaptedAttentionGPT = None
 
-from llama_adapter_fast.attention import BACKENDS, gated_prefix_attention
-from llama_adapter_fast.integrations.transformers import (
-    check_sliding_window,
-    masked_gated_prefix_attention,
-    packed_sequences,
-    prefix_keys_values,
-)
+from llama_adapter_fast.integrations.transformers.attention import prefix_keys_values
+from llama_adapter_fast.integrations.transformers.masks import check_sliding_window, masked_gated_prefix_attention
+from llama_adapter_fast.integrations.transformers.packing import packed_sequences
+from llama_adapter_fast.ops.attention import BACKENDS, gated_prefix_attention
 
 __all__ = [
     "FusedAdaptedAttention",

@@ -1,0 +1,74 @@
+"""`llama-adapter-fast finetune`: train an adapter on instruction data, the base frozen."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from llama_adapter_fast.cli.options import add_image_training_options, add_model_options
+from llama_adapter_fast.training.config import TrainConfig
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="train an adapter on Alpaca-format instructions (base frozen)",
+                       description="Train the adaption prompts and gates of LLaMA-Adapter; the base stays frozen. "
+                                   "Writes adapter.safetensors, checkpoint.pt, metrics.jsonl and loss.png.")
+    p.add_argument("--base", required=True, help="base model: Hugging Face folder or Meta folder (params.json)")
+    p.add_argument("--data", required=True, help="Alpaca JSON list or JSON Lines (instruction, input, output)")
+    p.add_argument("--out", dest="out_dir", default="runs/adapter", help="output folder")
+    add_model_options(p)
+
+    d = dataclasses.fields
+    defaults = {f.name: f.default for f in d(TrainConfig)}
+    p.add_argument("--adapter-len", type=int, default=defaults["adapter_len"], help="prompt vectors per layer")
+    p.add_argument("--adapter-layers", type=int, default=None, help="top layers with an adapter (default min(30, n))")
+    p.add_argument("--gate-activation", default="tanh", choices=["tanh", "identity"])
+    p.add_argument("--scalar-gate", action="store_true", help="one gate per layer instead of one per head")
+    p.add_argument("--max-seq-len", type=int, default=defaults["max_seq_len"])
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help="records per process and micro-step (with --pack: per process and step, / --grad-accum)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=defaults["pack"],
+                   help="concatenate each step's records without padding into packs of --pack-tokens tokens, "
+                        "through the packed attention (default); --no-pack right-pads them")
+    p.add_argument("--pack-tokens", type=int, default=None,
+                   help="tokens per packed micro-batch (default --batch-size * --max-seq-len)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--epochs", type=float, default=defaults["epochs"])
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default blr * global batch / 256)")
+    p.add_argument("--blr", type=float, default=defaults["blr"])
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
+    p.add_argument("--clip-grad", type=float, default=defaults["clip_grad"], help="max gradient norm (0: off)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast: auto = bf16 (or fp16) on a GPU, fp32 on the CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--print-every", type=int, default=0, help="print a metrics line every N steps")
+    p.add_argument("--save-every", type=int, default=defaults["save_every"], help="steps between checkpoints")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the out folder's checkpoint.pt (or the given checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="start again in an out folder that has a checkpoint")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with torchrun: replicate or shard")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    add_image_training_options(p)
+
+
+def run(a: argparse.Namespace) -> int:
+    from llama_adapter_fast.training.recipes import finetune
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    result = finetune(cfg)
+    if result.adapter_path is not None:
+        print(f"adapter: {result.adapter_path}")
+        if result.history:
+            print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} in {result.steps} steps, "
+                  f"{result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s")
+        else:
+            print(f"nothing to train: the checkpoint is at step {result.steps}, the last of this run")
+        if result.plot_path:
+            print(f"loss plot: {result.plot_path}")
+    return 0

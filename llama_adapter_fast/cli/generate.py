@@ -1,0 +1,186 @@
+"""`llama-adapter-fast generate`: answer instructions with a base model and an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llama_adapter_fast.cli.options import add_model_options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer instructions with a base model and an adapter",
+                       description="Answer one instruction (--prompt) or a file of them (--instructions).")
+    p.add_argument("--base", required=True, help="base model: Hugging Face folder or Meta folder")
+    p.add_argument("--adapter", default=None, help="adapter.safetensors (or .pth); without it, the base alone")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="an instruction (or, with --raw, the whole prompt)")
+    src.add_argument("--instructions", help="Alpaca JSON / JSON Lines file; 'output' is shown as expected")
+    p.add_argument("--input", default="", help="the instruction's input (with --prompt)")
+    p.add_argument("--raw", action="store_true", help="no Alpaca template: the text is the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", default=None, help="also write the answers as JSON Lines, each as it comes")
+    p.add_argument("--adapter-len", type=int, default=None,
+                   help="for an original LLaMA-Adapter .pth, which does not record it (default: from its gates)")
+    p.add_argument("--adapter-layers", type=int, default=None, help="likewise (default: from its gates)")
+    p.add_argument("--gate-activation", default=None, choices=["tanh", "identity"],
+                   help="likewise (default: tanh, as the original fine-tuning code)")
+    p.add_argument("--image", default=None, help="a picture for --prompt (a multi-modal adapter)")
+    p.add_argument("--image-encoder", default=None,
+                   help="CLIP folder of a multi-modal adapter (default: the one it recorded)")
+    add_model_options(p)
+
+
+def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
+                        dtype: str | None = None, adapter_settings: dict | None = None,
+                        image_encoder: str | None = None):
+    """A base model with the adapter of `adapter` (its config read from the file, or from
+    `adapter_settings` where the file does not record it), on `device`; a
+    MultiModalLLaMAAdapter when the file is a multi-modal adapter."""
+    from llama_adapter_fast.models.adapter_io import is_original_adapter, read_adapter_config
+    from llama_adapter_fast.models.multimodal import load_image_adapter, read_image_adapter_record
+    from llama_adapter_fast.training.config import DTYPES
+    from llama_adapter_fast.training.distributed import resolve_device
+    from llama_adapter_fast.training.recipes import load_base
+    from llama_adapter_fast.training.trainer import check_attention_dtype
+
+    dev = resolve_device(device)
+    if dtype is not None:
+        check_attention_dtype(attention_backend, dev, DTYPES[dtype], f"--dtype {dtype}")
+    kwargs = {"attention_backend": attention_backend}
+    if adapter is not None:
+        settings = read_adapter_config(adapter, **(adapter_settings or {}))
+        kwargs.update(settings)
+        if is_original_adapter(adapter):
+            print(f"adapter: {adapter} is an original LLaMA-Adapter file, read with adapter_len "
+                  f"{settings['adapter_len']} and adapter_layers {settings['adapter_layers']} and gate activation "
+                  f"{settings['gate_activation']} (--adapter-len, --adapter-layers and --gate-activation set them)")
+    else:
+        kwargs["adapter_layers"] = 0
+    model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
+    weights = model.tok_embeddings.weight.dtype
+    check_attention_dtype(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
+    if image_encoder is not None or (adapter is not None and read_image_adapter_record(adapter) is not None):
+        if adapter is None:
+            raise ValueError("image-encoder: needs a multi-modal --adapter")
+        return load_image_adapter(model, adapter, image_encoder=image_encoder, device=dev).eval()
+    if adapter is not None:
+        model.load_adapter(adapter)
+    return model.eval()
+
+
+def _check_generate_options(a: argparse.Namespace) -> None:
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if not 0 <= a.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
+
+
+def _open_output(path: str):
+    """The --output file, opened for appending (so that an existing file stays as it is until
+    the model has loaded), or a ValueError naming it: checked before anything loads."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--output {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def run(a: argparse.Namespace) -> int:
+    import torch
+
+    from llama_adapter_fast.generation import iter_answers, prompt_ids
+    from llama_adapter_fast.training.data import load_instructions
+    from llama_adapter_fast.training.recipes import base_format, load_tokenizer
+
+    _check_generate_options(a)
+    base_format(a.base)
+    tokenizer = load_tokenizer(a.tokenizer, a.base)
+    if a.instructions:
+        records = load_instructions(a.instructions, require_output=False)
+    else:
+        records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
+    output = _open_output(a.output) if a.output else None
+    try:
+        settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
+                    "gate_activation": a.gate_activation}
+        model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
+                                    dtype=a.dtype, adapter_settings=settings, image_encoder=a.image_encoder)
+        _attach_images(a, records, model)
+        # A multi-modal adapter answers through its LLaMA with one prompt offset per record.
+        offset = model.answer_offsets(records) if hasattr(model, "image_encoder") else None
+        llama = model.llama if hasattr(model, "image_encoder") else model
+        context = llama.args.max_seq_len
+        n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
+        if not a.instructions and n_prompt >= context:
+            raise ValueError(f"--prompt: its prompt of {n_prompt} tokens leaves no room in the model's context of "
+                             f"{context}")
+        if output is not None:
+            output.truncate(0)
+        generator = torch.Generator().manual_seed(a.seed)
+        answers = iter_answers(llama, tokenizer, records, max_new_tokens=a.max_new_tokens,
+                               temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
+                               template=not a.raw, generator=generator, skip_too_long=True, prompt_offset=offset)
+        for i, text in answers:
+            record = records[i]
+            if text is None:
+                n = len(prompt_ids(tokenizer, record, not a.raw))
+                reason = f"its prompt of {n} tokens leaves no room in the model's context of {context}"
+                print(f"llama-adapter-fast generate: warning: {a.instructions}: record {i}: {reason}: skipped",
+                      file=sys.stderr)
+                row = {**record, "response": None, "skipped": reason}
+            else:
+                print(f"### Instruction: {record['instruction']}")
+                if record.get("image"):
+                    print(f"### Image: {record['image']}")
+                if record.get("input"):
+                    print(f"### Input: {record['input']}")
+                print(f"### Response: {text}")
+                if record.get("output"):
+                    mark = "correct" if text.strip() == record["output"].strip() else "expected"
+                    print(f"    ({mark}: {record['output']})")
+                print(flush=True)
+                row = {**record, "response": text}
+            if output is not None:  # each answer is safe on disk as soon as it exists
+                output.write(json.dumps(row) + "\n")
+                output.flush()
+    finally:
+        if output is not None:
+            output.close()
+    if a.output:
+        print(f"answers written to {a.output}")
+    return 0
+
+
+def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
+    """--image goes with --prompt; images of --instructions records are relative to that file.
+    Either needs a multi-modal adapter."""
+    from llama_adapter_fast.models.vision import ImageError, load_image
+
+    if a.image is not None:
+        if a.instructions:
+            raise ValueError("image: give the pictures of --instructions in their records' \"image\" keys")
+        records[0]["image"] = a.image
+    elif a.instructions:
+        for record in records:
+            if record.get("image"):
+                record["image"] = str(Path(a.instructions).parent / record["image"])
+    with_image = [i for i, r in enumerate(records) if r.get("image")]
+    for i in with_image:
+        where = "image" if a.image is not None else f"{a.instructions}: record {i}"
+        if not hasattr(model, "image_encoder"):
+            raise ValueError(f"{where}: pictures need a multi-modal adapter (trained with --image-encoder)")
+        try:
+            load_image(records[i]["image"])  # a bad picture stops here, named with its record
+        except ImageError as exc:
+            raise ImageError(f"{where}: {exc}") from exc

@@ -1,0 +1,250 @@
+"""Adding the adapter to a transformers model, removing it, and saving and loading it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from llama_adapter_fast.integrations.transformers.attention import (
+    ADAPTER_PARAMETER_NAMES,
+    ATTENTION_NAME,
+    GATE_NAME,
+    PROMPT_NAME,
+    attention_layout,
+    register_attention,
+)
+from llama_adapter_fast.ops import BACKENDS, GATE_ACTIVATIONS
+
+_METADATA_KEY = "llama_adapter_fast"
+
+
+def _layer_stacks(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The self-attention modules of each stack of layers (the decoder of a causal LM, the
+    encoder of BERT or ViT, each tower of CLIP), bottom to top, keyed by the name of the
+    ModuleList that holds the stack."""
+    modules = dict(model.named_modules())
+    stacks: dict[str, list[nn.Module]] = {}
+    for name, module in modules.items():
+        if attention_layout(module) is None:
+            continue
+        parts = name.split(".")
+        parents = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        stack = next((p for p in parents if isinstance(modules.get(p), nn.ModuleList)), "")
+        stacks.setdefault(stack, []).append(module)
+    return stacks
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for stack in _layer_stacks(model).values() for m in stack]
+
+
+def _adapted_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in _attention_modules(model) if isinstance(getattr(m, PROMPT_NAME, None), nn.Parameter)]
+
+
+def _head_parameter_names(model: nn.Module) -> list[str]:
+    """The task head's parameters: those outside the backbone that transformers puts the head
+    on (``model.base_model``), weights tied to the backbone (an LM head's) excluded."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    backbone = {id(p) for p in base.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) not in backbone]
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    else:  # transformers before set_attn_implementation existed
+        model.config._attn_implementation = name
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def add_llama_adapter(
+    model: nn.Module,
+    adapter_len: int = 10,
+    adapter_layers: int = 30,
+    gate_activation: str = "tanh",
+    per_head_gate: bool = True,
+    *,
+    train_head: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
+    """Turn a transformers model into a LLaMA-Adapter, in place.
+
+    In each stack of layers (the decoder of a causal LM; the encoder of ViT, BERT or
+    RoBERTa; each of CLIP's two towers) the top `adapter_layers` self-attention modules
+    get ``adaption_prompt`` (adapter_len, hidden_size), drawn from N(0, 1) as in the paper,
+    and ``adaption_gate``, zeros of shape (num_heads,) with `per_head_gate` or (1,)
+    without, both float32 parameters of the attention module. Their prompts pass through
+    the layer's frozen key and value projections (no rotary embedding) into prefix keys
+    and values that every query attends to with a softmax of its own, scaled by act(gate).
+    Word attention stays what the model's is: causal in decoders and CLIP's text tower,
+    bidirectional in encoders and CLIP's vision tower, with padding as key padding. Every
+    other parameter is frozen (the task head too, unless `train_head`), and the model
+    switches to the ``"llama_adapter_fast"`` attention implementation, so padding masks and
+    transformers' caches work as before and ``generate()`` works. With zero gates the
+    outputs are the base model's.
+
+    Args:
+        model: a transformers model whose attention goes through transformers' attention
+            interface, with self-attention modules laid out as in Llama (q_proj, k_proj,
+            v_proj, head_dim: Llama, Mistral, Qwen2, ViT, CLIP) or BERT (query, key, value,
+            attention_head_size: BERT, RoBERTa).
+        adapter_len: prompt tokens per layer (P).
+        adapter_layers: how many layers of each stack, counted from the top, get a prompt.
+        gate_activation: "tanh" (the paper's zero-init attention) or "identity".
+        per_head_gate: one gate per query head (True) or one per layer.
+        train_head: also train the task head: the parameters outside ``model.base_model``
+            (the classifier of ViTForImageClassification or RobertaForSequenceClassification);
+            they are then saved with the adapter. A model without a head raises ValueError.
+        backend: the op's backend in adapted layers ("auto": the Triton kernels for CUDA
+            tensors, two SDPA calls otherwise).
+
+    Returns:
+        The same model. `model.llama_adapter_config` holds the settings.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    adapter_len = _check_int("adapter_len", adapter_len, 1)
+    adapter_layers = _check_int("adapter_layers", adapter_layers, 1)
+    if gate_activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
+    for name, flag in (("per_head_gate", per_head_gate), ("train_head", train_head)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not getattr(model, "_supports_attention_backend", True):
+        raise TypeError(
+            f"model: {type(model).__name__} does not route its attention through transformers' attention "
+            "interface (its _supports_attention_backend is False)"
+        )
+    if _adapted_modules(model):
+        raise ValueError("model already has adaption prompts: call remove_llama_adapter first")
+    stacks = _layer_stacks(model)
+    if not stacks:
+        raise ValueError(
+            "model has no self-attention modules with query, key and value projections "
+            "(q_proj, k_proj, v_proj and head_dim, or query, key, value and attention_head_size)"
+        )
+    for stack, attentions in stacks.items():
+        if adapter_layers > len(attentions):
+            raise ValueError(
+                f"adapter_layers ({adapter_layers}) is more than the {len(attentions)} layers of {stack or 'the model'}"
+            )
+    head = _head_parameter_names(model) if train_head else []
+    if train_head and not head:
+        raise ValueError(f"train_head: {type(model).__name__} has no task head on top of its base model")
+
+    previous = model.config._attn_implementation
+    register_attention()
+    _set_attn_implementation(model, ATTENTION_NAME)
+    for module in (m for attentions in stacks.values() for m in attentions[-adapter_layers:]):
+        query_name, key_name, _, head_name = attention_layout(module)
+        key_proj = getattr(module, key_name)
+        weight = key_proj.weight
+        num_heads = getattr(module, query_name).out_features // getattr(module, head_name)
+        prompt = torch.empty(adapter_len, key_proj.in_features, device=weight.device, dtype=torch.float32)
+        gate = torch.zeros(num_heads if per_head_gate else 1, device=weight.device, dtype=torch.float32)
+        module.register_parameter(PROMPT_NAME, nn.Parameter(prompt.normal_()))
+        module.register_parameter(GATE_NAME, nn.Parameter(gate))
+        # Plain attributes, read by the attention function.
+        module.adaption_gate_activation = gate_activation
+        module.adaption_backend = backend
+    trained = set(head)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES or name in trained)
+    model.llama_adapter_config = {
+        "adapter_len": adapter_len,
+        "adapter_layers": adapter_layers,
+        "gate_activation": gate_activation,
+        "per_head_gate": per_head_gate,
+        "train_head": train_head,
+        "head_parameters": head,
+        "previous_attn_implementation": previous,
+    }
+    return model
+
+
+def remove_llama_adapter(model: nn.Module) -> nn.Module:
+    """Undo `add_llama_adapter`: drop the prompts and gates and restore the attention
+    implementation the model had. Every parameter stays frozen (a trained head too)."""
+    config = getattr(model, "llama_adapter_config", None)
+    if config is None:
+        raise ValueError("model has no adapter added by add_llama_adapter")
+    for module in _adapted_modules(model):
+        for name in (*ADAPTER_PARAMETER_NAMES, "adaption_gate_activation", "adaption_backend"):
+            delattr(module, name)
+    model.requires_grad_(False)
+    _set_attn_implementation(model, config["previous_attn_implementation"])
+    del model.llama_adapter_config
+    return model
+
+
+# The settings saved with an adapter, with the defaults of files saved before a setting existed.
+_SETTINGS = {"adapter_len": None, "adapter_layers": None, "gate_activation": None, "per_head_gate": None,
+             "train_head": False}
+
+
+def llama_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors alone (prompts and gates, and the task head where it is
+    trained), keyed as in model.state_dict()."""
+    head = set(getattr(model, "llama_adapter_config", {}).get("head_parameters", ()))
+    return {
+        name: tensor for name, tensor in model.state_dict().items()
+        if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES or name in head
+    }
+
+
+def save_llama_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save the adapter's tensors (with the task head where it is trained) and settings to
+    one safetensors file."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "llama_adapter_config", None)
+    if config is None:
+        raise ValueError("model has no adapter added by add_llama_adapter")
+    settings = {k: config[k] for k in _SETTINGS}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in llama_adapter_state_dict(model).items()}
+    save_file(tensors, os.fspath(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(settings)})
+
+
+def load_llama_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> nn.Module:
+    """Load an adapter saved by `save_llama_adapter` (and the task head saved with it) into
+    `model`, adding the adapter first (with the saved settings) where the model has none.
+    Returns the model."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if _METADATA_KEY not in metadata:
+        raise ValueError(f"path: {os.fspath(path)!r} is not an adapter saved by save_llama_adapter")
+    settings = {**_SETTINGS, **json.loads(metadata[_METADATA_KEY])}
+    config = getattr(model, "llama_adapter_config", None)
+    if config is None:
+        add_llama_adapter(model, **settings, backend=backend)
+    elif any(config[k] != v for k, v in settings.items()):
+        raise ValueError(f"the model's adapter settings differ from the saved ones: {settings}")
+    state = llama_adapter_state_dict(model)
+    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"adapter tensors do not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tensor.shape != tensors[name].shape:
+                raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)}, model has {tuple(tensor.shape)}")
+            tensor.copy_(tensors[name])
+    return model

@@ -1,0 +1,15 @@
+"""The models: the one-file LLaMA with LLaMA-Adapter, the multi-modal adapter and its image
+encoder, the base checkpoint formats and the adapter files.
+
+- `config.py`: `ModelArgs`;
+- `llama.py`: `LLaMAAdapter` and its blocks, `KVCache`;
+- `checkpoints.py`: Hugging Face and Meta base checkpoints, read and written;
+- `adapter_io.py`: adapter files (this package's, training checkpoints, the original release's);
+- `multimodal.py`: `MultiModalLLaMAAdapter`, images as per-sample prompts;
+- `vision.py`: the frozen CLIP encoder (transformers' CLIPVisionModel), preprocessing, feature cache.
+"""
+
+from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.models.llama import KVCache, LLaMAAdapter
+
+__all__ = ["ModelArgs", "LLaMAAdapter", "KVCache"]

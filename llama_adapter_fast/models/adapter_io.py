@@ -1,0 +1,227 @@
+"""Adapter files: this package's .safetensors (the prompts and gates, with the adapter's
+settings in its metadata), .pt/.pth dicts and training checkpoints, and the original
+LLaMA-Adapter release's .pth (one `adapter_query` embedding of every prompt). Reading
+checks the settings against the tensors' shapes before anything is allocated."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_adapter_fast.files import atomic_write, first_line
+from llama_adapter_fast.models.config import ADAPTER_FIELDS
+from llama_adapter_fast.ops import GATE_ACTIVATIONS
+
+ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
+
+
+def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
+                       metadata: Mapping[str, str] | None = None) -> None:
+    """The tensors (as float32) and the adapter's settings in a .safetensors file, written
+    atomically (a temporary file in the same folder, then a rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {n: t.detach().float().cpu().contiguous() for n, t in tensors.items()}
+    meta = {"format": ADAPTER_FORMAT, "adapter_config": json.dumps(dict(adapter_config))}
+    meta.update(metadata or {})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def convert_original_adapter(state: dict, n_layers: int, gate_shapes: Sequence[torch.Size]) -> dict:
+    """The original code keeps all prompts in one (adapter_layers * P, dim) embedding and
+    gates of shape (1, n_heads, 1, 1) in every layer (unused below the adapter layers):
+    its tensors under this package's names, for a model whose top len(gate_shapes) layers
+    are adapted (gate_shapes: their gates' shapes). Other state dicts pass unchanged."""
+    if "adapter_query.weight" not in state:
+        return state
+    queries = state["adapter_query.weight"]
+    n_adapted = len(gate_shapes)
+    if queries.dim() != 2 or not n_adapted or queries.shape[0] % n_adapted:
+        raise ValueError(f"adapter_query.weight of shape {tuple(queries.shape)} does not hold prompts for this "
+                         f"model's {n_adapted} adapter layers")
+    queries = queries.reshape(n_adapted, -1, queries.shape[-1])
+    converted = {}
+    for i, shape in enumerate(gate_shapes):
+        lid = n_layers - n_adapted + i
+        converted[f"layers.{lid}.attention.adapter_prompt"] = queries[i]
+        gate = state.get(f"layers.{lid}.attention.gate")
+        if gate is not None:
+            # One gate per head: a file of another head count keeps its shape, for the shape check.
+            converted[f"layers.{lid}.attention.gate"] = gate.reshape(shape) if gate.numel() == shape.numel() else gate
+    return converted
+
+
+def _check_adapter_path(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"adapter file {path} is a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"adapter file {path} does not exist")
+
+
+def _unreadable_adapter(path: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"adapter file {path} cannot be read ({first_line(exc)}): an empty, truncated or corrupt file?")
+
+
+def _load_pt(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _unreadable_adapter(path, exc) from None
+
+
+def _unwrap_pt(raw: Any, path: Path) -> dict[str, torch.Tensor]:
+    state = raw
+    for key in ("trainable", "adapter"):  # a training checkpoint of this package
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of adapter tensors, got {type(state).__name__}")
+    return state
+
+
+def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Adapter tensors from a .safetensors file or a .pt/.pth file (a training checkpoint of
+    this package is accepted too: its adapter tensors are taken). A missing, empty,
+    truncated or corrupt file is a ValueError naming it."""
+    path = Path(path)
+    _check_adapter_path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise _unreadable_adapter(path, exc) from None
+    return _unwrap_pt(_load_pt(path), path)
+
+
+def is_original_adapter(path: str | os.PathLike) -> bool:
+    """True for the original LLaMA-Adapter's .pth (one `adapter_query` embedding of every
+    prompt), which records neither adapter_len nor adapter_layers."""
+    return Path(path).suffix != ".safetensors" and "adapter_query.weight" in read_adapter_file(path)
+
+
+_ADAPTER_FIELD_CHECKS = {
+    "adapter_len": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+    "adapter_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+    "gate_activation": (lambda v: v in GATE_ACTIVATIONS, f"one of {GATE_ACTIVATIONS}"),
+    "scalar_gate": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _recorded_config(meta: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The adapter_config metadata of a .safetensors adapter, checked key by key."""
+    if "adapter_config" not in meta:
+        return {}
+    try:
+        config = json.loads(meta["adapter_config"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: its adapter_config metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its adapter_config metadata must be a JSON object, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(ADAPTER_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} in its adapter_config metadata (known: {ADAPTER_FIELDS})")
+    for key, value in config.items():
+        valid, expected = _ADAPTER_FIELD_CHECKS[key]
+        if not valid(value):
+            raise ValueError(f"{path}: adapter_config {key} must be {expected}, got {value!r}")
+    return config
+
+
+def _config_from_shapes(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    prompts = {k: s for k, s in shapes.items() if k.endswith(".adapter_prompt")}
+    gates = [s for k, s in shapes.items() if k.endswith(".gate")]
+    if not prompts:
+        raise ValueError(f"{path}: no adapter_prompt tensors found")
+    lengths = {s[0] if len(s) == 2 else None for s in prompts.values()}
+    if len(lengths) != 1 or None in lengths:
+        raise ValueError(f"{path}: the adapter prompts must all have the shape (adapter_len, dim), got "
+                         f"{sorted(set(prompts.values()))}")
+    return {"adapter_len": lengths.pop(), "adapter_layers": len(prompts),
+            "scalar_gate": bool(gates) and all(len(s) == 0 for s in gates)}
+
+
+def _original_config(state: Mapping[str, torch.Tensor], path: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """adapter_len and adapter_layers of an original LLaMA-Adapter file: given, or read from
+    its gates. The original keeps a gate in every layer, and only those of the adapted (top)
+    layers ever train away from zero."""
+    queries = state["adapter_query.weight"]
+    if queries.dim() != 2:
+        raise ValueError(f"{path}: adapter_query.weight must be 2-d, got shape {tuple(queries.shape)}")
+    rows = queries.shape[0]
+    length, layers = given.get("adapter_len"), given.get("adapter_layers")
+    for option, value in (("--adapter-len", length), ("--adapter-layers", layers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{option} must be an int >= 1, got {value!r}")
+    if layers is None and length is not None and rows % length == 0:
+        layers = rows // length
+    if layers is None:
+        gates = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("layers.") and k.endswith(".gate")}
+        n = max(gates) + 1 if gates else 0
+        trained = [i for i in sorted(gates) if bool(gates[i].abs().sum() > 0)]
+        if not trained or trained != list(range(n - len(trained), n)) or rows % len(trained):
+            raise ValueError(f"{path}: an original LLaMA-Adapter file records neither adapter_len nor adapter_layers, "
+                             f"and its gates do not tell them: pass --adapter-len and --adapter-layers (their "
+                             f"product is its {rows} prompt vectors)")
+        layers = len(trained)
+    if length is None:
+        if rows % layers:
+            raise ValueError(f"--adapter-layers {layers} does not fit {path}: its adapter_query holds {rows} = "
+                             f"adapter_len * adapter_layers prompt vectors")
+        length = rows // layers
+    if length * layers != rows:
+        raise ValueError(f"--adapter-len {length} and --adapter-layers {layers} do not fit {path}: its adapter_query "
+                         f"holds {rows} = adapter_len * adapter_layers prompt vectors")
+    return {"adapter_len": length, "adapter_layers": layers, "scalar_gate": False,
+            "gate_activation": given.get("gate_activation", "tanh")}
+
+
+def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
+    """The adapter fields (adapter_len, adapter_layers, gate_activation, scalar_gate) of an
+    adapter file, so that a model can be built to match it, checked against the file's
+    tensor shapes before anything is allocated. `given` (the same fields; None means not
+    given) supplies what an original LLaMA-Adapter file does not record, and must agree
+    with what a file does record."""
+    path = Path(path)
+    _check_adapter_path(path)
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - set(ADAPTER_FIELDS))
+    if unknown:
+        raise TypeError(f"read_adapter_config got unknown fields {unknown} (known: {ADAPTER_FIELDS})")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as exc:
+            raise _unreadable_adapter(path, exc) from None
+        recorded = _recorded_config(meta, path)
+    else:
+        raw = _load_pt(path)
+        recorded = {}
+        if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
+            recorded = {k: raw["config"][k] for k in ("gate_activation",) if k in raw["config"]}
+        state = _unwrap_pt(raw, path)
+        if "adapter_query.weight" in state:
+            return _original_config(state, path, given)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    config = _config_from_shapes(shapes, path)
+    for key, value in recorded.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"{path}: its adapter_config metadata says {key} {value!r}, its tensors say "
+                             f"{config[key]!r}")
+    config.update(recorded)
+    for key, value in given.items():
+        if key in config and config[key] != value:
+            raise ValueError(f"--{key.replace('_', '-')} {value} disagrees with {path}, which holds {key} "
+                             f"{config[key]!r}")
+        config[key] = value
+    return config

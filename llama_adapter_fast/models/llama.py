@@ -1,0 +1,523 @@
+"""LLaMA with LLaMA-Adapter, in one file.
+
+The architecture is Meta's LLaMA (RMSNorm, rotary position embeddings with an optional
+Llama-3 style frequency scaling, SwiGLU feed-forward, grouped-query attention). The adapter
+is the one of Zhang et al. (2023): in each of the top `adapter_layers` layers a learned
+adaption prompt of `adapter_len` vectors of the model width is projected by that layer's
+frozen wk and wv into prefix keys and values (without rotary embedding), every query attends
+to it with a softmax of its own, and the result is scaled by a gate that starts at zero.
+That attention is one call of `gated_prefix_attention`, the fused op of this package.
+
+Weight names follow Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...); the
+checkpoint formats are in `checkpoints.py`, the adapter files in `adapter_io.py`.
+
+    model = LLaMAAdapter.from_hf("path/to/llama-hf", adapter_len=10, adapter_layers=30)
+    logits = model(tokens)                  # (B, T, vocab)
+    model.adapter_state_dict()              # what training changes: prompts and gates
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_adapter_fast.models import adapter_io, checkpoints
+from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.ops import gated_prefix_attention, gated_prefix_attention_varlen
+from llama_adapter_fast.ops.reference import allowed_keys
+from llama_adapter_fast.ops.varlen import packed_positions, varlen_attention
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 whatever the input dtype, as both reference implementations do.
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding (float32, CPU), with Llama-3 or linear scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, and the band
+    # in between interpolated smoothly.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B or 1, T, 1, head_dim) in float32 for integer positions (B or 1, T)."""
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) queries or keys, "rotate half" convention, computed in float32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention for the layers without adapter, with the op's conventions: the mask
+    is aligned to the bottom right, and a query with no allowed key gets 0 rather than NaN
+    (left-padded prompts have such rows; a NaN there would leak through later layers)."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and (T == S or T == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T == S and T > 1, enable_gqa=gqa)
+    allowed = allowed_keys(T, S, True, key_padding_mask, q.device)
+    has_key = allowed.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, enable_gqa=gqa)
+    return out.masked_fill(~has_key, 0.0)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, use_adapter: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.use_adapter = use_adapter
+        self.gate_activation = args.gate_activation
+        self.backend = args.attention_backend
+        if use_adapter:
+            # Trainable parameters stay float32 whatever the base dtype (they are small, and
+            # the optimizer wants full precision); they are cast where they meet the base.
+            self.adapter_prompt = nn.Parameter(torch.empty(args.adapter_len, args.dim, dtype=torch.float32))
+            self.gate = nn.Parameter(torch.zeros(() if args.scalar_gate else args.n_heads, dtype=torch.float32))
+
+    def adapter_prefix(self, prompt_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values (Hkv, P, D): the prompt through the frozen wk and wv,
+        without rotary embedding (the prompt has no position).
+
+        With `prompt_offset` (B, dim), row b is added to every position of the prompt (the
+        multi-modal LLaMA-Adapter's P_l + Repeat(I_p)) and the prefix is per sample, (B, Hkv, P, D).
+        """
+        prompt = self.adapter_prompt
+        if prompt_offset is not None:
+            prompt = prompt + prompt_offset[:, None, :].to(prompt.dtype)
+        if not torch.is_autocast_enabled(prompt.device.type):
+            prompt = prompt.to(self.wk.weight.dtype)
+        heads = (self.n_kv_heads, self.head_dim)
+        prefix_k = self.wk(prompt).unflatten(-1, heads).transpose(-3, -2)
+        prefix_v = self.wv(prompt).unflatten(-1, heads).transpose(-3, -2)
+        return prefix_k, prefix_v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        packing: tuple[torch.Tensor, int] | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if packing is not None:
+            return self.wo(self._packed(q[0], k[0], v[0], *packing, prefix).reshape(B, T, -1))
+        # (B, T, H, D) -> (B, H, T, D) views: the op accepts any strides, so no copy here.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            cache_k, cache_v = cache
+            cache_k[:, :, start:start + T] = k
+            cache_v[:, :, start:start + T] = v
+            k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
+        if self.use_adapter:
+            prefix_k, prefix_v = prefix if prefix is not None else self.adapter_prefix()
+            out = gated_prefix_attention(
+                q, k, v, prefix_k, prefix_v, self.gate, causal=True, gate_activation=self.gate_activation,
+                key_padding_mask=key_padding_mask, backend=self.backend,
+            )
+        else:
+            out = plain_attention(q, k, v, key_padding_mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Attention over packed records ((L, H, D) each): no record sees another. `prefix`
+        may be one per record, (N, Hkv, P, D)."""
+        if not self.use_adapter:
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend)
+        prefix_k, prefix_v = prefix if prefix is not None else self.adapter_prefix()
+        return gated_prefix_attention_varlen(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix_k, prefix_v, self.gate, causal=True,
+            gate_activation=self.gate_activation, backend=self.backend,
+        )
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, use_adapter=layer_id >= args.n_layers - args.adapter_layers)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, key_padding_mask, cache=None, start=0, prefix=None, packing=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, key_padding_mask, cache, start, prefix, packing)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, and the adapter prefixes.
+
+    The prefix keys and values depend only on the weights (and on `prompt_offset`, the
+    per-sample image feature of the multi-modal adapter), so they are computed once when the
+    cache is made and reused at every decoding step.
+    """
+
+    def __init__(self, model: LLaMAAdapter, batch_size: int, max_len: int,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 prompt_offset: torch.Tensor | None = None):
+        args = model.args
+        model.check_prompt_offset(prompt_offset, batch_size)
+        weight = model.tok_embeddings.weight
+        dtype = dtype or weight.dtype
+        device = device or weight.device
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+        with torch.no_grad():
+            self.prefixes = [
+                tuple(t.to(dtype) for t in layer.attention.adapter_prefix(prompt_offset))
+                if layer.attention.use_adapter else None
+                for layer in model.layers
+            ]
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+
+
+class LLaMAAdapter(nn.Module):
+    """LLaMA with adaption prompts and zero-initialized gates in its top `adapter_layers`.
+
+    The base weights are frozen (requires_grad False); the prompts (N(0, 1) at start, as in
+    the original) and the gates (zero at start, so the model starts as the base LLaMA) train.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if not isinstance(args, ModelArgs):
+            raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+        self.reset_parameters()
+        self.freeze_base()
+
+    # -- parameters -------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """A fresh random model: base weights N(0, 0.02) (output projections scaled down
+        with depth, as GPT-2 does), unit norms, then `reset_adapter`."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif not self._is_adapter_name(name):
+                scale = 1 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+        self.reset_adapter()
+
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """Prompts N(0, 1) (the original's nn.Embedding default), gates zero."""
+        with torch.no_grad():
+            for layer in self.adapter_layers():
+                if layer.adapter_prompt.device.type == "meta":
+                    continue
+                if generator is None:
+                    layer.adapter_prompt.normal_()
+                else:
+                    layer.adapter_prompt.copy_(torch.randn(layer.adapter_prompt.shape, generator=generator))
+                layer.gate.zero_()
+
+    @staticmethod
+    def _is_adapter_name(name: str) -> bool:
+        return name.endswith((".adapter_prompt", ".gate"))
+
+    def adapter_layers(self) -> list[Attention]:
+        """The attention modules that carry an adapter (the top `adapter_layers`)."""
+        return [layer.attention for layer in self.layers if layer.attention.use_adapter]
+
+    def freeze_base(self) -> None:
+        """Only the prompts and gates train."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(self._is_adapter_name(name))
+
+    def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if self._is_adapter_name(n)]
+
+    def num_adapter_parameters(self) -> int:
+        return sum(p.numel() for _, p in self.adapter_parameters())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors only: layers.N.attention.adapter_prompt (P, dim) and
+        layers.N.attention.gate ((n_heads,) or ())."""
+        return {n: p.detach() for n, p in self.adapter_parameters()}
+
+    def load_adapter(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+                     strict: bool = True) -> None:
+        """Load adapter weights from a dict, a .safetensors file written by `save_adapter`,
+        a .pt/.pth file (our adapter dict, a training checkpoint of this package, or the
+        original LLaMA-Adapter's adapter file with `adapter_query.weight`)."""
+        source = str(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "state_dict"
+        if isinstance(state_dict_or_path, (str, os.PathLike)):
+            state = adapter_io.read_adapter_file(state_dict_or_path)
+        elif isinstance(state_dict_or_path, Mapping):
+            state = dict(state_dict_or_path)
+        else:
+            raise TypeError(f"load_adapter takes a state dict or a path, got {type(state_dict_or_path).__name__}")
+        state = adapter_io.convert_original_adapter(state, self.args.n_layers,
+                                                    [attn.gate.shape for attn in self.adapter_layers()])
+        own = dict(self.adapter_parameters())
+        unexpected = sorted(set(state) - set(own))
+        missing = sorted(set(own) - set(state))
+        if unexpected or (strict and missing):
+            raise ValueError(f"{source}: adapter weights do not match this model (adapter_layers="
+                             f"{self.args.adapter_layers}, adapter_len={self.args.adapter_len}, scalar_gate="
+                             f"{self.args.scalar_gate}): missing {missing[:4]}, unexpected {unexpected[:4]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{source}: {name} must be a tensor, got {type(value).__name__}")
+                if value.shape != own[name].shape:
+                    raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
+                                     f"{tuple(own[name].shape)}")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"{source}: {name} holds non-finite values (a corrupt or diverged adapter?)")
+                own[name].copy_(value)
+
+    def save_adapter(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+                     tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter weights (float32) and the adapter config to a .safetensors file,
+        atomically. `tensors` replaces the module's own (a state dict gathered from a sharded
+        model)."""
+        adapter_io.write_adapter_file(path, tensors if tensors is not None else self.adapter_state_dict(),
+                                      self.args.adapter_config(), metadata)
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _inv_freq_for(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self._inv_freq.to(device)
+        return self._inv_freq_on[device]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        prompt_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T).
+
+        Args:
+            positions: rotary positions (T,) or (B, T); default 0..T-1 after what `cache` holds.
+            key_padding_mask: (B, S) bool, True for real tokens, where S counts every key the
+                queries see (the cached ones too). Not needed for right padding in training.
+            cache: a KVCache: the new keys and values are appended to it.
+            last_only: return the logits of the last position only, (B, 1, vocab).
+            cu_seqlens, max_seqlen: packed records without padding (see `data.collate_packed`):
+                tokens (1, L) hold the records one after another, record i at positions
+                cu_seqlens[i] .. cu_seqlens[i + 1] ((N + 1,) int32), the longest max_seqlen
+                long; no record attends to another, and the rotary positions restart at 0
+                for each record unless `positions` gives them.
+            prompt_offset: (B, dim), added to every position of every adaption prompt, sample
+                by sample (the multi-modal adapter's projected image feature): each adapted
+                layer computes its per-sample prefix (B, Hkv, P, D) once for the whole forward.
+                With a cache, give it to the KVCache instead. With packed records, (N, dim):
+                one row per record.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be an integer tensor of shape (B, T), got "
+                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+        B, T = tokens.shape
+        packing = None
+        if cu_seqlens is not None:
+            if B != 1 or cache is not None or key_padding_mask is not None:
+                raise ValueError(f"packed records (cu_seqlens) take tokens of shape (1, L) without a cache or a key "
+                                 f"padding mask, got tokens of shape {tuple(tokens.shape)}")
+            if max_seqlen is None:
+                raise ValueError("max_seqlen must be given with cu_seqlens (the longest packed record)")
+            packing = (cu_seqlens, max_seqlen)
+            if positions is None:
+                positions = packed_positions(cu_seqlens, T)
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} positions, {start} used, cannot add {T}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device)
+        if positions.dim() == 1:
+            positions = positions[None]
+        cos, sin = rope_cos_sin(positions, self._inv_freq_for(tokens.device))
+        h = self.tok_embeddings(tokens)
+        samples = cu_seqlens.numel() - 1 if packing is not None else B
+        prefixes = self._offset_prefixes(prompt_offset, samples, cache)
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                h = layer(h, cos, sin, key_padding_mask, prefix=prefixes[i] if prefixes else None, packing=packing)
+            else:
+                h = layer(h, cos, sin, key_padding_mask, (cache.keys[i], cache.values[i]), start, cache.prefixes[i])
+        if cache is not None:
+            cache.length = start + T
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h))
+
+    def check_prompt_offset(self, prompt_offset: torch.Tensor | None, batch_size: int) -> None:
+        """A ValueError naming prompt_offset unless it is None or a float (batch_size, dim) tensor."""
+        if prompt_offset is None:
+            return
+        if not isinstance(prompt_offset, torch.Tensor) or not prompt_offset.is_floating_point():
+            raise TypeError(f"prompt_offset must be a float tensor, got {type(prompt_offset).__name__}")
+        if tuple(prompt_offset.shape) != (batch_size, self.args.dim):
+            raise ValueError(f"prompt_offset must have shape ({batch_size}, {self.args.dim}), "
+                             f"got {tuple(prompt_offset.shape)}")
+        if self.args.adapter_layers == 0:
+            raise ValueError("prompt_offset needs a model with adapter layers (adapter_layers = 0)")
+
+    def _offset_prefixes(self, prompt_offset: torch.Tensor | None, batch_size: int,
+                         cache: KVCache | None) -> list | None:
+        """Per-sample prefixes of every adapted layer (None below them), computed once per forward."""
+        if prompt_offset is None:
+            return None
+        if cache is not None:
+            raise ValueError("prompt_offset: with a KV cache, pass it to KVCache (its prefixes are computed once)")
+        self.check_prompt_offset(prompt_offset, batch_size)
+        return [layer.attention.adapter_prefix(prompt_offset) if layer.attention.use_adapter else None
+                for layer in self.layers]
+
+    # -- loading and saving --------------------------------------------------------------
+
+    @classmethod
+    def _from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], source: str,
+                         device: torch.device | str | None, dtype: torch.dtype | None) -> LLaMAAdapter:
+        """Build the model on the meta device (no random init of the base) and take the
+        checkpoint's tensors as they are (their dtype, unless `dtype` is given)."""
+        with torch.device("meta"):
+            model = cls(args)
+        expected = {n for n, _ in model.named_parameters() if not cls._is_adapter_name(n)}
+        if args.tie_word_embeddings:
+            expected.discard("output.weight")
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{source}: the checkpoint does not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name in expected:
+            want = model.get_parameter(name).shape
+            if state[name].shape != want:
+                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the config implies "
+                                 f"{tuple(want)}")
+        device = torch.device(device) if device is not None else None
+        loaded = {}
+        for name in expected:
+            t = state[name]
+            if dtype is not None:
+                t = t.to(dtype)
+            if device is not None:
+                t = t.to(device)
+            loaded[name] = t
+        model.load_state_dict(loaded, strict=False, assign=True)
+        if args.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        target = device or model.tok_embeddings.weight.device
+        for attn in model.adapter_layers():
+            attn.adapter_prompt = nn.Parameter(torch.empty(attn.adapter_prompt.shape, device=target))
+            attn.gate = nn.Parameter(torch.zeros(attn.gate.shape, device=target))
+        model.reset_adapter()
+        model.freeze_base()
+        return model
+
+    @classmethod
+    def from_hf(cls, model_or_folder: Any, *, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
+        """From a transformers LlamaForCausalLM (its tensors are shared, not copied) or a
+        local folder with config.json and model.safetensors (or sharded safetensors with
+        model.safetensors.index.json). Keyword arguments set the adapter fields of
+        ModelArgs (adapter_len, adapter_layers, gate_activation, scalar_gate,
+        attention_backend, max_seq_len); adapter_layers defaults to min(30, n_layers)."""
+        args, state, source = checkpoints.read_hf(model_or_folder, **adapter)
+        return cls._from_state_dict(args, state, source, device, dtype)
+
+    @classmethod
+    def from_meta(cls, ckpt_dir: str | os.PathLike, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
+        """From Meta's format: a folder with params.json and consolidated.*.pth (one file per
+        model-parallel shard; several are merged). Keyword arguments as in `from_hf`."""
+        args, state, source = checkpoints.read_meta(ckpt_dir, **adapter)
+        return cls._from_state_dict(args, state, source, device, dtype)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights, with Meta's names and the rotate-half rotary convention."""
+        skip = {"output.weight"} if self.args.tie_word_embeddings else set()
+        return {n: p.detach() for n, p in self.named_parameters() if not self._is_adapter_name(n) and n not in skip}
+
+    def save_hf(self, folder: str | os.PathLike) -> None:
+        """Write the base model as a Hugging Face LLaMA folder (config.json + model.safetensors)
+        that transformers' LlamaForCausalLM.from_pretrained and `from_hf` read."""
+        checkpoints.write_hf(folder, self.base_state_dict(), self.args, self.tok_embeddings.weight.dtype)
+
+    def save_meta(self, folder: str | os.PathLike) -> None:
+        """Write the base model in Meta's format (params.json + consolidated.00.pth)."""
+        checkpoints.write_meta(folder, self.base_state_dict(), self.args)

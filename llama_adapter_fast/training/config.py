@@ -1,0 +1,126 @@
+"""`TrainConfig`: the settings of `finetune` and `pretrain`, with the command line's names,
+and which of them a resumed run must keep."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
+MAX_LR = 1e37  # AdamW's bias correction divides the rate by 1 - beta1 = 0.1 in float32 (max 3.4e38)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `finetune` (the command line's options, with the same names)."""
+
+    base: str | None = None  # Hugging Face folder (config.json) or Meta folder (params.json)
+    data: str | None = None  # Alpaca JSON / JSON Lines
+    out_dir: str = "runs/adapter"
+    tokenizer: str | None = None  # default: the base folder's tokenizer.model, else the bundled one
+    adapter_len: int = 10
+    adapter_layers: int | None = None  # default min(30, n_layers)
+    gate_activation: str = "tanh"
+    scalar_gate: bool = False
+    attention_backend: str = "auto"
+    max_seq_len: int = 512
+    batch_size: int = 4  # records per process and micro-step (padded); with pack, per process and step / grad_accum
+    pack: bool = True  # concatenate records without padding (packed attention) instead of right-padding them
+    pack_tokens: int | None = None  # tokens per packed micro-batch; default batch_size * max_seq_len
+    grad_accum: int = 1
+    epochs: float = 5.0
+    max_steps: int | None = None  # overrides epochs
+    lr: float | None = None  # default blr * global batch / 256, as the original
+    blr: float = 9e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    warmup_steps: int | None = None  # default 10% of the steps
+    clip_grad: float = 1.0  # 0 disables
+    precision: str = "auto"  # auto: bf16 (fp16 where bf16 is missing) on a GPU, fp32 on the CPU
+    dtype: str | None = None  # cast the base weights (float32, bfloat16, float16)
+    seed: int = 0
+    log_every: int = 1
+    print_every: int = 0  # also print a line of metrics every so many steps (0: the progress bar only)
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    resume: str | bool = False  # True: out_dir's checkpoint; a path: that checkpoint
+    overwrite: bool = False
+    strategy: str = "ddp"
+    device: str | None = None
+    progress: bool = True
+    plot: bool = True
+    # The multi-modal adapter (llama_adapter_fast.models.multimodal): a CLIP vision folder turns it on.
+    image_encoder: str | None = None
+    image_layers: list[int] | None = None  # encoder layers whose global features are used (default: 4 evenly spaced)
+    projection_hidden: int | None = None  # hidden width of the image projection (default: the model width)
+    feature_cache: str | None = None  # encoder features on disk (default: out_dir/image_features)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise a ValueError naming the option (as the command line spells it) of a setting
+        out of range."""
+        for name in ("batch_size", "grad_accum", "max_seq_len", "log_every", "save_every", "adapter_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option_name(name)} must be a positive int, got {value!r}")
+        if self.pack_tokens is not None and (isinstance(self.pack_tokens, bool) or not isinstance(self.pack_tokens, int)
+                                             or self.pack_tokens < 1):
+            raise ValueError(f"--pack-tokens must be a positive int, got {self.pack_tokens!r}")
+        for name in ("adapter_layers", "warmup_steps", "print_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{option_name(name)} must be an int >= 0, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for name in ("epochs", "lr", "blr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{option_name(name)} must be a finite number, got {value}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("blr", "weight_decay", "min_lr", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{option_name(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is None and not self.blr > 0:
+            raise ValueError(f"--blr must be > 0 (or give --lr), got {self.blr}")
+        if self.peak_lr(world_size) > MAX_LR:
+            raise ValueError(f"--lr {self.peak_lr(world_size):g} is beyond {MAX_LR:g}: AdamW's first step divides it "
+                             f"by 1 - 0.9 in float32, which overflows")
+        if self.min_lr > self.peak_lr(world_size):
+            peak = f"--lr {self.lr}" if self.lr is not None else \
+                f"the learning rate {self.peak_lr(world_size):.3g} (--blr * global batch / 256)"
+            raise ValueError(f"--min-lr {self.min_lr} is above {peak}: the schedule decays from the peak to --min-lr")
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """--lr, or by default --blr * global batch / 256 (the original's rule)."""
+        if self.lr is not None:
+            return self.lr
+        return self.blr * self.batch_size * self.grad_accum * world_size / 256
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a TrainConfig field."""
+    return "--out" if field == "out_dir" else "--" + field.replace("_", "-")
+
+
+# Settings a resumed run must keep, and why; every other setting may change and is honoured
+# from the resumed step on (the adapter's own settings are compared with the model's).
+RESUME_FIXED = {
+    "seed": "the data order and the initial prompts follow it",
+    "max_seq_len": "the records would be truncated differently",
+    "image_encoder": "the trained image projection reads this encoder's features",
+    "image_layers": "the trained image projection reads these layers' features",
+    "projection_hidden": "the trained image projection has this shape",
+}
+RESUME_UNREPORTED = ("resume", "overwrite", "progress", "plot")

@@ -1,0 +1,175 @@
+"""`finetune` (the adapter of a base model on instruction data) and `pretrain` (a small base
+from scratch, for the demo), with the base and tokenizer they load."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+from llama_adapter_fast.training.config import DTYPES, TrainConfig
+from llama_adapter_fast.training.data import InstructionDataset, TextDataset
+from llama_adapter_fast.training.distributed import Dist, init_distributed
+from llama_adapter_fast.training.run_folder import (
+    ADAPTER,
+    check_fresh_out,
+    out_folder_lock,
+    read_checkpoint,
+    resolve_resume,
+)
+from llama_adapter_fast.training.tokenizer import Tokenizer
+from llama_adapter_fast.training.trainer import Trainer, TrainResult, amp_dtype_for, check_attention_dtype
+
+
+def base_format(path: str | os.PathLike) -> str:
+    """"hf" for a Hugging Face folder (config.json), "meta" for Meta's (params.json)."""
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return "hf"
+    if (folder / "params.json").is_file():
+        return "meta"
+    raise ValueError(f"base: {folder} holds neither config.json (Hugging Face) nor params.json (Meta)")
+
+
+def load_base(path: str | os.PathLike, *, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
+    """A Hugging Face folder (config.json) or a Meta folder (params.json)."""
+    loader = LLaMAAdapter.from_hf if base_format(path) == "hf" else LLaMAAdapter.from_meta
+    return loader(Path(path), device=device, dtype=dtype, **adapter)
+
+
+def load_tokenizer(path: str | None, base: str | None) -> Tokenizer:
+    """`path` if given, else the base folder's tokenizer.model, else (no base) the bundled one."""
+    if path is not None:
+        return Tokenizer(path)
+    if base is None:
+        return Tokenizer()
+    if not (Path(base) / "tokenizer.model").is_file():
+        raise ValueError(f"base: {base} has no tokenizer.model: pass the base model's sentencepiece tokenizer "
+                         f"with --tokenizer")
+    return Tokenizer(Path(base) / "tokenizer.model")
+
+
+def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: Tokenizer | None = None,
+             callback: Callable[[str, int], None] | None = None) -> TrainResult:
+    """Fine-tune the adapter of `model` (or of the base at cfg.base) on cfg.data.
+
+    Writes into cfg.out_dir: adapter.safetensors (the result), checkpoint.pt (training state
+    for --resume), metrics.jsonl, loss.png and train_config.json, holding the folder's lock
+    (out_folder_lock) meanwhile. `callback(event, n)` is called at each micro-step
+    ("micro_step"), right after each optimizer update ("optimizer_step") and after each step
+    ("step"); tests use it to interrupt a run.
+    With cfg.image_encoder (or a MultiModalLLaMAAdapter as `model`) the multi-modal adapter
+    trains: records may carry an "image", and the projection trains with prompts and gates.
+    """
+    cfg.validate()
+    info, device = init_distributed(cfg.device)
+    cfg.validate(info.world_size)
+    check_attention_dtype(cfg.attention_backend, device, amp_dtype_for(cfg.precision, device),
+                          f"--precision {cfg.precision}")
+    if cfg.dtype is not None:
+        check_attention_dtype(cfg.attention_backend, device, DTYPES[cfg.dtype], f"--dtype {cfg.dtype}")
+    if cfg.base is not None and Path(cfg.out_dir).resolve() == Path(cfg.base).resolve():
+        raise ValueError(f"--out {cfg.out_dir} is the base folder: the run's files would mix with the base "
+                         f"model's; choose another --out")
+    # The out folder is checked (and taken) before minutes go into loading the base.
+    with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
+        return _finetune(cfg, info, device, model, tokenizer, callback)
+
+
+def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAdapter | None,
+              tokenizer: Tokenizer | None, callback: Callable[[str, int], None] | None) -> TrainResult:
+    resume = resolve_resume(cfg)
+    if resume is None and info.main:
+        check_fresh_out(cfg)
+    elif resume is not None and not resume.is_file():
+        read_checkpoint(resume)  # its error (missing, a folder) before minutes of loading
+    # The same seed on every process: FSDP does not broadcast the initial prompts.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if model is None and cfg.base is not None:
+        base_format(cfg.base)  # a wrong folder fails before anything loads
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, cfg.base)
+    if model is None:
+        if cfg.base is None:
+            raise ValueError("base: a base model folder is required (Hugging Face or Meta format)")
+        adapter = {"adapter_len": cfg.adapter_len, "gate_activation": cfg.gate_activation,
+                   "scalar_gate": cfg.scalar_gate, "attention_backend": cfg.attention_backend}
+        if cfg.adapter_layers is not None:
+            adapter["adapter_layers"] = cfg.adapter_layers
+        model = load_base(cfg.base, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, **adapter)
+    if tokenizer.n_words > model.args.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.n_words} tokens, more than the model's "
+                         f"vocab_size {model.args.vocab_size}: wrong tokenizer for this base?")
+    if cfg.data is None:
+        raise ValueError("data: an instruction file is required")
+    if cfg.max_seq_len > model.args.max_seq_len and info.main:
+        print(f"warning: max_seq_len {cfg.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
+    if cfg.image_encoder is not None or hasattr(model, "image_encoder"):  # the multi-modal adapter
+        from llama_adapter_fast.training.multimodal import prepare_finetune
+
+        model, dataset = prepare_finetune(cfg, model, tokenizer, progress=cfg.progress and info.main)
+    else:
+        dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+        first = next((i for i, r in enumerate(dataset.records) if "image" in r), None)
+        if first is not None:
+            raise ValueError(f"{cfg.data}: record {first} has an image: pass image_encoder (--image-encoder) to "
+                             f"train the multi-modal adapter")
+    if dataset.num_without_response == len(dataset):
+        raise ValueError(f"no record keeps a response token within --max-seq-len {cfg.max_seq_len}: the prompts "
+                         f"fill it, so training would learn nothing (raise --max-seq-len)")
+    if dataset.num_without_response and info.main:
+        print(f"warning: {dataset.num_without_response} of {len(dataset)} records have no response token "
+              f"within max_seq_len={cfg.max_seq_len}")
+    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="adapter", data_file=cfg.data)
+    out = Path(cfg.out_dir)
+
+    def save_adapter() -> Path | None:
+        # Every process takes part in gathering a sharded adapter; the first one writes.
+        state = trainer._trainable_state() if cfg.strategy == "fsdp" and info.enabled else None
+        path = out / ADAPTER
+        if info.main:
+            meta = {"base": str(cfg.base), "step": str(trainer.step)}
+            trainer.module.save_adapter(path, metadata=meta, tensors=state)
+            return path
+        return None
+
+    return trainer.run(resume=resume, save_final=save_adapter, callback=callback)
+
+
+def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
+             tokenizer: Tokenizer | None = None) -> tuple[LLaMAAdapter, TrainResult]:
+    """Train a small LLaMA from scratch (all weights) on a text file and save it as a
+    Hugging Face folder in cfg.out_dir (with the tokenizer). For the demo: the bundled data
+    have no pretrained base, so the demo makes one in a minute."""
+    cfg.validate()
+    info, device = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, None)
+    model = LLaMAAdapter(dataclasses.replace(args, adapter_layers=0))
+    dataset = TextDataset(text_path, tokenizer, max_seq_len=cfg.max_seq_len)
+    # Pretraining blocks are already full (documents are joined into one stream): no packing.
+    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="all",
+                      title="base model pretraining", ylabel="cross-entropy", bar_label="base", data_file=text_path,
+                      pack=False)
+    out = Path(cfg.out_dir)
+
+    def save_base() -> Path | None:
+        if not info.main:
+            return None
+        model.save_hf(out)
+        (out / "tokenizer.model").write_bytes(Path(tokenizer.path).read_bytes())
+        return out
+
+    with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
+        result = trainer.run(resume=resolve_resume(cfg), save_final=save_base)
+    model.freeze_base()
+    return model, result

@@ -1,0 +1,158 @@
+"""Scenarios of the GPU-only launch path, run by test_autotune.py in a process of their own
+(no interpreter, the CUDA driver replaced by fake_gpu.FakeDriver): Triton's own autotuner
+drives the package's prune with the keyword arguments it really passes, the candidates are
+compiled for sm_90 with ptxas, and only the launches and their timings are pretended.
+
+    python tests/autotune_scenarios.py autotuned|limits|fixed
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the scenarios compile: run them without the interpreter"
+
+from fake_gpu import FakeDriver  # noqa: E402
+
+fake = FakeDriver.install(arch=90)
+
+import torch  # noqa: E402
+
+from llama_adapter_fast.kernels import backward as bwd  # noqa: E402
+from llama_adapter_fast.kernels import configs  # noqa: E402
+from llama_adapter_fast.kernels import forward as fwd  # noqa: E402
+
+KERNEL_NAMES = {"_fwd_kernel": "forward", "_dq_kernel": "backward_dq", "_dkdv_kernel": "backward_dkdv"}
+B, H, HKV, T, D, P = 1, 4, 2, 300, 64, 10
+
+
+def problem():
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    q, k, v = rand(B, H, T, D), rand(B, HKV, T, D), rand(B, HKV, T, D)
+    return q, k, v, rand(HKV, P, D), rand(HKV, P, D), torch.full((H,), 0.5)
+
+
+def forward_only():
+    q, k, v, pk, pv, a = problem()
+    return fwd.forward(q, k, v, pk, pv, a, None, True, D**-0.5)
+
+
+def forward_and_backward():
+    q, k, v, pk, pv, a = problem()
+    out, lse1, lse2 = fwd.forward(q, k, v, pk, pv, a, None, True, D**-0.5)
+    bwd.backward(torch.ones_like(out), q, k, v, pk, pv, a, None, out, lse1, lse2, True, D**-0.5)
+
+
+def candidate(launch) -> configs.Candidate:
+    return configs.Candidate(launch.constants["BLOCK_M"], launch.constants["BLOCK_N"], launch.num_warps,
+                             launch.num_stages)
+
+
+def by_kernel(launches) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for launch in launches:
+        found.setdefault(KERNEL_NAMES[launch.kernel], []).append(launch)
+    return found
+
+
+def grid_of(kernel: str, c: configs.Candidate) -> int:
+    if kernel == "forward":
+        return -(-T // c.block_m) * B * H
+    if kernel == "backward_dq":
+        return -(-T // configs.dq_block_m(D, 2)) * B * H
+    return -(-T // c.block_n) * B * HKV
+
+
+def autotuned() -> None:
+    """Every candidate that fits is timed, the fastest is launched on its own grid."""
+    # The last candidate of each kernel is the "fastest": the tuner must pick it, not the first.
+    last = {k: configs.candidates(k, D, 2)[-1] for k in KERNEL_NAMES.values()}
+    fake.timing = lambda launch: 0.5 if candidate(launch) == last[KERNEL_NAMES[launch.kernel]] else 1.0
+    forward_and_backward()
+    timed = by_kernel(fake.launches)
+    assert set(timed) == set(configs.AUTOTUNERS) == set(last), (timed, configs.AUTOTUNERS)
+    for kernel, launches in timed.items():
+        expected = configs.candidates(kernel, D, 2)
+        *benchmarked, final = launches
+        assert [candidate(x) for x in benchmarked] == expected, (kernel, [candidate(x) for x in benchmarked])
+        assert candidate(final) == last[kernel], (kernel, candidate(final))
+        assert final.grid == (grid_of(kernel, last[kernel]), 1, 1), (kernel, final.grid)
+        # The prune compiled what the launch uses: the shared memory it measured is the binary's.
+        assert all(x.shared > 0 for x in launches), kernel
+    # The same key again: tuned once, launched once more per kernel, nothing re-timed.
+    count = len(fake.launches)
+    forward_and_backward()
+    assert len(fake.launches) == count + 3, len(fake.launches) - count
+    print("ok: autotuned", {k: len(v) - 1 for k, v in timed.items()})
+
+
+def limits() -> None:
+    """A shared-memory limit keeps exactly the forward candidates whose binaries fit it;
+    below every candidate the launch is a ValueError naming the kernel."""
+    forward_and_backward()
+    shared = {candidate(x): x.shared for x in fake.launches if KERNEL_NAMES[x.kernel] == "forward"}
+    sizes = sorted(set(shared.values()))
+    assert len(sizes) > 1, shared
+    limit = sizes[len(sizes) // 2 - 1] if len(sizes) > 2 else sizes[0]
+    fake.shared_limit = limit
+    configs.device_shared_limit.cache_clear()
+    for tuner in configs.AUTOTUNERS.values():
+        tuner.cache.clear()
+    start = len(fake.launches)
+    forward_only()
+    timed = [candidate(x) for x in fake.launches[start:] if KERNEL_NAMES[x.kernel] == "forward"][:-1]
+    assert timed == [c for c in configs.candidates("forward", D, 2) if shared[c] <= limit], (timed, shared, limit)
+    fake.shared_limit = 1024
+    configs.device_shared_limit.cache_clear()
+    for tuner in configs.AUTOTUNERS.values():
+        tuner.cache.clear()
+    try:
+        forward_only()
+    except ValueError as exc:
+        assert "no configuration of the forward kernel fits" in str(exc), exc
+    else:
+        raise AssertionError("a limit below every candidate was accepted")
+    print("ok: limits", shared, limit)
+
+
+def fixed() -> None:
+    """Autotuning off: the first candidate that fits is launched, chosen once per binary."""
+    assert not configs.AUTOTUNERS
+    compiles = []
+    real = configs.compiled_shared_bytes
+
+    def counting(fn, args, meta, config):
+        compiles.append(config)
+        return real(fn, args, meta, config)
+
+    configs.compiled_shared_bytes = counting
+    first = configs.candidates("forward", D, 2)[0]
+    forward_and_backward()
+    launched = by_kernel(fake.launches)
+    for kernel, launches in launched.items():
+        assert [candidate(x) for x in launches] == [configs.candidates(kernel, D, 2)[0]], kernel
+    assert len(compiles) == 3, compiles
+    forward_and_backward()
+    assert len(compiles) == 3, f"the second call compiled again: {compiles[3:]}"
+    assert len(fake.launches) == 6
+    # A limit the first forward candidate does not fit: the next one that fits is used.
+    fake.shared_limit = fake.launches[0].shared - 1
+    configs.device_shared_limit.cache_clear()
+    configs._CHOSEN.clear()
+    start = len(fake.launches)
+    forward_only()
+    chosen = candidate(fake.launches[start])
+    assert chosen != first and fake.launches[start].shared <= fake.shared_limit, chosen
+    print("ok: fixed", first, chosen)
+
+
+if __name__ == "__main__":
+    {"autotuned": autotuned, "limits": limits, "fixed": fixed}[sys.argv[1]]()

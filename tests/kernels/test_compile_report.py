@@ -1,0 +1,78 @@
+"""The kernels compiled for an H100 (sm_90) and an A100 (sm_80) on this machine, with
+ptxas, on every launch shape of the report (Triton's specializations: T = 1, P = 1, a group
+of 1, B = 1, S = 1, odd sizes): every launch has a config that fits the shared memory, the
+configs the launcher can pick fit, and on sm_90 the 16-bit spill targets hold (no pickable
+config spills, in any mode; a wgmma config for every kernel). The full sweep (all dtypes
+and head dims) is `make compile-report`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    return subprocess.run([sys.executable, "-m", "benchmarks.compile_report", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("modes", ["causal", "causal-padded,bidirectional", "packed"])
+def test_sm90_bf16_compile_report(modes):
+    result = _run("--archs", "90", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", modes,
+                  "--no-write", "--check", "--spill-targets")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "0 problems" in result.stdout, result.stdout[-4000:]
+    assert "Launch shapes: base (" in result.stdout and "ones (B=1, Hq=1, Hkv=1, T=1, S=1, P=1)" in result.stdout
+
+
+def test_sm80_fits():
+    """On an A100 every launch has a config that fits (its 16-bit configs spill: not tuned for)."""
+    result = _run("--archs", "80", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", "causal,packed",
+                  "--no-write", "--check")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "0 problems" in result.stdout, result.stdout[-4000:]
+
+
+def test_spill_targets_fail_on_a_spilling_config(tmp_path):
+    """--spill-targets is not a formality: a pickable config that spills fails it."""
+    script = tmp_path / "spills.py"
+    script.write_text(
+        "import sys\n"
+        "from llama_adapter_fast.kernels import configs\n"
+        "configs.CANDIDATES['backward_dkdv'][(2, 128)] = [(64, 128, 4, 2)]\n"  # 2.8 KB of spills on sm_90
+        "from benchmarks import compile_report\n"
+        "sys.exit(compile_report.main(sys.argv[1:]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, str(script), "--archs", "90", "--dtypes", "bf16", "--head-dims", "128",
+                             "--modes", "bidirectional", "--shapes", "base", "--kernels", "backward_dkdv",
+                             "--no-write", "--check", "--spill-targets", "--jobs", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "backward_dkdv M64 N128 w4 s2 spills" in result.stdout
+
+
+def test_check_fails_on_a_config_that_does_not_fit(tmp_path):
+    """--check is not a formality: a kernel whose only candidate cannot fit fails it."""
+    script = tmp_path / "too_big.py"
+    script.write_text(
+        "import sys\n"
+        "from llama_adapter_fast.kernels import configs\n"
+        "configs.CANDIDATES['forward'][(2, 128)] = [(64, 64, 4, 8)]\n"
+        "from benchmarks import compile_report\n"
+        "sys.exit(compile_report.main(sys.argv[1:]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, str(script), "--archs", "90", "--dtypes", "bf16", "--head-dims", "128",
+                             "--modes", "causal", "--shapes", "base", "--kernels", "forward", "--no-write", "--check",
+                             "--jobs", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "no configuration of the forward kernel fits" in result.stdout

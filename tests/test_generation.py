@@ -1,0 +1,137 @@
+"""Generation: the KV cache against recomputing everything, batching of prompts of
+different lengths, EOS, sampling, and the prefix computed once per call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_adapter_fast.generation import answer, generate, sample_next
+from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.models.llama import LLaMAAdapter
+from llama_adapter_fast.training.tokenizer import Tokenizer
+
+PROMPTS = [[1, 5, 9, 13, 2, 7], [1, 3], [1, 8, 8, 4, 30, 11, 12, 6, 21, 40]]
+
+
+def model(dtype=torch.float64, **kw) -> LLaMAAdapter:
+    """A random model with open gates (float64 so that argmax ties cannot flip)."""
+    torch.manual_seed(0)
+    args = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=48, multiple_of=16, max_seq_len=64,
+                adapter_len=4, adapter_layers=2, attention_backend="sdpa")
+    args.update(kw)
+    m = LLaMAAdapter(ModelArgs(**args)).to(dtype).eval()
+    with torch.no_grad():
+        for attn in m.adapter_layers():
+            attn.gate.uniform_(-1.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_cached_generation_equals_recomputing_the_whole_sequence(backend):
+    m = model(attention_backend=backend)
+    cached = generate(m, PROMPTS, max_new_tokens=10)
+    full = generate(m, PROMPTS, max_new_tokens=10, use_cache=False)
+    assert cached == full
+    assert all(len(row) == 10 for row in cached)
+    # Sampling draws the same tokens from the same generator.
+    kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.8)
+    sampled = generate(m, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
+    sampled_full = generate(m, PROMPTS, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert sampled == sampled_full
+    assert sampled != cached  # the sampling path really sampled
+
+
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time():
+    m = model()
+    batched = generate(m, PROMPTS, max_new_tokens=8)
+    alone = [generate(m, [p], max_new_tokens=8)[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_cached_logits_match_the_full_forward():
+    m = model(dtype=torch.float32)
+    seq = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        full = m(seq)
+        from llama_adapter_fast.models.llama import KVCache
+
+        cache = KVCache(m, 1, seq.shape[1])
+        parts = [m(seq[:, :4], cache=cache), m(seq[:, 4:7], cache=cache)]
+        parts += [m(seq[:, t:t + 1], cache=cache) for t in range(7, seq.shape[1])]
+    stepwise = torch.cat(parts, dim=1)
+    assert torch.allclose(stepwise, full, atol=1e-5, rtol=1e-5)
+
+
+def test_stops_at_eos():
+    m = model()
+    free = generate(m, PROMPTS, max_new_tokens=8)
+    eos = free[0][3]  # a token the first prompt produces at step 4
+    stopped = generate(m, PROMPTS, max_new_tokens=8, eos_id=eos)
+    assert stopped[0] == free[0][:free[0].index(eos)]
+    for row, ref in zip(stopped, free, strict=True):
+        assert row == (ref[:ref.index(eos)] if eos in ref else ref)
+
+
+def test_prefix_is_computed_once_per_call():
+    m = model()
+    calls = []
+    for attn in m.adapter_layers():
+        # The prompt is the only 2-d input of wk: count those calls.
+        attn.wk.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].dim()))
+    generate(m, PROMPTS, max_new_tokens=6)
+    assert calls.count(2) == len(m.adapter_layers())
+    calls.clear()
+    generate(m, PROMPTS, max_new_tokens=6, use_cache=False)
+    assert calls.count(2) == 6 * len(m.adapter_layers())  # the uncached path recomputes at every step
+
+
+def test_sample_next():
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [5.0, 0.0, 0.0, 4.9]])
+    assert sample_next(logits).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    # top_p small keeps only the most likely token.
+    for _ in range(5):
+        assert sample_next(logits, temperature=1.0, top_p=0.05, generator=g).tolist() == [1, 0]
+    draws = {tuple(sample_next(logits, temperature=5.0, generator=g).tolist()) for _ in range(50)}
+    assert len(draws) > 1
+
+
+def test_answer_with_the_bundled_tokenizer():
+    tok = Tokenizer()
+    m = model(dtype=torch.float32, vocab_size=tok.n_words)
+    out = answer(m, tok, ["Give the opposite of the word.", {"instruction": "What colour is this?", "input": "sky"}],
+                 max_new_tokens=4, batch_size=1)
+    assert len(out) == 2 and all(isinstance(a, str) for a in out)
+
+
+def test_bad_arguments():
+    m = model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(m, PROMPTS, max_new_tokens=60)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, PROMPTS, top_p=0.0)
+    with pytest.raises(ValueError, match="prompts"):
+        generate(m, [])
+    with pytest.raises(ValueError, match=r"prompts\[1\]"):
+        generate(m, [[1, 2], []])
+
+
+def test_a_short_prompt_beside_a_long_one_keeps_its_own_room():
+    """The cap on new tokens is per sequence: the room a prompt leaves in the context, not
+    the room the longest prompt of its batch leaves."""
+    tok = Tokenizer()
+    m = model(dtype=torch.float32, vocab_size=tok.n_words, max_seq_len=40)
+    short, long = "the capital of peru is", " ".join(["red green blue"] * 8)
+    n_short, n_long = (len(tok.encode(t, bos=True, eos=False)) for t in (short, long))
+    room = 40 - n_short
+    assert 40 - n_long < room  # the long prompt leaves less room than the short one may use
+    kw = dict(max_new_tokens=room, template=False)
+    together = answer(m, tok, [short, long], batch_size=2, **kw)
+    alone = [answer(m, tok, [text], batch_size=1, **kw)[0] for text in (short, long)]
+    assert together == alone
+    # generate() takes one cap per prompt too.
+    caps = [5, 2, 7]
+    assert [len(r) for r in generate(m, PROMPTS, max_new_tokens=caps)] == caps
+    with pytest.raises(ValueError, match=r"prompts\[2\]"):
+        generate(m, PROMPTS, max_new_tokens=[1, 1, 40 - len(PROMPTS[2]) + 1])
