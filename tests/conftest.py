@@ -74,3 +74,13 @@ def data_file(tmp_path_factory) -> Path:
     lines = SYNTHETIC_FILES["train"].read_text().splitlines()[:24]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def encoder_dir(tmp_path) -> Path:
+    """A tiny CLIP vision tower with its image processor, saved as a Hugging Face folder."""
+    from tiny_clip import tiny_encoder
+
+    folder = tmp_path / "encoder"
+    tiny_encoder().save_pretrained(folder)
+    return folder

@@ -39,12 +39,19 @@ def add_parser(sub) -> None:
 
 def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
                         dtype: str | None = None, adapter_settings: dict | None = None,
-                        image_encoder: str | None = None):
+                        image_encoder: str | None = None, pictures: bool = True):
     """A base model with the adapter of `adapter` (its config read from the file, or from
     `adapter_settings` where the file does not record it), on `device`; a
-    MultiModalLLaMAAdapter when the file is a multi-modal adapter."""
-    from llama_adapter_fast.models.adapter_io import is_original_adapter, read_adapter_config
-    from llama_adapter_fast.models.multimodal import load_image_adapter, read_image_adapter_record
+    MultiModalLLaMAAdapter when the file is a multi-modal adapter. Without `pictures` to
+    answer about, a multi-modal adapter whose encoder is not at hand answers as the text
+    adapter it holds (its prompts and gates; a record without a picture gets exactly that)."""
+    from llama_adapter_fast.models.adapter_io import is_original_adapter, read_adapter_config, read_adapter_file
+    from llama_adapter_fast.models.multimodal import (
+        PROJECTION_PREFIX,
+        image_encoder_folder,
+        load_image_adapter,
+        read_image_adapter_record,
+    )
     from llama_adapter_fast.training.config import DTYPES
     from llama_adapter_fast.training.distributed import resolve_device
     from llama_adapter_fast.training.recipes import load_base
@@ -63,13 +70,23 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
                   f"{settings['gate_activation']} (--adapter-len, --adapter-layers and --gate-activation set them)")
     else:
         kwargs["adapter_layers"] = 0
+    record = read_image_adapter_record(adapter) if adapter is not None else None
+    if image_encoder is not None and record is None:
+        raise ValueError("--image-encoder: needs a multi-modal --adapter (one trained with --image-encoder)")
+    if record is not None and (pictures or image_encoder is not None):
+        image_encoder_folder(adapter, image_encoder, record)  # a missing encoder is named before the base loads
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
     weights = model.tok_embeddings.weight.dtype
     check_attention_dtype(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
-    if image_encoder is not None or (adapter is not None and read_image_adapter_record(adapter) is not None):
-        if adapter is None:
-            raise ValueError("image-encoder: needs a multi-modal --adapter")
-        return load_image_adapter(model, adapter, image_encoder=image_encoder, device=dev).eval()
+    if record is not None:
+        source = record.get("source")
+        if pictures or image_encoder is not None or (source and Path(source).is_dir()):
+            return load_image_adapter(model, adapter, image_encoder=image_encoder, device=dev).eval()
+        print(f"adapter: {adapter} is a multi-modal adapter whose image encoder {source} is not here; no record has "
+              f"a picture, so it answers as the text adapter it holds (its prompts and gates)", file=sys.stderr)
+        state = read_adapter_file(adapter)
+        model.load_adapter({n: t for n, t in state.items() if not n.startswith(PROJECTION_PREFIX)})
+        return model.eval()
     if adapter is not None:
         model.load_adapter(adapter)
     return model.eval()
@@ -114,11 +131,13 @@ def run(a: argparse.Namespace) -> int:
     try:
         settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
                     "gate_activation": a.gate_activation}
+        pictures = _pictures(a, records)
         model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
-                                    dtype=a.dtype, adapter_settings=settings, image_encoder=a.image_encoder)
-        _attach_images(a, records, model)
+                                    dtype=a.dtype, adapter_settings=settings, image_encoder=a.image_encoder,
+                                    pictures=any(pictures))
+        _check_pictures(a, pictures, model)
         # A multi-modal adapter answers through its LLaMA with one prompt offset per record.
-        offset = model.answer_offsets(records) if hasattr(model, "image_encoder") else None
+        offset = model.answer_offsets(records, images=pictures) if hasattr(model, "image_encoder") else None
         llama = model.llama if hasattr(model, "image_encoder") else model
         context = llama.args.max_seq_len
         n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
@@ -162,25 +181,30 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_images(a: argparse.Namespace, records: list[dict], model) -> None:
-    """--image goes with --prompt; images of --instructions records are relative to that file.
-    Either needs a multi-modal adapter."""
-    from llama_adapter_fast.models.vision import ImageError, load_image
-
+def _pictures(a: argparse.Namespace, records: list[dict]) -> list[str | None]:
+    """The picture of each record, as a path to read: --image goes with --prompt; the images
+    of --instructions records are relative to that file. The records keep their own values
+    (what --output writes back)."""
     if a.image is not None:
         if a.instructions:
             raise ValueError("image: give the pictures of --instructions in their records' \"image\" keys")
         records[0]["image"] = a.image
-    elif a.instructions:
-        for record in records:
-            if record.get("image"):
-                record["image"] = str(Path(a.instructions).parent / record["image"])
-    with_image = [i for i, r in enumerate(records) if r.get("image")]
-    for i in with_image:
+        return [a.image]
+    root = Path(a.instructions).parent if a.instructions else Path(".")
+    return [str(root / r["image"]) if r.get("image") else None for r in records]
+
+
+def _check_pictures(a: argparse.Namespace, pictures: list[str | None], model) -> None:
+    """Pictures need a multi-modal adapter; a bad one stops here, named with its record."""
+    from llama_adapter_fast.models.vision import ImageError, load_image
+
+    for i, picture in enumerate(pictures):
+        if picture is None:
+            continue
         where = "image" if a.image is not None else f"{a.instructions}: record {i}"
         if not hasattr(model, "image_encoder"):
             raise ValueError(f"{where}: pictures need a multi-modal adapter (trained with --image-encoder)")
         try:
-            load_image(records[i]["image"])  # a bad picture stops here, named with its record
+            load_image(picture)
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}") from exc

@@ -38,7 +38,7 @@ except ImportError:  # older peft wraps Llama-style attention only
 
 from llama_adapter_fast.integrations.transformers.attention import prefix_keys_values
 from llama_adapter_fast.integrations.transformers.masks import check_sliding_window, masked_gated_prefix_attention
-from llama_adapter_fast.integrations.transformers.packing import packed_sequences
+from llama_adapter_fast.integrations.transformers.packing import resolve_packing
 from llama_adapter_fast.ops.attention import BACKENDS, gated_prefix_attention
 
 __all__ = [
@@ -144,7 +144,7 @@ class FusedAdaptedAttention(AdaptedAttention):
             k, v = cache.update(k, v, attention.layer_idx, cache_kwargs)
         mask = kwargs.get("attention_mask")
         window = getattr(attention.config, "sliding_window", None)
-        packing = packed_sequences(kwargs, B, T, k.shape[2], window)
+        packing, mask = resolve_packing(kwargs, mask, B, T, k.shape[2], causal=True, sliding_window=window)
         check_sliding_window(window, mask, k.shape[2], packing)
         prefix_k, prefix_v = prefix_keys_values(attention, self.adaption_prompt, q.dtype, key_norm=False)
         out = masked_gated_prefix_attention(

@@ -280,6 +280,21 @@ def read_projection_config(path: str | os.PathLike) -> dict[str, int]:
         return json.loads((f.metadata() or {})[PROJECTION_KEY])
 
 
+def image_encoder_folder(adapter: str | os.PathLike, image_encoder: str | None, record: Mapping[str, Any]) -> str:
+    """The encoder folder of a multi-modal adapter: `image_encoder` where given (as
+    --image-encoder), else the folder the file recorded; a ValueError saying which one is
+    not a folder here."""
+    if image_encoder is not None:
+        if not Path(image_encoder).is_dir():
+            raise ValueError(f"--image-encoder {image_encoder} is not a folder (a Hugging Face CLIP folder)")
+        return image_encoder
+    folder = record.get("source")
+    if not folder or not Path(folder).is_dir():
+        raise ValueError(f"{adapter}: the image encoder it recorded, {folder!r}, is not a folder here: pass the "
+                         f"encoder it was trained with (--image-encoder)")
+    return folder
+
+
 def load_image_adapter(llama: LLaMAAdapter, adapter: str | os.PathLike, *, image_encoder: str | None = None,
                        device: torch.device | str | None = None) -> MultiModalLLaMAAdapter:
     """A MultiModalLLaMAAdapter around `llama` (built with the file's adapter config) with the
@@ -288,10 +303,15 @@ def load_image_adapter(llama: LLaMAAdapter, adapter: str | os.PathLike, *, image
     record = read_image_adapter_record(adapter)
     if record is None:
         raise ValueError(f"{adapter}: a text adapter has no image projection: drop --image-encoder and images")
-    folder = image_encoder or record.get("source")
-    if not folder or not Path(folder).is_dir():
-        raise ValueError(f"{adapter}: its image encoder {folder!r} is not a folder here: pass --image-encoder")
-    encoder = ImageEncoder.from_pretrained(folder, layers=record.get("layers"), device=device)
+    folder = image_encoder_folder(adapter, image_encoder, record)
+    encoder = ImageEncoder.from_pretrained(folder, device=device)
+    layers, depth = record.get("layers") or [], encoder.config.num_hidden_layers
+    if any(not 1 <= i <= depth for i in layers):
+        recorded = record.get("config", {}).get("num_hidden_layers", "?")
+        raise ValueError(f"{adapter}: this adapter was trained with another image encoder: it reads layers {layers} "
+                         f"of a {recorded}-layer tower ({record.get('source')}); {folder} has {depth} layers. Pass the "
+                         f"encoder it was trained with (--image-encoder).")
+    encoder = ImageEncoder(encoder.tower, encoder.processor, layers, encoder.source)
     model = MultiModalLLaMAAdapter(llama, encoder, read_projection_config(adapter)["hidden"])
     model.load_adapter(adapter)
     return model

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,42 @@ class ImageError(ValueError):
     """An image that cannot be read or decoded; the message names the file."""
 
 
+# Files whose size Pillow has warned about once already (it warns at every open).
+_LARGE_WARNED: set[str] = set()
+
+
 def load_image(path: str | os.PathLike):
-    """An RGB Pillow image, fully decoded (a truncated or corrupt file fails here, with its path)."""
+    """An RGB Pillow image, fully decoded (a truncated or corrupt file fails here, with its
+    path; so does one over Pillow's decompression-bomb limit). A large picture under the
+    limit gets Pillow's warning once, naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"image {path} is a folder, not a picture")
     if not path.is_file():
         raise ImageError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                rgb = image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {path} is over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels per picture "
+                         f"(a decompression bomb?): {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"image {path} is not an image file Pillow can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageError(f"image {path} cannot be decoded ({exc})") from exc
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            if str(path.resolve()) not in _LARGE_WARNED:
+                _LARGE_WARNED.add(str(path.resolve()))
+                warnings.warn(f"image {path}: {warning.message}", Image.DecompressionBombWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return rgb
 
 
 def image_processor(folder: str | os.PathLike | None = None, image_size: int = 224):

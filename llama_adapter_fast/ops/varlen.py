@@ -22,7 +22,14 @@ from llama_adapter_fast.ops.attention import (
     kernel_gate,
     resolve_backend,
 )
-from llama_adapter_fast.ops.reference import eager_attention, sdpa_attention
+from llama_adapter_fast.ops.reference import (
+    _gated_sum,
+    _per_query_head,
+    _softmax_attend,
+    accumulation_dtype,
+    eager_attention,
+    sdpa_attention,
+)
 
 
 def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> None:
@@ -89,6 +96,59 @@ def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
+def packed_allowed(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int,
+                   causal: bool, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(allowed (total_q, total_k) bool, the sequence of each query row): a query sees the
+    keys of its own sequence only, causally aligned to the bottom right of that sequence,
+    and with a sliding window the last `sliding_window` of them (key position > query
+    position - window, as transformers counts it). Built from comparisons only: no value
+    of cu_seqlens is read on the host."""
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    rows = torch.arange(total_q, device=cu_q.device)
+    cols = torch.arange(total_k, device=cu_q.device)
+    seq_q = torch.searchsorted(cu_q[1:], rows, right=True)
+    seq_k = torch.searchsorted(cu_k[1:], cols, right=True)
+    # A query's place among its sequence's keys: a chunk of T new queries ends at its S keys' end.
+    pos_q = rows - cu_q[seq_q] + (cu_k[seq_q + 1] - cu_k[seq_q]) - (cu_q[seq_q + 1] - cu_q[seq_q])
+    pos_k = cols - cu_k[seq_k]
+    allowed = seq_q[:, None] == seq_k[None, :]
+    if causal:
+        allowed = allowed & (pos_k[None, :] <= pos_q[:, None])
+    if sliding_window is not None:
+        allowed = allowed & (pos_k[None, :] > pos_q[:, None] - sliding_window)
+    return allowed, seq_q
+
+
+def _masked_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate, *, causal, gate_activation,
+                   softmax_scale, materialize: bool):
+    """The packed op as one masked attention over the whole packed row, what torch.compile
+    traces for the eager and sdpa backends: their loop over the sequences reads the
+    sequence lengths, data a graph cannot hold. `materialize`: the eager backend's
+    materialized softmax, else one masked scaled_dot_product_attention call."""
+    total_q, H, D = q.shape
+    allowed, seq_q = packed_allowed(cu_seqlens_q, cu_seqlens_k, total_q, k.shape[0], causal)
+    scale = softmax_scale if softmax_scale is not None else D**-0.5
+    acc = accumulation_dtype(q.dtype)
+    qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, D)
+    if materialize:
+        kb, vb = _per_query_head(kb, H), _per_query_head(vb, H)
+        o1 = _softmax_attend((qb @ kb.transpose(-1, -2)).to(acc) * scale, allowed[None, None], vb)
+    else:
+        has_key = allowed.any(dim=-1, keepdim=True)
+        o1 = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=(allowed | ~has_key)[None, None], scale=scale,
+                                            enable_gqa=H != kb.shape[1]).masked_fill(~has_key, 0.0)
+    # Each query row's own prefix: (Hq, L, P, D) from a shared (Hkv, P, D) or per-sequence one.
+    group = H // k.shape[1]
+    pk = prefix_k[:, None] if prefix_k.dim() == 3 else prefix_k[seq_q].transpose(0, 1)
+    pv = prefix_v[:, None] if prefix_v.dim() == 3 else prefix_v[seq_q].transpose(0, 1)
+    pk, pv = pk.repeat_interleave(group, dim=0), pv.repeat_interleave(group, dim=0)
+    scores = torch.einsum("hld,hlpd->hlp", qb[0], pk.expand(H, total_q, *pk.shape[2:])).to(acc) * scale
+    o2 = torch.einsum("hlp,hlpd->hld", torch.softmax(scores, dim=-1).to(pv.dtype),
+                      pv.expand(H, total_q, *pv.shape[2:])).to(acc)
+    out = _gated_sum(o1.to(acc), o2[None], gate, gate_activation).to(q.dtype)
+    return out[0].transpose(0, 1)
 
 
 def varlen_reference(
@@ -172,9 +232,12 @@ def gated_prefix_attention_varlen(
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
     if backend in ("eager", "sdpa"):
+        options = dict(causal=causal, gate_activation=gate_activation, softmax_scale=softmax_scale)
+        if torch.compiler.is_compiling():
+            return _masked_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate,
+                                  materialize=backend == "eager", **options)
         attention = eager_attention if backend == "eager" else sdpa_attention
-        return varlen_reference(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate,
-                                causal=causal, gate_activation=gate_activation, softmax_scale=softmax_scale)
+        return varlen_reference(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate, **options)
     gate_act = kernel_gate(gate, gate_activation, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return custom_ops.triton_varlen_attention(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
@@ -203,6 +266,11 @@ def varlen_attention(
                                              gate, causal=causal, gate_activation="identity",
                                              softmax_scale=softmax_scale, backend="triton")
     gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():  # one masked call: the loop below reads the lengths
+        allowed, _ = packed_allowed(cu_seqlens, cu_seqlens, q.shape[0], k.shape[0], causal)
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)),
+                                             attn_mask=allowed[None, None], scale=softmax_scale, enable_gqa=gqa)
+        return out[0].transpose(0, 1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     # split (not one slice per sequence): its backward is one concatenation of the pieces.
     outs = [F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in pieces), is_causal=causal,

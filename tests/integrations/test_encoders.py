@@ -46,8 +46,8 @@ def base_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         config = ViTConfig(**common, num_hidden_layers=3, image_size=IMAGE, patch_size=4, num_labels=3, **overrides)
         return ViTForImageClassification(config).eval()
     if family in ("roberta", "bert"):
-        text = dict(common, vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=T + 4, num_labels=3,
-                    pad_token_id=PAD, **overrides)
+        text = {**dict(common, vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=T + 4, num_labels=3,
+                       pad_token_id=PAD), **overrides}
         if family == "roberta":
             return RobertaForSequenceClassification(RobertaConfig(**text)).eval()
         return BertForSequenceClassification(BertConfig(**text)).eval()
@@ -323,3 +323,48 @@ def _no_attention_model() -> torch.nn.Module:
     model = torch.nn.Linear(2, 2)
     model.config = BertConfig()
     return model
+
+
+def test_restarting_position_ids_are_no_packing_in_an_encoder(op_calls):
+    """BERT attends across the whole row whatever its position_ids say (transformers builds
+    encoder masks without them): at zero gates the adapted model is the base model, and
+    the adapted attention runs unpacked."""
+    base = base_model("bert")
+    model = adapted("bert", gates=False)
+    ids = torch.randint(2, EOS, (1, 12), generator=torch.Generator().manual_seed(4))
+    inputs = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, base(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert op_calls and not any(kw["packed"] for kw in op_calls.kwargs)
+
+
+def test_shared_layer_models_are_refused():
+    """ALBERT runs one layer at every depth: an adapter on it would adapt all of them."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    model = AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=4, attn_implementation="sdpa"))
+    for layers in (1, 2):
+        with pytest.raises(ValueError, match="shares one layer"):
+            add_llama_adapter(model, adapter_layers=layers)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(n.endswith("adaption_prompt") for n, _ in model.named_parameters())
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    """A RoBERTa with another num_labels: the head does not fit the file. The error names the
+    tensor, and the model is unchanged: no adapter, its attention and its frozen set kept."""
+    model = adapted("roberta", train_head=True)
+    path = tmp_path / "adapter.safetensors"
+    save_llama_adapter(model, path)
+    other = base_model("roberta", num_labels=5)
+    before = {n: p.requires_grad for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="classifier.out_proj.weight"):
+        load_llama_adapter(other, path, backend="sdpa")
+    assert not hasattr(other, "llama_adapter_config")
+    assert other.config._attn_implementation == "sdpa"
+    assert {n: p.requires_grad for n, p in other.named_parameters()} == before
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_llama_adapter(other, tmp_path / "missing.safetensors")
+    assert not hasattr(other, "llama_adapter_config")

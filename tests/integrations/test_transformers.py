@@ -310,3 +310,32 @@ def test_bad_masks():
         resolve_attention_mask(torch.ones(2, 1), 2, 1, 2)
     with pytest.raises(TypeError, match="attention_mask"):
         resolve_attention_mask(torch.ones(1, 1, 2, 2, dtype=torch.long), 1, 2, 2)
+
+
+def test_softcapping_models_are_refused_before_anything_changes():
+    """Gemma2 caps its attention logits, which the op does not: refused at add_llama_adapter,
+    the model left as it was (it used to fail at the first forward)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=8, attn_implementation="eager"))
+    assert model.config.attn_logit_softcapping is not None
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        add_llama_adapter(model, adapter_layers=1)
+    assert model.config._attn_implementation == "eager"
+    assert not any(n.endswith("adaption_prompt") for n, _ in model.named_parameters())
+    model.config.attn_logit_softcapping = None  # without the cap, Gemma2's attention is the op's
+    for module in model.modules():
+        if hasattr(module, "attn_logit_softcapping"):
+            module.attn_logit_softcapping = None
+    add_llama_adapter(model, adapter_layers=1, backend="sdpa")(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_attention_maps_are_refused_not_returned_empty():
+    """The op computes no attention probabilities: output_attentions=True is a clear error
+    (the base model would return them; an empty tuple would be silently wrong)."""
+    model = adapted(base_model("llama_gqa"))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(**batch(), output_attentions=True)
+    assert model(**batch()).logits.shape == (B, T, VOCAB)

@@ -22,6 +22,7 @@ from llama_adapter_fast.integrations.transformers import (  # noqa: E402
     add_llama_adapter,
     masked_attention,
     packed_sequences,
+    resolve_packing,
 )
 from llama_adapter_fast.ops.testing import expect_launches, rel_error  # noqa: E402
 
@@ -59,10 +60,21 @@ def test_packed_sequences_reads_the_collators_batches():
     assert packed_sequences({"position_ids": torch.tensor([[0, 1, 0, 2]])}, 1, 4, 4) is None  # not restarting runs
     # Multi-axis positions (one row per rope section) are not a packing of one row.
     assert packed_sequences({"position_ids": torch.tensor([0, 1, 0, 1]).expand(3, 1, 4)}, 1, 4, 4) is None
-    # A sliding window that bites inside a sequence leaves the batch to the 4-d mask.
-    batch = flattened(False)
-    assert packed_sequences(batch, 1, sum(LENGTHS), sum(LENGTHS), sliding_window=18) is None
-    assert packed_sequences(batch, 1, sum(LENGTHS), sum(LENGTHS), sliding_window=19) is not None
+    # Encoders attend across the row whatever their position_ids: no packing there (the
+    # flash-attention kwargs are explicit, and count).
+    assert packed_sequences(flattened(False), 1, sum(LENGTHS), sum(LENGTHS), causal=False) is None
+    assert packed_sequences(flattened(True), 1, sum(LENGTHS), sum(LENGTHS), causal=False) is not None
+    # A sliding window that bites inside a sequence turns the packing into a 4-d mask of the
+    # packing and the window, which is transformers' own mask of the packed row.
+    batch, L = flattened(False), sum(LENGTHS)
+    packing, mask = resolve_packing(batch, None, 1, L, L, sliding_window=18)
+    assert packing is None and mask.shape == (1, 1, L, L)
+    seq = torch.repeat_interleave(torch.arange(4), torch.tensor(LENGTHS))
+    pos = batch["position_ids"][0]
+    expected = (seq[:, None] == seq[None]) & (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - 18)
+    assert torch.equal(mask[0, 0], expected)
+    packing, mask = resolve_packing(batch, None, 1, L, L, sliding_window=19)
+    assert packing is not None and mask is None
 
 
 def _logits_and_grads(model, weight, **inputs):
@@ -173,3 +185,25 @@ def test_dropout_over_packed_sequences_without_a_mask_is_refused():
     packing = packed_sequences({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}, 1, 6, 6)
     with pytest.raises(ValueError, match="dropout.*packed sequences needs a 4-d attention mask"):
         masked_attention(q, k, v, attention_mask=None, dropout=0.1, packing=packing)
+
+
+@pytest.mark.parametrize("use_cache", [None, True, False])
+@pytest.mark.parametrize("flash_kwargs", [False, True])
+def test_a_window_that_bites_keeps_packed_sequences_apart_with_a_cache(use_cache, flash_kwargs, op_calls):
+    """Four sequences of 5, 1, 9 and 4 tokens in one row, a window of 6: whatever the cache
+    (transformers' 4-d mask carries no packing when there is one), every sequence gives
+    what it gives alone, in train mode too."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 101, (n,), generator=g).tolist() for n in (5, 1, 9, 4)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s} for s in seqs])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if use_cache is not None:
+        inputs["use_cache"] = use_cache
+    model = add_llama_adapter(tiny_mistral(6), adapter_len=4, adapter_layers=2, backend="sdpa").train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.uniform_(-1, 1)
+        packed = model(**inputs).logits
+        alone = torch.cat([model(input_ids=torch.tensor([s]), use_cache=False).logits for s in seqs], 1)
+    assert rel_error(packed, alone) < 1e-5

@@ -5,7 +5,6 @@ cache, data and encoder errors, fine-tuning, and the bundled pictures."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -16,17 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_clip import tiny_encoder, tiny_tower, write_picture
 
-from llama_adapter_fast import cli
 from llama_adapter_fast.bundled import SHAPES_DIR
-from llama_adapter_fast.bundled import TOKENIZER as BUNDLED_TOKENIZER
-from llama_adapter_fast.cli.demos import shape_pictures
 from llama_adapter_fast.generation import generate
 from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
 from llama_adapter_fast.models import llama as model_module
 from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.llama import LLaMAAdapter, apply_rotary, rope_cos_sin
-from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter, load_image_adapter
+from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
 from llama_adapter_fast.models.vision import (
     FeatureCache,
     ImageEncoder,
@@ -34,30 +31,10 @@ from llama_adapter_fast.models.vision import (
     default_feature_layers,
     load_image,
 )
-from llama_adapter_fast.training.config import TrainConfig
 from llama_adapter_fast.training.multimodal import ImageInstructionDataset
-from llama_adapter_fast.training.recipes import finetune
 from llama_adapter_fast.training.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=16,
-                 patch_size=8)
-
-
-def tiny_tower(seed: int = 0, **kw):
-    """transformers' CLIPVisionModel, small, with CLIP's initialization drawn from `seed`."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return CLIPVisionModel(CLIPVisionConfig(**{**TINY_CLIP, **kw})).eval()
-    finally:
-        torch.set_rng_state(state)
-
-
-def tiny_encoder(seed: int = 0, **kw) -> ImageEncoder:
-    return ImageEncoder(tiny_tower(seed, **kw), layers=[1, 3])
 
 
 def tiny_model(backend: str = "sdpa", dtype=torch.float32, vocab: int = 50, seed: int = 0,
@@ -378,20 +355,6 @@ def test_default_feature_layers():
 # -- files: pictures, feature cache, errors, adapter files ---------------------------------
 
 
-def write_picture(path: Path, seed: int) -> Path:
-    pixels, _ = shape_pictures.draw(__import__("random").Random(seed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(shape_pictures.png_bytes(pixels))
-    return path
-
-
-@pytest.fixture
-def encoder_dir(tmp_path) -> Path:
-    folder = tmp_path / "encoder"
-    tiny_encoder().save_pretrained(folder)
-    return folder
-
-
 def test_feature_cache_is_keyed_by_content(tmp_path, encoder_dir, monkeypatch):
     encoder = ImageEncoder.from_pretrained(encoder_dir, layers=[1, 3])
     a = write_picture(tmp_path / "pics" / "a.png", 0)
@@ -457,118 +420,6 @@ def test_bad_images_name_the_data_file_record_and_image(tmp_path, encoder_dir, p
     assert f"{data}: record 2" in message and str(bad) in message, message
 
 
-@pytest.fixture
-def base_dir(tmp_path) -> Path:
-    folder = tmp_path / "base"
-    torch.manual_seed(0)
-    LLaMAAdapter(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=Tokenizer().n_words, multiple_of=16,
-                           max_seq_len=96, adapter_layers=0)).save_hf(folder)
-    shutil.copy(BUNDLED_TOKENIZER, folder / "tokenizer.model")
-    return folder
-
-
-def test_finetune_then_generate_with_pictures(tmp_path, base_dir, encoder_dir, capsys):
-    """finetune with an image encoder on records with and without pictures, then the adapter
-    file reloads beside the same encoder (and its answers), and not beside another one."""
-    for i in range(3):
-        write_picture(tmp_path / "data" / f"p{i}.png", i)
-    rows = [{"instruction": "What colour are the shapes?", "output": c, "image": f"p{i}.png"}
-            for i, c in enumerate(["red", "blue", "green"])] + [{"instruction": "Say yes.", "output": "yes"}]
-    data = tmp_path / "data" / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "run"
-    cfg = TrainConfig(base=str(base_dir), data=str(data), out_dir=str(out), image_encoder=str(encoder_dir),
-                      image_layers=[2, 3], adapter_len=2, adapter_layers=2, attention_backend="sdpa", max_seq_len=80,
-                      batch_size=2, max_steps=3, lr=5e-2, warmup_steps=1, progress=False, plot=False, device="cpu")
-    result = finetune(cfg)
-    adapter = result.adapter_path
-    assert sorted(p.name for p in (out / "image_features").iterdir())  # one folder per encoder fingerprint
-
-    from llama_adapter_fast.cli.generate import load_for_generation
-
-    mm = load_for_generation(str(base_dir), str(adapter))  # the encoder folder recorded in the file
-    assert isinstance(mm, MultiModalLLaMAAdapter) and mm.image_encoder.layers == [2, 3]
-    assert any(p.abs().sum() > 0 for n, p in mm.adapter_parameters() if n.endswith(".gate"))
-    code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--prompt",
-                     "What colour are the shapes?", "--image", str(tmp_path / "data" / "p1.png"),
-                     "--max-new-tokens", "3", "--device", "cpu"])
-    assert code == 0
-    assert "### Image:" in capsys.readouterr().out
-    # Records of --instructions carry their pictures, relative to that file.
-    code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--instructions", str(data),
-                     "--max-new-tokens", "2", "--device", "cpu"])
-    assert code == 0 and capsys.readouterr().out.count("### Image:") == 3
-    questions = tmp_path / "data" / "questions.jsonl"
-    questions.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "image": "gone.png"}) + "\n")
-    code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--instructions", str(questions),
-                     "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and f"{questions}: record 1: image {tmp_path / 'data' / 'gone.png'} does not exist" in err, err
-
-    # Another encoder (other weights): a clear error, from the API and from the command line.
-    other = tmp_path / "other_encoder"
-    tiny_encoder(seed=7).save_pretrained(other)
-    llama = LLaMAAdapter(ModelArgs(**{**vars(mm.args)}))
-    with pytest.raises(ValueError, match="trained with another image encoder"):
-        load_image_adapter(llama, adapter, image_encoder=str(other))
-    code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--image-encoder", str(other),
-                     "--prompt", "What colour?", "--image", str(tmp_path / "data" / "p1.png"), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and "error:" in err and "another image encoder" in err and "weights_sha256" in err
-
-
-def test_resume_refuses_other_pictures_or_encoder_weights(tmp_path, base_dir, encoder_dir):
-    """The features a run trained on depend on the image files and on the encoder's weights
-    (not only its folder's name): a resumed run must see the same, or stop."""
-    for i in range(2):
-        write_picture(tmp_path / "data" / f"p{i}.png", i)
-    data = tmp_path / "data" / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "What colour?", "output": c, "image": f"p{i}.png"}) + "\n"
-                            for i, c in enumerate(["red", "blue"])))
-    cfg = TrainConfig(base=str(base_dir), data=str(data), out_dir=str(tmp_path / "run"), image_encoder=str(encoder_dir),
-                      adapter_len=2, adapter_layers=2, attention_backend="sdpa", max_seq_len=80, batch_size=2,
-                      max_steps=1, progress=False, plot=False, device="cpu")
-    finetune(cfg)
-    again = dataclasses.replace(cfg, max_steps=2, resume=True)
-    write_picture(tmp_path / "data" / "p1.png", 5)  # another picture under the same name
-    with pytest.raises(ValueError, match="--image-encoder or the pictures"):
-        finetune(again)
-    write_picture(tmp_path / "data" / "p1.png", 1)  # the picture back: the run resumes
-    assert finetune(again).steps == 2
-    tiny_encoder(seed=7).save_pretrained(encoder_dir)  # other weights in the same folder
-    with pytest.raises(ValueError, match="--image-encoder or the pictures"):
-        finetune(dataclasses.replace(cfg, max_steps=3, resume=True))
-
-
-def test_the_readme_picture_error_holds(tmp_path, base_dir, encoder_dir, capsys, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    example = next(line.strip() for line in readme.splitlines()
-                   if line.startswith("    llama-adapter-fast finetune: error:") and ": image " in line)
-    monkeypatch.chdir(tmp_path)
-    Path("cat.png").write_text("meow")
-    Path("bad.jsonl").write_text(json.dumps({"instruction": "q", "output": "a", "image": "cat.png"}) + "\n")
-    code = cli.main(["finetune", "--base", str(base_dir), "--data", "bad.jsonl", "--out", "o",
-                     "--image-encoder", str(encoder_dir), "--device", "cpu", "--no-progress"])
-    assert code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == example
-
-
-def test_cli_errors_for_pictures(tmp_path, base_dir, encoder_dir, capsys):
-    data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"instruction": "q", "output": "a", "image": "missing.png"}) + "\n")
-    code = cli.main(["finetune", "--base", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o"),
-                     "--image-encoder", str(encoder_dir), "--device", "cpu", "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 2 and f"{data}: record 0: image {tmp_path / 'missing.png'} does not exist" in err, err
-    # Pictures without an image encoder, or for a text adapter.
-    code = cli.main(["finetune", "--base", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o"),
-                     "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and "record 0 has an image" in err and "--image-encoder" in err
-    code = cli.main(["generate", "--base", str(base_dir), "--prompt", "q", "--image", str(data), "--device", "cpu"])
-    assert code == 2 and "multi-modal adapter" in capsys.readouterr().err
-
-
 def test_bundled_pictures_are_regenerated_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shape_images.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
@@ -583,24 +434,3 @@ def test_bundled_pictures_are_regenerated_byte_for_byte(tmp_path):
     train = {(SHAPES_DIR / "images" / f"train_{i:03d}.png").read_bytes() for i in range(180)}
     held = {(SHAPES_DIR / "images" / f"heldout_{i:03d}.png").read_bytes() for i in range(60)}
     assert len(train) == 180 and len(held) == 60 and not train & held
-
-
-def test_demo_runs_end_to_end_in_miniature(tmp_path, monkeypatch, capsys):
-    """`demo-mm` with a few steps of each stage: every stage runs and the report is printed
-    (the real figures come from `make demo-mm`)."""
-    monkeypatch.chdir(tmp_path)  # no base left by an earlier run
-    threads = torch.get_num_threads()
-    try:
-        code = cli.main(["demo-mm", "--out", "out", "--pretrain-steps", "2", "--encoder-steps", "2",
-                         "--finetune-steps", "2", "--show", "3", "--no-progress", "--device", "cpu",
-                         "--attention-backend", "sdpa"])
-    finally:
-        torch.set_num_threads(threads)  # the demo runs on one thread
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "pretrained on plain sentences for 2 steps" in out and "for 2 steps, then frozen" in out
-    for task in ("all questions", "colour", "count", "position"):
-        assert task in out
-    assert (tmp_path / "out" / "adapter" / "adapter.safetensors").is_file()
-    assert (tmp_path / "out" / "adapter" / "loss.png").is_file()
-    assert (tmp_path / "out" / "encoder" / "preprocessor_config.json").is_file()

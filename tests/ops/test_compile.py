@@ -141,6 +141,30 @@ def test_transformers_adapter_compiles_with_fullgraph(compiler, backward):
     check_compiled_model(model, compiler, backward)
 
 
+def test_transformers_adapter_compiles_packed_batches_on_the_cpu_backends():
+    """A Llama given the flash-attention kwargs of a packed batch (cu_seq_lens_q and
+    friends) compiles with fullgraph where "auto" picks sdpa, to the eager results."""
+    pytest.importorskip("transformers")
+    from llama_adapter_fast.integrations.transformers import add_llama_adapter
+
+    model = add_llama_adapter(tiny_llama(layers=2), adapter_len=3, adapter_layers=1, backend="auto")
+    set_gates(model)
+    cu = torch.tensor([0, 5, 6, 15, 19], dtype=torch.int32)
+    ids = torch.randint(0, 61, (1, 19), generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, position_ids=(torch.arange(19) - torch.repeat_interleave(cu[:-1], cu.diff()))[None],
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9, use_cache=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    torch._dynamo.reset()
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        logits = fn(**inputs).logits
+        results.append((logits.detach(), torch.autograd.grad(logits.square().sum(), params)))
+    (ref, ref_grads), (out, grads) = results
+    assert rel_error(out, ref) < 1e-5
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_error(g, r) < 1e-5
+
+
 def tiny_gpt2(layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 

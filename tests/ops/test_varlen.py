@@ -145,6 +145,26 @@ def test_compiles_with_fullgraph():
         assert rel_error(x, r) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["kv_cache_chunks", "empty_sequence_p70", "shared_prefix_mqa", "bidirectional"])
+def test_reference_backends_compile_with_fullgraph(backend, name):
+    """torch.compile(fullgraph=True) of the packed op on the PyTorch backends: their loop
+    over the sequences reads the lengths, so a compiled graph runs one masked attention over
+    the packed row instead; forward and all six gradients as the eager call gives them."""
+    torch._dynamo.reset()
+    tensors, kwargs, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(CASES[name])
+
+    def fn(q, k, v, pk, pv, gate):
+        return gated_prefix_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, pk, pv, gate, backend=backend,
+                                             **kwargs)
+
+    grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref, ref_grads = _run(fn, tensors, grad_out)
+    out, grads = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), tensors, grad_out)
+    for label, x, r in zip(("out", *GRAD_NAMES), (out, *grads), (ref, *ref_grads), strict=True):
+        assert rel_error(x, r) < 1e-5, label
+
+
 def test_strided_cu_seqlens_and_a_large_max_seqlen():
     """cu_seqlens may be a strided view (the kernels read them with stride 1), and
     max_seqlen may be far above the longest sequence (a max_position_embeddings): the

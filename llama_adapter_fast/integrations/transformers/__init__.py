@@ -36,7 +36,7 @@ from llama_adapter_fast.integrations.transformers.masks import (
     masked_gated_prefix_attention,
     resolve_attention_mask,
 )
-from llama_adapter_fast.integrations.transformers.packing import packed_sequences
+from llama_adapter_fast.integrations.transformers.packing import packed_sequences, packing_mask, resolve_packing
 
 __all__ = [
     "ATTENTION_NAME",
@@ -54,4 +54,6 @@ __all__ = [
     "check_sliding_window",
     "resolve_attention_mask",
     "packed_sequences",
+    "packing_mask",
+    "resolve_packing",
 ]

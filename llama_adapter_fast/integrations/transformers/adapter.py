@@ -21,28 +21,83 @@ from llama_adapter_fast.ops import BACKENDS, GATE_ACTIVATIONS
 _METADATA_KEY = "llama_adapter_fast"
 
 
-def _layer_stacks(model: nn.Module) -> dict[str, list[nn.Module]]:
+def _layer_stacks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The self-attention modules of each stack of layers (the decoder of a causal LM, the
-    encoder of BERT or ViT, each tower of CLIP), bottom to top, keyed by the name of the
-    ModuleList that holds the stack."""
+    encoder of BERT or ViT, each tower of CLIP), bottom to top, with their names, keyed by
+    the name of the ModuleList that holds the stack."""
     modules = dict(model.named_modules())
-    stacks: dict[str, list[nn.Module]] = {}
+    stacks: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in modules.items():
         if attention_layout(module) is None:
             continue
         parts = name.split(".")
         parents = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
         stack = next((p for p in parents if isinstance(modules.get(p), nn.ModuleList)), "")
-        stacks.setdefault(stack, []).append(module)
+        stacks.setdefault(stack, []).append((name, module))
     return stacks
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for stack in _layer_stacks(model).values() for m in stack]
+    return [m for stack in _layer_stacks(model).values() for _, m in stack]
 
 
 def _adapted_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in _attention_modules(model) if isinstance(getattr(m, PROMPT_NAME, None), nn.Parameter)]
+
+
+def _configs(model: nn.Module) -> list:
+    """The model's config and its sub-configs (a CLIP's text and vision configs)."""
+    subs = [getattr(model.config, k, None) for k in ("text_config", "vision_config")]
+    return [model.config, *(c for c in subs if c is not None)]
+
+
+def _refuse_what_the_op_does_not_compute(model: nn.Module, stacks: dict) -> None:
+    """Models whose attention holds a part the op lacks, refused before anything changes."""
+    for config in _configs(model):
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ValueError(f"model: {type(model).__name__} caps its attention logits (config."
+                             f"attn_logit_softcapping = {config.attn_logit_softcapping}), which the fused op does "
+                             "not compute")
+    for attentions in stacks.values():
+        for name, module in attentions:
+            if getattr(module, "attn_logit_softcapping", None) is not None:
+                raise ValueError(f"model: {name} caps its attention logits (attn_logit_softcapping = "
+                                 f"{module.attn_logit_softcapping}), which the fused op does not compute")
+            if isinstance(getattr(module, "sinks", None), torch.Tensor):
+                raise ValueError(f"model: {name} has attention sinks, which the fused op does not compute")
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if len(stacks) == 1 and isinstance(n_layers, int) and len(next(iter(stacks.values()))) < n_layers:
+        stack, attentions = next(iter(stacks.items()))
+        raise ValueError(f"model: {type(model).__name__} shares one layer across its depths ({len(attentions)} "
+                         f"attention module(s) in {stack or 'the model'} run at {n_layers} depths, as ALBERT's "
+                         "do): an adapter on a shared layer would adapt every depth it runs at, not the top ones; "
+                         "not supported")
+
+
+def _plan(model: nn.Module, adapter_len: int, adapter_layers: int, per_head_gate: bool) -> list:
+    """(name, module, prompt shape, gate shape) of every attention module to adapt: the top
+    `adapter_layers` of each stack. Checks the model and the settings; changes nothing."""
+    if _adapted_modules(model):
+        raise ValueError("model already has adaption prompts: call remove_llama_adapter first")
+    stacks = _layer_stacks(model)
+    if not stacks:
+        raise ValueError(
+            "model has no self-attention modules with query, key and value projections "
+            "(q_proj, k_proj, v_proj and head_dim, or query, key, value and attention_head_size)"
+        )
+    _refuse_what_the_op_does_not_compute(model, stacks)
+    for stack, attentions in stacks.items():
+        if adapter_layers > len(attentions):
+            raise ValueError(
+                f"adapter_layers ({adapter_layers}) is more than the {len(attentions)} layers of {stack or 'the model'}"
+            )
+    plan = []
+    for name, module in (entry for attentions in stacks.values() for entry in attentions[-adapter_layers:]):
+        query_name, key_name, _, head_name = attention_layout(module)
+        num_heads = getattr(module, query_name).out_features // getattr(module, head_name)
+        plan.append((name, module, (adapter_len, getattr(module, key_name).in_features),
+                     (num_heads if per_head_gate else 1,)))
+    return plan
 
 
 def _head_parameter_names(model: nn.Module) -> list[str]:
@@ -131,19 +186,7 @@ def add_llama_adapter(
             f"model: {type(model).__name__} does not route its attention through transformers' attention "
             "interface (its _supports_attention_backend is False)"
         )
-    if _adapted_modules(model):
-        raise ValueError("model already has adaption prompts: call remove_llama_adapter first")
-    stacks = _layer_stacks(model)
-    if not stacks:
-        raise ValueError(
-            "model has no self-attention modules with query, key and value projections "
-            "(q_proj, k_proj, v_proj and head_dim, or query, key, value and attention_head_size)"
-        )
-    for stack, attentions in stacks.items():
-        if adapter_layers > len(attentions):
-            raise ValueError(
-                f"adapter_layers ({adapter_layers}) is more than the {len(attentions)} layers of {stack or 'the model'}"
-            )
+    plan = _plan(model, adapter_len, adapter_layers, per_head_gate)
     head = _head_parameter_names(model) if train_head else []
     if train_head and not head:
         raise ValueError(f"train_head: {type(model).__name__} has no task head on top of its base model")
@@ -151,13 +194,10 @@ def add_llama_adapter(
     previous = model.config._attn_implementation
     register_attention()
     _set_attn_implementation(model, ATTENTION_NAME)
-    for module in (m for attentions in stacks.values() for m in attentions[-adapter_layers:]):
-        query_name, key_name, _, head_name = attention_layout(module)
-        key_proj = getattr(module, key_name)
-        weight = key_proj.weight
-        num_heads = getattr(module, query_name).out_features // getattr(module, head_name)
-        prompt = torch.empty(adapter_len, key_proj.in_features, device=weight.device, dtype=torch.float32)
-        gate = torch.zeros(num_heads if per_head_gate else 1, device=weight.device, dtype=torch.float32)
+    for _, module, prompt_shape, gate_shape in plan:
+        weight = next(module.parameters())
+        prompt = torch.empty(prompt_shape, device=weight.device, dtype=torch.float32)
+        gate = torch.zeros(gate_shape, device=weight.device, dtype=torch.float32)
         module.register_parameter(PROMPT_NAME, nn.Parameter(prompt.normal_()))
         module.register_parameter(GATE_NAME, nn.Parameter(gate))
         # Plain attributes, read by the attention function.
@@ -224,27 +264,40 @@ def save_llama_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 def load_llama_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> nn.Module:
     """Load an adapter saved by `save_llama_adapter` (and the task head saved with it) into
     `model`, adding the adapter first (with the saved settings) where the model has none.
-    Returns the model."""
+    Everything is checked before the model changes: a file that does not fit the model is a
+    ValueError and leaves the model as it was. Returns the model."""
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # missing, truncated, not safetensors: each fails its own way
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"path: {os.fspath(path)!r} cannot be read as a safetensors adapter ({reason})") from None
     if _METADATA_KEY not in metadata:
         raise ValueError(f"path: {os.fspath(path)!r} is not an adapter saved by save_llama_adapter")
     settings = {**_SETTINGS, **json.loads(metadata[_METADATA_KEY])}
     config = getattr(model, "llama_adapter_config", None)
-    if config is None:
-        add_llama_adapter(model, **settings, backend=backend)
+    if config is None:  # the shapes adding the adapter would give
+        plan = _plan(model, settings["adapter_len"], settings["adapter_layers"], settings["per_head_gate"])
+        expected = {f"{name}.{PROMPT_NAME}": prompt for name, _, prompt, _ in plan}
+        expected |= {f"{name}.{GATE_NAME}": gate for name, _, _, gate in plan}
+        params = dict(model.named_parameters())
+        expected |= {n: params[n].shape for n in (_head_parameter_names(model) if settings["train_head"] else [])}
     elif any(config[k] != v for k, v in settings.items()):
         raise ValueError(f"the model's adapter settings differ from the saved ones: {settings}")
-    state = llama_adapter_state_dict(model)
-    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    else:
+        expected = {name: t.shape for name, t in llama_adapter_state_dict(model).items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter tensors do not match the model: missing {missing}, unexpected {unexpected}")
+    for name, shape in expected.items():
+        if tuple(shape) != tuple(tensors[name].shape):
+            raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)}, the model has {tuple(shape)}")
+    if config is None:
+        add_llama_adapter(model, **settings, backend=backend)
     with torch.no_grad():
-        for name, tensor in state.items():
-            if tensor.shape != tensors[name].shape:
-                raise ValueError(f"{name}: saved shape {tuple(tensors[name].shape)}, model has {tuple(tensor.shape)}")
+        for name, tensor in llama_adapter_state_dict(model).items():
             tensor.copy_(tensors[name])
     return model

@@ -14,7 +14,7 @@ from llama_adapter_fast.integrations.transformers.masks import (
     masked_attention,
     masked_gated_prefix_attention,
 )
-from llama_adapter_fast.integrations.transformers.packing import packed_sequences
+from llama_adapter_fast.integrations.transformers.packing import resolve_packing
 
 ATTENTION_NAME = "llama_adapter_fast"
 PROMPT_NAME = "adaption_prompt"
@@ -88,10 +88,16 @@ def llama_adapter_attention(
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise ValueError(f"the {ATTENTION_NAME!r} attention does not support {name}")
+    if kwargs.get("output_attentions"):
+        # transformers would return an empty tuple: the op never materializes the probabilities.
+        raise ValueError(f"output_attentions=True: the {ATTENTION_NAME!r} attention computes no attention "
+                         "probabilities (they are never materialized); read them from the base model, or after "
+                         "remove_llama_adapter")
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     window = kwargs.get("sliding_window")
-    packing = packed_sequences(kwargs, query.shape[0], query.shape[2], key.shape[2], window)
+    packing, attention_mask = resolve_packing(kwargs, attention_mask, query.shape[0], query.shape[2], key.shape[2],
+                                              causal=causal, sliding_window=window)
     check_sliding_window(window, attention_mask, key.shape[2], packing)
     prompt = getattr(module, PROMPT_NAME, None)
     backend = getattr(module, "adaption_backend", "auto")

@@ -239,8 +239,8 @@ def _is_4d(attention_mask: object) -> bool:
 def check_sliding_window(sliding_window: int | None, attention_mask: torch.Tensor | None, kv_len: int,
                          packing: Packing | None = None) -> None:
     """A sliding window is honoured only through a 4-d mask; without one it must not bite.
-    Packed sequences (from `packed_sequences`, which drops a packing whose window bites)
-    never reach it: each is at most the window long."""
+    Packed sequences (from `resolve_packing`, which turns a packing whose window bites into
+    a 4-d mask) never reach it: each is at most the window long."""
     if sliding_window is not None and packing is None and not _is_4d(attention_mask) and kv_len > sliding_window:
         raise ValueError(
             f"a sliding window of {sliding_window} over {kv_len} keys needs a 4-d attention mask; "
