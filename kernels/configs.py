@@ -67,7 +67,9 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
     },
 }
 
-INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+# The one config of each kernel under Triton's interpreter: small, so that small test shapes
+# cross block boundaries. The tests set the GPU's tiles here too (tests/kernels/test_gpu_tiles.py).
+INTERPRETER_BLOCKS = {kernel: {"BLOCK_M": 16, "BLOCK_N": 16} for kernel in CANDIDATES}
 
 
 def head_dim_class(head_dim: int) -> int:
@@ -121,7 +123,7 @@ def dq_block_m(head_dim: int, elem_bytes: int) -> int:
     """The dQ kernel's BLOCK_M, shared by all its candidates of a head-dim class and element
     size: its per-block partial gradients are allocated before the launch."""
     if INTERPRET:
-        return INTERPRETER_BLOCKS["BLOCK_M"]
+        return INTERPRETER_BLOCKS["backward_dq"]["BLOCK_M"]
     return candidates("backward_dq", head_dim, elem_bytes)[0].block_m
 
 
@@ -224,7 +226,7 @@ def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, m
     if tuned is not None:
         tuned[grid](*args, **meta)
     else:
-        cfg = dict(INTERPRETER_BLOCKS) if INTERPRET else _first_fitting(kernel, fn, args, meta)
+        cfg = dict(INTERPRETER_BLOCKS[kernel]) if INTERPRET else _first_fitting(kernel, fn, args, meta)
         fn[grid(cfg)](*args, **meta, **cfg)
     count_launch(kernel)
 

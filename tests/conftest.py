@@ -12,6 +12,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs the kernels on CPU tensors under Triton's interpreter (or "
+                                       "checks its own settings); skipped where a GPU compiles the kernels")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a machine with a GPU the kernels compile and run there: the tests that need the
+    interpreter (CPU tensors through backend="triton", its emulation of tf32x3, its block
+    sizes) do not apply, and say so."""
+    if not torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs Triton's interpreter: on a GPU the kernels compile and run there")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)
+
+
 class OpCalls(list):
     """The backend of every call of the fused op, in order; `kwargs` holds each call's
     keyword arguments (causal, key_padding_mask, ...) and whether it was the packed op

@@ -30,3 +30,16 @@ def test_bad_options_exit_with_status_2(example, capsys):
         example.main(["--steps", "0"])
     assert exit_info.value.code == 2
     assert "error: --steps must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example, pretrain_steps, steps, classes", [(vit_image_classification, 600, 200, 4),
+                                                                      (roberta_sentence_classification, 150, 60, 4)])
+def test_example_learns_its_task(example, pretrain_steps, steps, classes):
+    """A short run (about ten seconds) learns the new task well above chance and above the
+    frozen model's accuracy with a fresh head (seed 0: 6% to 71% and 18% to 56%)."""
+    result = example.main(["--pretrain-steps", str(pretrain_steps), "--steps", str(steps), "--batch-size", "32",
+                           "--train-size", "1024", "--test-size", "256", "--adapter-layers", "2",
+                           "--backend", "sdpa", "--threads", str(torch.get_num_threads())])
+    chance = 1 / classes
+    assert result["after"] > chance + 0.2, result
+    assert result["after"] > result["before"] + 0.2, result

@@ -9,6 +9,7 @@ import torch
 from llama_adapter_fast.generation import answer, generate, sample_next
 from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.llama import LLaMAAdapter
+from llama_adapter_fast.training.data import format_prompt
 from llama_adapter_fast.training.tokenizer import Tokenizer
 
 PROMPTS = [[1, 5, 9, 13, 2, 7], [1, 3], [1, 8, 8, 4, 30, 11, 12, 6, 21, 40]]
@@ -27,12 +28,25 @@ def model(dtype=torch.float64, **kw) -> LLaMAAdapter:
     return m
 
 
+def reference_decode(m: LLaMAAdapter, prompt: list[int], steps: int, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding the slow way, written apart from `generate`: one prompt, the whole
+    sequence through the model at every step, the argmax of the last position."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(m(torch.tensor([seq]))[0, -1].argmax())
+            if token == eos_id:
+                break
+            seq.append(token)
+    return seq[len(prompt):]
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_cached_generation_equals_recomputing_the_whole_sequence(backend):
     m = model(attention_backend=backend)
     cached = generate(m, PROMPTS, max_new_tokens=10)
     full = generate(m, PROMPTS, max_new_tokens=10, use_cache=False)
-    assert cached == full
+    assert cached == full == [reference_decode(m, p, 10) for p in PROMPTS]
     assert all(len(row) == 10 for row in cached)
     # Sampling draws the same tokens from the same generator.
     kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.8)
@@ -101,8 +115,11 @@ def test_answer_with_the_bundled_tokenizer():
     tok = Tokenizer()
     m = model(dtype=torch.float32, vocab_size=tok.n_words)
     out = answer(m, tok, ["Give the opposite of the word.", {"instruction": "What colour is this?", "input": "sky"}],
-                 max_new_tokens=4, batch_size=1)
-    assert len(out) == 2 and all(isinstance(a, str) for a in out)
+                 max_new_tokens=6, batch_size=2)
+    prompts = [format_prompt("Give the opposite of the word."), format_prompt("What colour is this?", "sky")]
+    expected = [tok.decode(reference_decode(m, tok.encode(p, bos=True, eos=False), 6, tok.eos_id)).strip()
+                for p in prompts]
+    assert out == expected and all(expected)
 
 
 def test_bad_arguments():

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks import gpu_check
 from benchmarks.harness import read_csv
 
@@ -23,6 +25,7 @@ def _run(out: Path, budget: int) -> tuple[subprocess.CompletedProcess, float]:
     return result, time.time() - start
 
 
+@pytest.mark.interpreter  # the dry run's own device is the CPU
 def test_dry_run_runs_every_phase_inside_its_budget(tmp_path):
     budget = 240
     result, elapsed = _run(tmp_path, budget)
@@ -58,6 +61,7 @@ def test_dry_run_runs_every_phase_inside_its_budget(tmp_path):
     assert match and int(match.group(1)) < budget
 
 
+@pytest.mark.interpreter
 def test_a_budget_too_short_still_ends_in_time_with_its_files(tmp_path):
     """Phases past their deadline are stopped and recorded; the run ends and writes its summary."""
     budget = 20

@@ -35,6 +35,7 @@ def finetune_args(base, data, out, *extra: str) -> list[str]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bfloat16 runs through the kernels on a GPU")
+@pytest.mark.interpreter
 def test_bf16_through_triton_on_the_cpu_stops_before_training(base_dir, data_file, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     expect_error(capsys, finetune_args(base_dir, data_file, out, "--attention-backend", "triton",

@@ -11,6 +11,8 @@ from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
 from llama_adapter_fast.ops.testing import Case, check_against_oracle
 
+pytestmark = pytest.mark.interpreter  # the emulation replaces the interpreter's dot
+
 
 def to_tf32(x: np.ndarray) -> np.ndarray:
     """Round float32 to tf32 (10 mantissa bits), to nearest with ties away from zero, as

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llama_adapter_fast import gated_prefix_attention
-from llama_adapter_fast.ops.testing import Case, make_inputs
+from llama_adapter_fast import eager_attention, gated_prefix_attention
+from llama_adapter_fast.ops.testing import Case, make_inputs, oracle_attention, rel_error
 
 
 def call(overrides: dict, backend: str = "triton"):
@@ -73,6 +73,7 @@ needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton
 
 
 @needs_interpreter
+@pytest.mark.interpreter
 def test_bfloat16_is_refused_by_triton_under_the_interpreter():
     """The interpreter has no bfloat16 arithmetic: its answer would be garbage, so refuse."""
     tensors, kwargs = make_inputs(Case(T=5, P=3, dtype=torch.bfloat16))
@@ -88,4 +89,8 @@ def test_bfloat16_from_cpu_autocast_is_refused_by_triton_under_the_interpreter()
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16.*autocast"):
         gated_prefix_attention(*tensors, backend="triton", **kwargs)
     with torch.autocast("cpu", dtype=torch.float16):  # float16 is computed correctly there
-        assert gated_prefix_attention(*tensors, backend="triton", **kwargs).dtype == torch.float16
+        out = gated_prefix_attention(*tensors, backend="triton", **kwargs)
+    eager = eager_attention(*[t.half() for t in tensors[:5]], tensors[5], **kwargs)
+    ref = oracle_attention(*[t.half().double() for t in tensors[:5]], tensors[5].double(), **kwargs)
+    assert out.dtype == torch.float16
+    assert rel_error(out, ref) <= 2 * rel_error(eager, ref) + 1e-4

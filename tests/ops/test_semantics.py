@@ -37,21 +37,30 @@ def test_first_step_at_zero_gate(backend):
     tensors, kwargs = make_inputs(Case(T=19, shared_prefix=True))
     tensors[5] = torch.zeros_like(tensors[5])
     fn = triton_fn if backend == "triton" else lambda *a, **kw: gated_prefix_attention(*a, backend=backend, **kw)
-    _, _, grads = forward_backward(fn, tensors, kwargs)
+    _, grad_out, grads = forward_backward(fn, tensors, kwargs)
+    _, ref_grads = oracle(tensors, kwargs, grad_out)
     grads = dict(zip(GRAD_NAMES, grads, strict=True))
     assert torch.count_nonzero(grads["prefix_k"]) == 0
     assert torch.count_nonzero(grads["prefix_v"]) == 0
     assert torch.count_nonzero(grads["gate"]) == grads["gate"].numel()
+    # The gradient that starts training, by value: d gate = sum over (b, t) of dO . O_prefix.
+    assert rel_error(grads["gate"], ref_grads[5]) < 2e-5
+    for name, g, r in zip(GRAD_NAMES[:3], list(grads.values())[:3], ref_grads[:3], strict=True):
+        assert rel_error(g, r) < 2e-5, name
 
 
 @pytest.mark.parametrize("case", [Case(), Case(mask="empty_rows", T=9, S=30, gate_activation="identity"),
                                   Case(causal=False, shared_prefix=True, gate_shape=())])
-def test_concatenated_form_agrees(case):
+@pytest.mark.parametrize("reference", [eager_attention, concat_attention], ids=["eager", "concatenated"])
+def test_the_packages_references_agree_with_the_independent_oracle(case, reference):
+    """The eager two-branch form and the original code's concatenated form, in float64,
+    against the oracle written apart from the package (its own masks and activation)."""
     tensors, kwargs = make_inputs(case)
-    t64 = [t.double() for t in tensors]
-    two_branch = eager_attention(*t64, **kwargs)
-    concat = concat_attention(*t64, **kwargs)
-    assert rel_error(concat, two_branch) < 1e-12
+    out, grad_out, grads = forward_backward(reference, tensors, kwargs, dtype=torch.float64)
+    ref, ref_grads = oracle(tensors, kwargs, grad_out)
+    assert rel_error(out, ref, floor=0) < 1e-12
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert rel_error(g, r, floor=0) < (1e-10 if g.dtype == torch.float64 else 1e-6), name
 
 
 @pytest.mark.parametrize("case", [Case(), Case(mask="empty_rows", T=9, S=30), Case(T=30, S=11),
@@ -85,5 +94,6 @@ def test_gate_gradient_keeps_gate_dtype():
 
 def test_auto_backend_on_cpu_is_sdpa():
     tensors, kwargs = make_inputs(Case(T=8))
+    tensors = [t.cpu() for t in tensors]  # the test's device may be a GPU
     out = gated_prefix_attention(*tensors, backend="auto", **kwargs)
     assert rel_error(out, sdpa_attention(*tensors, **kwargs)) == 0.0

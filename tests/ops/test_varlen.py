@@ -4,7 +4,7 @@ padded op run on each sequence alone, forward and every gradient, and the float6
 import pytest
 import torch
 
-from llama_adapter_fast import eager_attention, gated_prefix_attention, gated_prefix_attention_varlen
+from llama_adapter_fast import gated_prefix_attention, gated_prefix_attention_varlen
 from llama_adapter_fast.ops import custom_ops
 from llama_adapter_fast.ops.testing import (
     DEVICE,
@@ -14,6 +14,7 @@ from llama_adapter_fast.ops.testing import (
     expect_launches,
     make_packed_inputs,
     packed_fns,
+    packed_oracle,
     rel_error,
 )
 from llama_adapter_fast.ops.varlen import varlen_reference
@@ -50,7 +51,7 @@ def test_varlen_matches_oracle(name):
 def test_varlen_matches_a_loop_of_the_padded_op(name):
     """Each packed sequence gets what the padded fused op gives it alone."""
     tensors, kwargs, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(CASES[name])
-    fused, _ = packed_fns((cu_q, cu_k, max_q, max_k))
+    fused = packed_fns((cu_q, cu_k, max_q, max_k))[0]
 
     def loop(q, k, v, pk, pv, gate, **kw):
         return varlen_reference(gated_prefix_attention, q, k, v, cu_q, cu_k, pk, pv, gate, backend="triton", **kw)
@@ -71,16 +72,14 @@ def test_float16():
 def test_reference_backends(backend):
     tensors, _, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(CASES["kv_cache_chunks"])
     out = gated_prefix_attention_varlen(*tensors[:3], cu_q, cu_k, max_q, max_k, *tensors[3:], backend=backend)
-    ref = varlen_reference(eager_attention, *[t.double() for t in tensors[:3]], cu_q, cu_k,
-                           *[t.double() for t in tensors[3:]])
+    ref = packed_oracle(*[t.double() for t in tensors[:3]], cu_q, cu_k, *[t.double() for t in tensors[3:]])
     assert rel_error(out, ref) < 1e-5
 
 
 def test_bf16_reference_backend():
     tensors, _, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(PackedCase((16, 5, 33, 1, 17), dtype=torch.bfloat16))
     out = gated_prefix_attention_varlen(*tensors[:3], cu_q, cu_k, max_q, max_k, *tensors[3:], backend="sdpa")
-    ref = varlen_reference(eager_attention, *[t.double() for t in tensors[:3]], cu_q, cu_k,
-                           *[t.double() for t in tensors[3:]])
+    ref = packed_oracle(*[t.double() for t in tensors[:3]], cu_q, cu_k, *[t.double() for t in tensors[3:]])
     assert out.dtype == torch.bfloat16 and rel_error(out, ref) < 2e-2
 
 

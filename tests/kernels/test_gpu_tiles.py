@@ -1,0 +1,36 @@
+"""The GPU's tile shapes under Triton's interpreter: every (BLOCK_M, BLOCK_N) pair a
+launcher can pick for a kernel runs that kernel (the others at the interpreter's 16 x 16)
+on shapes that cross several of its blocks, causal with a KV-cache chunk and padding,
+bidirectional, and packed; forward and all six gradients against the float64 oracle. The
+causal full/diagonal split, the edge masks and the dQ partial slots are thereby exercised
+with unequal and large blocks, not only with the interpreter's own."""
+
+import pytest
+
+from llama_adapter_fast.kernels import configs
+from llama_adapter_fast.ops.testing import Case, PackedCase, check_against_oracle, check_packed
+
+TILES = [(kernel, m, n) for kernel, by_class in configs.CANDIDATES.items()
+         for m, n in sorted({(m, n) for specs in by_class.values() for m, n, _, _ in specs})]
+
+
+def cases(m: int, n: int) -> dict:
+    """Lengths past two of the larger block and not a multiple of either."""
+    span = 2 * max(m, n) + 7
+    return {
+        "causal_chunk_padded": Case(B=2, Hq=2, Hkv=1, T=span * 2 // 3, S=span, D=16, P=3, mask="empty_rows"),
+        "bidirectional": Case(B=1, Hq=2, Hkv=2, T=span, S=span - 9, D=16, P=3, causal=False),
+        "packed": PackedCase((span // 2 + 3, 1, span, 0, 5), Hq=2, Hkv=1, D=16, P=3),
+    }
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", ["causal_chunk_padded", "bidirectional", "packed"])
+@pytest.mark.parametrize("kernel, m, n", TILES, ids=[f"{k}-{m}x{n}" for k, m, n in TILES])
+def test_gpu_tile_against_the_oracle(kernel, m, n, case, monkeypatch):
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, kernel, {"BLOCK_M": m, "BLOCK_N": n})
+    chosen = cases(m, n)[case]
+    if isinstance(chosen, PackedCase):
+        check_packed(chosen)
+    else:
+        check_against_oracle(chosen)
