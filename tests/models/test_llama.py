@@ -311,9 +311,11 @@ def test_triton_backend_runs_the_kernels():
     model = small(adapter_len=3, attention_backend="triton").to(DEVICE)
     reference = small(adapter_len=3, attention_backend="eager").double().to(DEVICE)
     with torch.no_grad():
-        for m in (model, reference):
-            for layer, gate in zip(m.layers[1:], ([0.5, -0.4, 0.3, 0.8], [-0.7, 0.2, 0.6, -0.1]), strict=True):
-                layer.attention.gate.copy_(torch.tensor(gate))
+        for layer, gate in zip(model.layers[1:], ([0.5, -0.4, 0.3, 0.8], [-0.7, 0.2, 0.6, -0.1]), strict=True):
+            layer.attention.gate.copy_(torch.tensor(gate))
+        for layer in model.layers:  # scores of order one, so that the attention weights matter
+            layer.attention.wq.weight.mul_(4)
+            layer.attention.wk.weight.mul_(4)
     reference.load_state_dict(model.state_dict())
     x = tokens(B=2, T=37, vocab=50).to(DEVICE)
     mask = torch.ones_like(x, dtype=torch.bool)
