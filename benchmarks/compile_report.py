@@ -57,7 +57,9 @@ import torch  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ARCH_NAMES = {80: "sm_80", 90: "sm_90"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODES = ("causal", "causal-padded", "bidirectional", "packed")
+MODES = ("causal", "causal-padded", "bidirectional", "packed", "decode")
+KERNELS = ("forward", "backward_dq", "backward_dkdv", "decode", "decode_combine")
+DECODE_KERNELS = ("decode", "decode_combine")
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
@@ -138,6 +140,25 @@ SHAPES = {
     "ones": Problem(B=1, Hq=1, Hkv=1, T=1, S=1, P=1),          # every size 1
 }
 
+# The decode mode's shapes (kernels/decode.py: a few new queries over a cache with a length
+# per sequence). Each row block the launcher can pick (query heads of a group x queries:
+# 4, 1, 40, 28 and 128 rows) and the same classes of integer arguments as above.
+DECODE_SHAPES = {
+    "decode": Problem(B=1, Hq=32, Hkv=8, T=1, S=777, P=10),    # a group of 4, one query: 4 rows
+    "mha-decode": Problem(B=1, Hq=8, Hkv=8, T=1, S=1024, P=1),  # T = P = B = group = 1
+    "chunk": Problem(B=4, Hq=32, Hkv=4, T=5, S=1024, P=10),    # 40 rows
+    "mqa": Problem(B=3, Hq=28, Hkv=1, T=1, S=4096, P=7),       # 28 rows
+    "group8-chunk16": Problem(B=2, Hq=32, Hkv=4, T=16, S=600, P=64),  # 128 rows, several row blocks
+    "ones": Problem(B=1, Hq=1, Hkv=1, T=1, S=1, P=1),
+}
+
+
+def shapes_of(mode: str, shapes: dict[str, Problem]) -> dict[str, Problem]:
+    """The launch shapes of a mode: the decode mode's own unless custom shapes were given."""
+    if mode != "decode" or any(name not in SHAPES for name in shapes):
+        return shapes
+    return DECODE_SHAPES
+
 
 def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Problem) -> list:
     """The launches of one forward and one backward, made by the package's launchers on
@@ -148,6 +169,8 @@ def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pro
 
     p = problem
     S = p.seq_k
+    if mode == "decode":
+        return _decode_launches(dtype, head_dim, p)
     q = torch.empty(p.B, p.Hq, p.T, head_dim, dtype=dtype)
     k = torch.empty(p.B, p.Hkv, S, head_dim, dtype=dtype)
     v = torch.empty_like(k)
@@ -169,6 +192,22 @@ def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pro
     with capture_launches() as launches:
         out, lse1, lse2 = fwd.forward(q, k, v, pk, pv, gate, mask, causal, scale)
         bwd.backward(torch.empty_like(out), q, k, v, pk, pv, gate, mask, out, lse1, lse2, causal, scale)
+    return launches
+
+
+def _decode_launches(dtype: torch.dtype, head_dim: int, p: Problem) -> list:
+    """The decode kernels' launches: a preallocated cache twice the problem's keys, with a
+    length per sequence, a shared prefix."""
+    from llama_adapter_fast.kernels.configs import capture_launches
+    from llama_adapter_fast.kernels.decode import decode_forward
+
+    q = torch.empty(p.B, p.Hq, p.T, head_dim, dtype=dtype)
+    k = torch.empty(p.B, p.Hkv, 2 * p.seq_k, head_dim, dtype=dtype)
+    pk = torch.empty(p.Hkv, p.P, head_dim, dtype=dtype)
+    lengths = torch.full((p.B,), p.seq_k, dtype=torch.int32)
+    with capture_launches() as launches:
+        decode_forward(q, k, torch.empty_like(k), pk, torch.empty_like(pk), torch.zeros(p.Hq), None, lengths, None,
+                       True, head_dim**-0.5, max_length=p.seq_k, sm_count=132)  # an H100's
     return launches
 
 
@@ -233,14 +272,14 @@ def _job(arch: int, dtype_name: str, head_dim: int, mode: str, shapes: dict[str,
          kernels: tuple[str, ...]) -> list[Row]:
     """Every candidate of every launch of one (arch, dtype, head dim, mode), on each shape."""
     rows = []
-    for name, problem in shapes.items():
+    for name, problem in shapes_of(mode, shapes).items():
         rows += _shape_rows(arch, dtype_name, head_dim, mode, name, problem, kernels)
     return rows
 
 
 def _shape_rows(arch: int, dtype_name: str, head_dim: int, mode: str, shape: str, problem: Problem,
                 kernels: tuple[str, ...]) -> list[Row]:
-    from llama_adapter_fast.kernels.configs import SHARED_MEMORY_LIMIT, candidates, fitting
+    from llama_adapter_fast.kernels.configs import SHARED_MEMORY_LIMIT, fitting
 
     dtype = DTYPES[dtype_name]
     limit = SHARED_MEMORY_LIMIT[arch]
@@ -249,7 +288,7 @@ def _shape_rows(arch: int, dtype_name: str, head_dim: int, mode: str, shape: str
         if launch.kernel not in kernels:
             continue
         group = []
-        for cand in candidates(launch.kernel, launch.meta["HEAD_DIM"], dtype.itemsize):
+        for cand in launch.candidates(dtype.itemsize):
             row = dict(arch=ARCH_NAMES.get(arch, f"sm_{arch}"), dtype=dtype_name, head_dim=head_dim, mode=mode,
                        shape=shape, kernel=launch.kernel, block_m=cand.block_m, block_n=cand.block_n,
                        num_warps=cand.num_warps, num_stages=cand.num_stages, default=False, pickable=False,
@@ -288,18 +327,18 @@ def sweep(archs, dtypes, head_dims, modes, shapes: dict[str, Problem], kernels, 
             done = tqdm(done, total=len(futures), desc="compiling", file=sys.stderr, dynamic_ncols=True)
         for future in done:
             rows.extend(future.result())
-    rows = merge_shapes(rows, list(shapes))
-    order = {k: i for i, k in enumerate(("forward", "backward_dq", "backward_dkdv"))}
-    shape_order = {name: i for i, name in enumerate(shapes)}
+    rows = merge_shapes(rows, shapes)
+    order = {k: i for i, k in enumerate(KERNELS)}
+    shape_order = {name: i for i, name in enumerate({**shapes, **DECODE_SHAPES})}
     rows.sort(key=lambda r: (r.arch, r.dtype, r.head_dim, MODES.index(r.mode) if r.mode in MODES else 9,
                              shape_order.get(r.shape, 99), order.get(r.kernel, 9), not r.default, r.block_m,
                              r.block_n, r.num_warps, r.num_stages))
     return rows
 
 
-def merge_shapes(rows: list[Row], shapes: list[str]) -> list[Row]:
+def merge_shapes(rows: list[Row], shapes: dict[str, Problem]) -> list[Row]:
     """One row per binary: the shapes that compile a config to the same binary share its row
-    (named together, or "all"), with the largest of their grids."""
+    (named together, or "all" of its mode's shapes), with the largest of their grids."""
     merged: dict[tuple, list[Row]] = {}
     for r in rows:
         same = r.binary or f"{r.shape}-{id(r)}"  # a row without a binary (an error) stays alone
@@ -309,7 +348,8 @@ def merge_shapes(rows: list[Row], shapes: list[str]) -> list[Row]:
     for group in merged.values():
         names = [r.shape for r in group]
         grid = max((r.grid for r in group), key=_grid_size)
-        out.append(replace(group[0], shape="all" if sorted(names) == sorted(shapes) and len(shapes) > 1
+        mode_shapes = list(shapes_of(group[0].mode, shapes))
+        out.append(replace(group[0], shape="all" if sorted(names) == sorted(mode_shapes) and len(mode_shapes) > 1
                            else "+".join(names), grid=grid, compile_s=sum(r.compile_s for r in group),
                            default=any(r.default for r in group), pickable=any(r.pickable for r in group)))
     return out
@@ -354,6 +394,9 @@ def read_csv(path: Path) -> list[Row]:
 def markdown(rows: list[Row], title: str, shapes: dict[str, Problem]) -> str:
     """A summary per (arch, dtype, kernel) and the full table of configs."""
     described = "; ".join(f"{name} ({p.describe()})" for name, p in shapes.items())
+    if any(r.mode == "decode" for r in rows):
+        described += "; decode mode: " + "; ".join(f"{name} ({p.describe()})"
+                                                   for name, p in shapes_of("decode", shapes).items())
     lines = [f"# {title}", "", f"Launch shapes: {described}", ""]
     problems = [(r, p) for r in rows for p in r.problems()]
     problems += [(None, p) for p in spill_target_misses(rows)]
@@ -390,18 +433,25 @@ def markdown(rows: list[Row], title: str, shapes: dict[str, Problem]) -> str:
 
 
 def spill_target_misses(rows: list[Row]) -> list[str]:
-    """The spill targets of 16-bit kernels on sm_90: no pickable config spills, at any head
-    dim, in any mode, on any launch shape; and each kernel has a pickable config that uses
-    wgmma."""
+    """The spill targets: no pickable config of a 16-bit kernel on sm_90 spills, at any head
+    dim, in any mode, on any launch shape, and each such kernel has a pickable config that
+    uses wgmma; no pickable config of the decode kernels spills, on either arch, in any
+    dtype."""
     misses = []
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        if r.arch == "sm_90" and r.dtype in ("bf16", "fp16") and r.pickable:
+        decode = r.kernel in DECODE_KERNELS
+        if r.pickable and decode and r.spills and r.arch != "sm_90":
+            misses.append(f"{r.arch} {r.dtype} d{r.head_dim} {r.mode} {r.shape} {r.label()} spills "
+                          f"{r.spill_store_bytes}/{r.spill_load_bytes} B")
+        if r.arch == "sm_90" and (r.dtype in ("bf16", "fp16") or decode) and r.pickable:
             groups.setdefault((r.dtype, r.head_dim, r.mode, r.shape, r.kernel), []).append(r)
     for (dtype, head_dim, mode, shape, kernel), group in groups.items():
         misses += [f"sm_90 {dtype} d{head_dim} {mode} {shape} {r.label()} spills "
                    f"{r.spill_store_bytes}/{r.spill_load_bytes} B" for r in group if r.spills]
-        if not any(r.mma == "wgmma" for r in group):
+        # The decode kernels' 16- and 32-row tiles are under wgmma's 64 rows (they use
+        # mma.sync): their work is reading the cache, not the products.
+        if kernel not in DECODE_KERNELS and not any(r.mma == "wgmma" for r in group):
             misses.append(f"sm_90 {dtype} d{head_dim} {mode} {shape} {kernel}: no config uses wgmma")
     return misses
 
@@ -415,7 +465,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--kernels", default="forward,backward_dq,backward_dkdv")
+    p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help=f"launch shapes, of {', '.join(SHAPES)} (default: all), or 'custom' for the one the "
                         "options below give")

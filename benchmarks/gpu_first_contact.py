@@ -19,14 +19,17 @@ that fails, crashes or runs out of time is recorded as such and the next one sti
 4. timing: the speed-target shapes of bench_attention (fused against two SDPA calls on
    each SDPA backend, eager and the SDPA floor), after compiling the autotuning candidates
    in parallel processes.
-5. train step: bench_train_step on a LLaMA-7B-shaped model of 4 layers.
+5. decode: bench_decode, one generation step over KV caches of 1k to 32k tokens (the decode
+   kernels against the training forward and two SDPA calls, as GB/s of the card's bandwidth).
+6. train step: bench_train_step on a LLaMA-7B-shaped model of 4 layers.
 
 Every row is written as soon as it is measured. OUT gets at most 8 files, named by card
 and date (<stem> as nvidia-h200-2026-12-02): <stem>-first-contact.log (everything printed),
 -environment.json, -correctness.csv (smoke, grid and int64 rows), -attention.csv,
 -train-step.csv, -summary.md (phases, correctness, the benchmarks' tables; what
 `python -m benchmarks.harness.report --readme` reads), -attention-time-bf16.png and
--first-contact-extras.tar.gz (worker and compile logs, the other plots).
+-first-contact-extras.tar.gz (worker and compile logs, the other plots, the decode CSV and
+plot; the summary holds the decode table).
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ class Phase:
 
 
 # The last 7% of the budget is left for the plots, the summary and the archive.
-PHASES = (Phase("environment", 0.05), Phase("smoke+correctness", 0.40), Phase("timing", 0.28),
-          Phase("train step", 0.20))
+PHASES = (Phase("environment", 0.05), Phase("smoke+correctness", 0.36), Phase("timing", 0.26),
+          Phase("decode", 0.07), Phase("train step", 0.19))
 
 
 def file_names(out: Path, stem: str) -> dict[str, Path]:
@@ -117,7 +120,11 @@ def worker_smoke(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks import bench_attention as ba
-    from llama_adapter_fast import gated_prefix_attention, gated_prefix_attention_varlen
+    from llama_adapter_fast import (
+        gated_prefix_attention,
+        gated_prefix_attention_decode,
+        gated_prefix_attention_varlen,
+    )
     from llama_adapter_fast.ops.testing import expect_launches
 
     device = harness.default_device()
@@ -136,20 +143,36 @@ def worker_smoke(args: argparse.Namespace) -> int:
         return f"out err {check['out_err']:.1e}, worst grad err {check['grad_err']:.1e}"
 
     def decode() -> str:
+        """One new token per sequence through gated_prefix_attention (which takes the decode
+        kernels), then a chunk of 3 over a preallocated cache of two different lengths."""
         S = 7 if args.dry_run else 777
         g = torch.Generator(device=device).manual_seed(1)
-        q = torch.randn(2, size["Hq"], 1, size["D"], device=device, generator=g, dtype=ba.DTYPES[dtype])
-        k, v = (torch.randn(2, size["Hkv"], S, size["D"], device=device, generator=g, dtype=q.dtype) for _ in "kv")
-        pk, pv = (torch.randn(size["Hkv"], 10, size["D"], device=device, generator=g, dtype=q.dtype) for _ in "kv")
+
+        def randn(*shape):
+            return torch.randn(*shape, device=device, generator=g, dtype=ba.DTYPES[dtype])
+
+        k, v = randn(2, size["Hkv"], S, size["D"]), randn(2, size["Hkv"], S, size["D"])
+        pk, pv = randn(size["Hkv"], 10, size["D"]), randn(size["Hkv"], 10, size["D"])
         gate = torch.linspace(-1, 1, size["Hq"], device=device)
-        with expect_launches("forward"):
-            out = gated_prefix_attention(q, k, v, pk, pv, gate, backend="triton")
-        ref = gated_prefix_attention(*(t.float() for t in (q, k, v, pk, pv)), gate, backend="sdpa")
-        low = gated_prefix_attention(q, k, v, pk, pv, gate, backend="sdpa")
-        err, err_low = ba.relative_error(out, ref), ba.relative_error(low, ref)
-        if not err <= 2 * err_low + 1e-3:
-            raise AssertionError(f"decode output error {err:.1e} against SDPA's {err_low:.1e}")
-        return f"out err {err:.1e} (SDPA in {dtype}: {err_low:.1e})"
+        lengths = torch.tensor([S, S // 2 + 1], device=device)
+        errors = []
+        for T, call in ((1, "gated_prefix_attention"), (3, "gated_prefix_attention_decode")):
+            q = randn(2, size["Hq"], T, size["D"])
+
+            def run(backend, *tensors, call=call):
+                if call == "gated_prefix_attention":
+                    return gated_prefix_attention(*tensors, gate, backend=backend)
+                return gated_prefix_attention_decode(tensors[0], tensors[1], tensors[2], lengths, *tensors[3:], gate,
+                                                     backend=backend)
+
+            with expect_launches("decode", "decode_combine", times=1):
+                out = run("triton", q, k, v, pk, pv)
+            ref = run("sdpa", *(t.float() for t in (q, k, v, pk, pv)))
+            err, err_low = ba.relative_error(out, ref), ba.relative_error(run("sdpa", q, k, v, pk, pv), ref)
+            if not err <= 2 * err_low + 1e-3:
+                raise AssertionError(f"decode (T={T}) output error {err:.1e} against SDPA's {err_low:.1e}")
+            errors.append(f"T={T} out err {err:.1e} (SDPA in {dtype}: {err_low:.1e})")
+        return "; ".join(errors)
 
     def packed() -> str:
         lens = (5, 0, 13) if args.dry_run else (300, 1, 700, 64)
@@ -357,6 +380,14 @@ class Run:
             self.say, self.kill_after("timing"), self.child_env(autotune=True), prefix="   ")
         return "ok" if code == 0 else f"exit code {code}"
 
+    def decode(self) -> str:
+        args = ["--device", "cpu"] if self.dry else []
+        code = processes.run_streaming(
+            processes.python_command("benchmarks.bench_decode", *args, "--csv", str(self.work / "decode.csv"),
+                                     "--deadline", f"{self.deadline('decode'):.0f}"),
+            self.say, self.kill_after("decode"), self.child_env(autotune=True), prefix="   ")
+        return "ok" if code == 0 else f"exit code {code}"
+
     def train_step(self) -> str:
         deadline = self.deadline("train step")
         if self.dry:
@@ -385,7 +416,12 @@ class Run:
         if headline.is_file():
             shutil.copy(headline, self.files["plot"])
         correctness = harness.read_csv(self.files["correctness"]) if self.files["correctness"].is_file() else []
+        decode = harness.read_csv(self.work / "decode.csv") if (self.work / "decode.csv").is_file() else []
         summary = self.summary(correctness, attention, train, [self.files["plot"]] if headline.is_file() else [])
+        if decode:
+            from benchmarks import bench_decode
+
+            summary += "\n## Decode step\n\n" + bench_decode.markdown(decode) + "\n"
         self.files["summary"].write_text(summary, encoding="utf-8")
         self.say("\n" + summary)
         self.say(f"first contact finished in {time.time() - self.start:.0f} s (budget {self.budget:.0f} s)")
@@ -456,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     run.phase("environment", run.environment)
     run.phase("smoke+correctness", run.correctness)
     run.phase("timing", run.timing)
+    run.phase("decode", run.decode)
     run.phase("train step", run.train_step)
     return run.finish()
 

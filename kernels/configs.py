@@ -65,7 +65,34 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
         (4, 128): [(16, 16, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
         (4, 256): [(16, 16, 4, 2)],
     },
+    # Decoding (kernels/decode.py): BLOCK_M rows are query heads of a kv group times new
+    # queries; the launcher takes the smallest BLOCK_M that holds them (see decode_block_m).
+    # The combine kernel's BLOCK_N counts prefix keys. Every config here compiles without
+    # spills for sm_90 and sm_80 at every head dim of its class (the compile report's decode
+    # mode); float32 keeps to 16 or 32 rows, where tf32x3's three-part operands still fit,
+    # and multiplies in plain FMAs at head dims above 128 (decode_dot_precision).
+    "decode": {
+        (2, 64): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
+        (2, 96): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+        (2, 128): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+        (2, 256): [(16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
+        (4, 64): [(16, 32, 4, 2), (32, 32, 8, 2)],
+        (4, 96): [(16, 32, 4, 2), (16, 16, 8, 2)],
+        (4, 128): [(16, 32, 4, 2), (32, 32, 8, 2)],
+        (4, 256): [(16, 16, 8, 2), (32, 16, 8, 2)],
+    },
+    "decode_combine": {
+        (2, 64): [(16, 16, 4, 1), (32, 32, 4, 1), (64, 64, 4, 1), (128, 32, 8, 1)],
+        (2, 96): [(16, 32, 4, 1), (32, 32, 4, 1), (64, 64, 4, 1), (128, 32, 8, 1)],
+        (2, 128): [(16, 32, 4, 1), (32, 32, 4, 1), (64, 64, 4, 1), (128, 32, 8, 1)],
+        (2, 256): [(16, 32, 4, 1), (32, 32, 4, 1), (64, 16, 8, 1)],
+        (4, 64): [(16, 16, 4, 2), (32, 16, 8, 2)],
+        (4, 96): [(16, 32, 8, 2), (32, 16, 8, 2)],
+        (4, 128): [(16, 32, 8, 2), (32, 16, 8, 2)],
+        (4, 256): [(16, 16, 8, 1)],
+    },
 }
+TRAINING_KERNELS = ("forward", "backward_dq", "backward_dkdv")
 
 # The one config of each kernel under Triton's interpreter: small, so that small test shapes
 # cross block boundaries. The tests set the GPU's tiles here too (tests/kernels/test_gpu_tiles.py).
@@ -125,6 +152,34 @@ def dq_block_m(head_dim: int, elem_bytes: int) -> int:
     if INTERPRET:
         return INTERPRETER_BLOCKS["backward_dq"]["BLOCK_M"]
     return candidates("backward_dq", head_dim, elem_bytes)[0].block_m
+
+
+def decode_block_m(kernel: str, rows: int, head_dim: int, elem_bytes: int) -> int:
+    """A decode kernel's BLOCK_M for `rows` rows (query heads of a group x new queries):
+    the smallest candidate that holds them all, else the largest (the rows then take
+    several programs). Under the interpreter, its one block."""
+    if INTERPRET:
+        return INTERPRETER_BLOCKS[kernel]["BLOCK_M"]
+    sizes = sorted({c.block_m for c in candidates(kernel, head_dim, elem_bytes)})
+    return next((m for m in sizes if m >= rows), sizes[-1])
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["multiprocessor_count"])
+
+
+# Multiprocessors the split count assumes under the interpreter (there is no device to ask).
+INTERPRETER_SM_COUNT = 4
+
+
+def decode_sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (what the decode kernels' split count is sized for)."""
+    if INTERPRET:
+        return INTERPRETER_SM_COUNT
+    return _sm_count(device.index or 0)
 
 
 @functools.cache
@@ -200,6 +255,12 @@ class Launch:
     grid: Callable[[dict], tuple]
     args: tuple
     meta: dict
+    block_m: int | None = None  # the launcher's own BLOCK_M (decoding), else any candidate's
+
+    def candidates(self, elem_bytes: int) -> list[Candidate]:
+        """The candidates this launch may pick from."""
+        found = candidates(self.kernel, self.meta["HEAD_DIM"], elem_bytes)
+        return [c for c in found if self.block_m is None or c.block_m == self.block_m]
 
 
 _captured: list[Launch] | None = None
@@ -218,15 +279,18 @@ def capture_launches() -> Iterator[list[Launch]]:
         _captured = saved
 
 
-def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict) -> None:
-    """Launch `fn` (or its autotuner `tuned`) on a grid computed from the chosen config."""
+def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict,
+           block_m: int | None = None) -> None:
+    """Launch `fn` (or its autotuner `tuned`) on a grid computed from the chosen config;
+    `block_m`: the launcher's own BLOCK_M, which the candidates must have."""
     if _captured is not None:
-        _captured.append(Launch(kernel, fn, grid, args, meta))
+        _captured.append(Launch(kernel, fn, grid, args, meta, block_m))
         return
     if tuned is not None:
         tuned[grid](*args, **meta)
     else:
-        cfg = dict(INTERPRETER_BLOCKS[kernel]) if INTERPRET else _first_fitting(kernel, fn, args, meta)
+        cfg = (dict(INTERPRETER_BLOCKS[kernel]) if INTERPRET
+               else _first_fitting(Launch(kernel, fn, grid, args, meta, block_m)))
         fn[grid(cfg)](*args, **meta, **cfg)
     count_launch(kernel)
 
@@ -252,21 +316,21 @@ def _binary_key(kernel: str, args: tuple, meta: dict) -> tuple:
     return kernel, device, tuple(spec), tuple(sorted(meta.items()))
 
 
-def _first_fitting(kernel: str, fn, args: tuple, meta: dict) -> dict:
-    key = _binary_key(kernel, args, meta)
+def _first_fitting(call: Launch) -> dict:
+    key = (*_binary_key(call.kernel, call.args, call.meta), call.block_m)
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _CHOSEN[key] = _compile_first_fitting(kernel, fn, args, meta)
+        chosen = _CHOSEN[key] = _compile_first_fitting(call)
     return chosen
 
 
-def _compile_first_fitting(kernel: str, fn, args: tuple, meta: dict) -> dict:
-    q = args[0]
-    found = [c.kwargs() for c in candidates(kernel, meta["HEAD_DIM"], q.element_size())]
+def _compile_first_fitting(call: Launch) -> dict:
+    q = call.args[0]
     limit = device_shared_limit(q.device.index or 0)
     # Candidates are compiled in order until one fits (the first, on the cards the lists
     # were made for).
-    for cfg in found:
-        if compiled_shared_bytes(fn, args, meta, cfg) <= limit:
+    for cand in call.candidates(q.element_size()):
+        cfg = cand.kwargs()
+        if compiled_shared_bytes(call.fn, call.args, call.meta, cfg) <= limit:
             return cfg
-    raise _no_fit(kernel, limit)
+    raise _no_fit(call.kernel, limit)

@@ -26,6 +26,7 @@ from llama_adapter_fast.ops import (  # noqa: E402
     concat_attention,
     eager_attention,
     gated_prefix_attention,
+    gated_prefix_attention_decode,
     gated_prefix_attention_varlen,
     sdpa_attention,
 )
@@ -33,6 +34,7 @@ from llama_adapter_fast.ops import (  # noqa: E402
 __all__ = [
     "gated_prefix_attention",
     "gated_prefix_attention_varlen",
+    "gated_prefix_attention_decode",
     "eager_attention",
     "sdpa_attention",
     "concat_attention",

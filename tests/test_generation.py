@@ -9,6 +9,8 @@ import torch
 from llama_adapter_fast.generation import answer, generate, sample_next
 from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.llama import LLaMAAdapter
+from llama_adapter_fast.ops import attention
+from llama_adapter_fast.ops.testing import DEVICE, expect_launches
 from llama_adapter_fast.training.data import format_prompt
 from llama_adapter_fast.training.tokenizer import Tokenizer
 
@@ -152,3 +154,17 @@ def test_a_short_prompt_beside_a_long_one_keeps_its_own_room():
     assert [len(r) for r in generate(m, PROMPTS, max_new_tokens=caps)] == caps
     with pytest.raises(ValueError, match=r"prompts\[2\]"):
         generate(m, PROMPTS, max_new_tokens=[1, 1, 40 - len(PROMPTS[2]) + 1])
+
+
+def test_generation_through_the_decode_kernels_is_unchanged(monkeypatch):
+    """Greedy generation with the fused op: every call of the two adapted layers (the
+    prompts and each step, all under 17 queries) runs the decode kernels, and gives the
+    tokens of the training forward and of the two-SDPA path."""
+    fused = model(dtype=torch.float32, attention_backend="triton").to(DEVICE)
+    with expect_launches("forward", "decode", "decode_combine", times={"forward": 0, "decode": 12,
+                                                                       "decode_combine": 12}):
+        decoded = generate(fused, PROMPTS, max_new_tokens=6)
+    monkeypatch.setattr(attention, "MAX_DECODE_QUERIES", 0)
+    with expect_launches("forward", "decode", times={"forward": 12, "decode": 0}):
+        trained_path = generate(fused, PROMPTS, max_new_tokens=6)
+    assert decoded == trained_path == generate(model(dtype=torch.float32), PROMPTS, max_new_tokens=6)

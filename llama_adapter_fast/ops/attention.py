@@ -19,6 +19,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # float64 is accepted by the PyTorch backends so that the oracle can run in double precision.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 MAX_TRITON_HEAD_DIM = 256
+# The most new queries per sequence the decode kernels take (a generation step has one, a
+# chunk of speculative or chunked decoding a few).
+MAX_DECODE_QUERIES = 16
 
 
 def check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> torch.Tensor:
@@ -190,6 +193,7 @@ def gated_prefix_attention(
     softmax_scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    decode: bool | None = None,
 ) -> torch.Tensor:
     """LLaMA-Adapter's zero-initialized gated attention.
 
@@ -210,15 +214,23 @@ def gated_prefix_attention(
             allowed word key gets a word part of 0.
         backend: "triton" (fused kernels), "sdpa" (two scaled_dot_product_attention calls),
             "eager" (materialized scores) or "auto" (triton for CUDA tensors, else sdpa).
+        decode: on the Triton path, the split-KV decode kernels (forward only) rather than
+            the training forward. None (default): when T <= 16 and no input needs a
+            gradient, as in generation; True: always (a ValueError where they cannot
+            serve); False: never.
 
     Returns:
         (B, Hq, T, D) in q's dtype. Gradients flow to every input that requires them.
     """
     gate = _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation,
                          softmax_scale, key_padding_mask, backend)
+    if decode is not None and not isinstance(decode, bool):
+        raise TypeError(f"decode must be a bool or None, got {type(decode).__name__}")
     dtype_before = q.dtype
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
+    if decode is True and backend != "triton":
+        raise ValueError(f"decode=True runs the Triton decode kernels, but the backend is {backend!r}")
     kwargs = dict(causal=causal, gate_activation=gate_activation, softmax_scale=softmax_scale,
                   key_padding_mask=key_padding_mask)
     if backend == "eager":
@@ -227,7 +239,25 @@ def gated_prefix_attention(
         return sdpa_attention(q, k, v, prefix_k, prefix_v, gate, **kwargs)
     gate_act = kernel_gate(gate, gate_activation, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if use_decode_kernels(q, (q, k, v, prefix_k, prefix_v, gate), decode):
+        return custom_ops.gpa_decode(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, None, None, causal,
+                                     scale)
     return custom_ops.triton_attention(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, scale)
+
+
+def use_decode_kernels(q: torch.Tensor, tensors: tuple, decode: bool | None) -> bool:
+    """Whether the Triton path takes the decode kernels (see `gated_prefix_attention`'s
+    `decode`): for decode=None when T <= 16 and no input needs a gradient."""
+    if decode is False:
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if decode is True:
+        if needs_grad:
+            raise ValueError("decode=True computes no gradient: call the op under torch.no_grad(), or pass decode=None")
+        if not 1 <= q.shape[2] <= MAX_DECODE_QUERIES:
+            raise ValueError(f"decode=True takes 1 to {MAX_DECODE_QUERIES} queries per sequence, got T = {q.shape[2]}")
+        return True
+    return not needs_grad and 1 <= q.shape[2] <= MAX_DECODE_QUERIES
 
 
 def kernel_gate(gate: torch.Tensor, gate_activation: str, num_heads: int) -> torch.Tensor:

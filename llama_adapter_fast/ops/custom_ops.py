@@ -1,8 +1,9 @@
 """The fused op as torch.library custom ops with autograd.
 
 Forward and backward launchers are registered as `llama_adapter_fast::gpa_forward` and
-`llama_adapter_fast::gpa_backward` (padded batches), and `gpa_varlen_forward` and
-`gpa_varlen_backward` (packed sequences), each with a fake implementation, and tied
+`llama_adapter_fast::gpa_backward` (padded batches), `gpa_varlen_forward` and
+`gpa_varlen_backward` (packed sequences) and `gpa_decode` (forward only), each with a fake
+implementation, and tied
 together with `register_autograd`, so torch.compile sees one opaque op (no graph break) and
 `torch.library.opcheck` can test the registration.
 """
@@ -12,6 +13,7 @@ import torch
 
 try:  # triton is optional off Linux; the "sdpa" and "eager" backends work without it
     from llama_adapter_fast.kernels import backward as _bwd
+    from llama_adapter_fast.kernels import decode as _decode
     from llama_adapter_fast.kernels import forward as _fwd
     from llama_adapter_fast.kernels.utils import can_run_on
 
@@ -221,3 +223,27 @@ def triton_varlen_attention(
     out, _, _ = gpa_varlen_forward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
                                    max_seqlen_q, max_seqlen_k, causal, softmax_scale)
     return out
+
+
+@torch.library.custom_op("llama_adapter_fast::gpa_decode", mutates_args=())
+def gpa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    gate_act: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cache_lengths: torch.Tensor | None,
+    cache_starts: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """The split-KV decode kernels on validated inputs (no gradient): out (B, Hq, T, D)."""
+    return _decode.decode_forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, cache_lengths,
+                                  cache_starts, causal, softmax_scale)
+
+
+@gpa_decode.register_fake
+def _(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, cache_lengths, cache_starts, causal, softmax_scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

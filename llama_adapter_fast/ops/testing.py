@@ -330,3 +330,23 @@ def check_packed(c: PackedCase, tol: float = 2e-5, floor: float = 1e-4, seed: in
     if c.dtype == torch.float32:
         return _check_float32(tensors, kwargs, fused, truth, kernels, tol)
     return _check_low_precision(tensors, kwargs, fused, baseline, truth, kernels, floor)
+
+
+# ----------------------------------------------------------------------------------------
+# Decoding (gated_prefix_attention_decode)
+
+
+def decode_oracle(q, k_cache, v_cache, cache_lengths, prefix_k, prefix_v, gate, cache_starts=None,
+                  **kwargs) -> torch.Tensor:
+    """`oracle_attention` on each sequence's own cached keys, by slicing: positions
+    cache_starts[b] .. cache_lengths[b] - 1, its queries the last T of them."""
+    outs = []
+    for b in range(q.shape[0]):
+        end = min(int(cache_lengths[b]), k_cache.shape[2])
+        start = 0 if cache_starts is None else int(cache_starts[b])
+        start = min(max(start, 0), end)
+        pk = prefix_k if prefix_k.dim() == 3 else prefix_k[b:b + 1]
+        pv = prefix_v if prefix_v.dim() == 3 else prefix_v[b:b + 1]
+        outs.append(oracle_attention(q[b:b + 1], k_cache[b:b + 1, :, start:end], v_cache[b:b + 1, :, start:end],
+                                     pk, pv, gate, **kwargs))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)

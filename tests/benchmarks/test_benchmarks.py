@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import bench_attention as ba
+from benchmarks import bench_decode as bd
 from benchmarks import bench_train_step as bts
 from benchmarks import gpu_first_contact, harness
 from benchmarks.harness import compile as compile_control
@@ -254,6 +255,28 @@ def test_train_step_variants_on_a_tiny_model():
     assert by_impl["peft"]["status"] in ("ok", "skipped")
     if by_impl["peft"]["status"] == "ok":
         assert by_impl["peft"]["trainable_params"] == 10 * 64 + 1
+
+
+@pytest.mark.interpreter
+def test_decode_rows_run_the_decode_kernels_the_forward_and_two_sdpa(tmp_path):
+    """Each decode row is checked against the two-SDPA answer, then timed; the decode row ran
+    the split and combine kernels, the fused-forward row the training forward."""
+    step = bd.Step(B=2, Hq=4, Hkv=1, S=40, T=3, D=16, P=3, dtype="fp32")
+    log = harness.RowLog(None, bd.COLUMNS)
+    before = dict(LAUNCH_COUNTS)
+    bd.run_step(step, CPU, bd.IMPLS, {"default": None}, once, log, bandwidth=1e9)
+    launched = {k: LAUNCH_COUNTS[k] - before.get(k, 0) for k in ("decode", "decode_combine", "forward")}
+    assert launched == {"decode": 2, "decode_combine": 2, "forward": 2}  # checked, then timed once
+    assert [r["impl"] for r in log.rows] == list(bd.IMPLS)
+    assert all(r["status"] == "ok" and r["max_rel_err"] < 1e-5 for r in log.rows), log.rows
+    r = log.rows[0]
+    assert r["bytes"] == 2 * 2 * 1 * 40 * 16 * 4 and r["tokens_per_s"] == pytest.approx(6 / (r["ms"] * 1e-3))
+    assert r["of_bandwidth"] == pytest.approx(r["gb_per_s"])  # against 1 GB/s
+    table = bd.markdown(log.rows).splitlines()[2].split(" | ")
+    assert table[1:3] == ["B2 4:1 S40 T3", f"{r['ms']:.4f}"]
+    assert table[6] == f"{log.rows[1]['ms'] / r['ms']:.2f}"  # the training forward's time over the decode kernels'
+    picture = tmp_path / "decode.png"
+    assert bd.plot([{**x, "bandwidth": 1e9} for x in log.rows], picture) == picture and picture.stat().st_size
 
 
 @pytest.mark.interpreter

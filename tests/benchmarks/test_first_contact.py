@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def test_dry_run_runs_every_phase_inside_its_budget(tmp_path):
         ("thin-triton", "thin-sdpa", "peft", "mm-triton", "mm-sdpa"), "ok")
     summary = (tmp_path / f"{stem}-summary.md").read_text()
     assert "| smoke+correctness |" in summary and "## Correctness" in summary
+    assert "| decode | ok |" in summary and "## Decode step" in summary and "B1 8:2 S512" in summary
+    with tarfile.open(tmp_path / f"{stem}-first-contact-extras.tar.gz") as tar:
+        assert {"decode.csv", "decode.png"} <= set(tar.getnames()), tar.getnames()
     match = re.search(r"first contact finished in (\d+) s", result.stdout)
     assert match and int(match.group(1)) < budget
 
@@ -70,4 +74,4 @@ def test_a_budget_too_short_still_ends_in_time_with_its_files(tmp_path):
     names = [p.name for p in tmp_path.iterdir()]
     assert any(n.endswith("-summary.md") for n in names) and any(n.endswith("-first-contact.log") for n in names)
     summary = next(tmp_path.glob("*-summary.md")).read_text()
-    assert "| timing |" in summary and "| train step |" in summary
+    assert "| timing |" in summary and "| decode |" in summary and "| train step |" in summary

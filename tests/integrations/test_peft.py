@@ -197,6 +197,22 @@ def test_triton_backend_runs_the_kernels(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_through_the_decode_kernels(arch):
+    """PEFT's generate with the fused op: each call of the two adapted layers (prefill and
+    steps) runs the decode kernels, and the tokens are PEFT's own."""
+    model = peft_model(arch).to(DEVICE).eval()
+    inputs = {k: v.to(DEVICE) for k, v in batch().items()}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **kwargs)
+        enable_fused_adaption_prompt(model, backend="triton")
+        with expect_launches("forward", "decode", "decode_combine",
+                             times={"forward": 0, "decode": 12, "decode_combine": 12}):
+            got = model.generate(**inputs, **kwargs)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_save_and_load_with_peft(arch, tmp_path):
     model = peft_model(arch)
     enable_fused_adaption_prompt(model, backend="sdpa")

@@ -123,6 +123,24 @@ def test_generate_with_the_cache_matches_generate_without(name):
     assert torch.equal(cached, uncached)
 
 
+def test_generate_through_the_decode_kernels():
+    """transformers' generate with the fused op: each step of the two adapted layers runs
+    the decode kernels over transformers' cache and its padding mask (the prefill of 9
+    tokens too), token for token what the two-SDPA path generates."""
+    reference = adapted(base_model("llama_gqa"), gates=True).to(DEVICE)
+    model = copy.deepcopy(reference)
+    for layer in model.model.layers:
+        if hasattr(layer.self_attn, "adaption_backend"):
+            layer.self_attn.adaption_backend = "triton"
+    inputs = {k: v.to(DEVICE) for k, v in batch().items()}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with expect_launches("forward", "decode", "decode_combine",
+                             times={"forward": 0, "decode": 12, "decode_combine": 12}):
+            got = model.generate(**inputs, **kwargs)
+        assert torch.equal(got, reference.generate(**inputs, **kwargs))
+
+
 def test_matches_peft_adaption_prompt():
     """With the identity activation and one gate per layer the adapter is PEFT's adaption
     prompt: same prompts and gates give the same logits and gradients."""

@@ -3,7 +3,7 @@
 drives the package's prune with the keyword arguments it really passes, the candidates are
 compiled for sm_90 with ptxas, and only the launches and their timings are pretended.
 
-    python tests/autotune_scenarios.py autotuned|limits|fixed
+    python tests/autotune_scenarios.py autotuned|limits|fixed|decode
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import torch  # noqa: E402
 
 from llama_adapter_fast.kernels import backward as bwd  # noqa: E402
 from llama_adapter_fast.kernels import configs  # noqa: E402
+from llama_adapter_fast.kernels import decode as dec  # noqa: E402
 from llama_adapter_fast.kernels import forward as fwd  # noqa: E402
 
-KERNEL_NAMES = {"_fwd_kernel": "forward", "_dq_kernel": "backward_dq", "_dkdv_kernel": "backward_dkdv"}
+KERNEL_NAMES = {"_fwd_kernel": "forward", "_dq_kernel": "backward_dq", "_dkdv_kernel": "backward_dkdv",
+                "_decode_split_kernel": "decode", "_decode_combine_kernel": "decode_combine"}
 B, H, HKV, T, D, P = 1, 4, 2, 300, 64, 10
 
 
@@ -74,7 +76,7 @@ def grid_of(kernel: str, c: configs.Candidate) -> int:
 def autotuned() -> None:
     """Every candidate that fits is timed, the fastest is launched on its own grid."""
     # The last candidate of each kernel is the "fastest": the tuner must pick it, not the first.
-    last = {k: configs.candidates(k, D, 2)[-1] for k in KERNEL_NAMES.values()}
+    last = {k: configs.candidates(k, D, 2)[-1] for k in configs.TRAINING_KERNELS}
     fake.timing = lambda launch: 0.5 if candidate(launch) == last[KERNEL_NAMES[launch.kernel]] else 1.0
     forward_and_backward()
     timed = by_kernel(fake.launches)
@@ -154,5 +156,37 @@ def fixed() -> None:
     print("ok: fixed", first, chosen)
 
 
+def decode() -> None:
+    """The decode launcher sizes its splits by the device's multiprocessors (asked of the
+    driver) and picks the row block that holds a kv group's rows."""
+
+    def step(Hq, Hkv, T, S, D):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, Hq, T, D, generator=g).to(torch.bfloat16)
+        k = torch.randn(1, Hkv, S, D, generator=g).to(torch.bfloat16)
+        pk = torch.randn(Hkv, P, D, generator=g).to(torch.bfloat16)
+        start = len(fake.launches)
+        dec.decode_forward(q, k, k, pk, pk, torch.full((Hq,), 0.5), None, torch.tensor([S], dtype=torch.int32),
+                           None, True, D**-0.5)
+        split, combine = fake.launches[start:]
+        assert [KERNEL_NAMES[x.kernel] for x in (split, combine)] == ["decode", "decode_combine"]
+        return split, combine
+
+    # LLaMA-3-8B's heads at one query: 4 rows a kv head, 8 programs without splits; 132 SMs
+    # want 2 x 132 programs, 4096 keys allow 16 splits of 256.
+    split, combine = step(32, 8, 1, 4096, 128)
+    assert split.constants["BLOCK_M"] == 16 and split.grid[0] == 8 * 16, (split.constants, split.grid)
+    assert combine.grid[0] == 8, combine.grid
+    # Fewer multiprocessors, fewer splits: 2 x 10 programs over 8 (sequence, kv head) pairs.
+    fake.multiprocessors = 10
+    configs._sm_count.cache_clear()
+    split, _ = step(32, 8, 1, 4096, 128)
+    assert split.grid[0] == 8 * 3, split.grid
+    # A group of 8 and 16 queries: 128 rows in one row block of the largest tile.
+    split, combine = step(32, 4, 16, 600, 128)
+    assert split.constants["BLOCK_M"] == 128 and combine.constants["BLOCK_M"] == 128
+    print("ok: decode", split.grid, combine.grid)
+
+
 if __name__ == "__main__":
-    {"autotuned": autotuned, "limits": limits, "fixed": fixed}[sys.argv[1]]()
+    {"autotuned": autotuned, "limits": limits, "fixed": fixed, "decode": decode}[sys.argv[1]]()

@@ -34,6 +34,7 @@ class Launch:
 class FakeDriver:
     arch: int = 90
     shared_limit: int | None = None
+    multiprocessors: int | None = None
     launches: list[Launch] = field(default_factory=list)
     benchmarked: list[dict] = field(default_factory=list)
     # Called by the fake benchmarker with each candidate's launch; returns its "time" in ms.
@@ -67,6 +68,8 @@ class FakeDriver:
         props = dict(DEVICES[self.arch])
         if self.shared_limit is not None:
             props["max_shared_mem"] = self.shared_limit
+        if self.multiprocessors is not None:
+            props["multiprocessor_count"] = self.multiprocessors
         return props
 
     def load_binary(self, name, kernel, shared, device):

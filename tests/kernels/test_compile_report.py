@@ -2,7 +2,8 @@
 ptxas, on every launch shape of the report (Triton's specializations: T = 1, P = 1, a group
 of 1, B = 1, S = 1, odd sizes): every launch has a config that fits the shared memory, the
 configs the launcher can pick fit, and on sm_90 the 16-bit spill targets hold (no pickable
-config spills, in any mode; a wgmma config for every kernel). The full sweep (all dtypes
+config spills, in any mode; a wgmma config for every kernel), and the decode kernels spill
+nowhere. The full sweep (all dtypes
 and head dims) is `make compile-report`."""
 
 import os
@@ -30,9 +31,20 @@ def test_sm90_bf16_compile_report(modes):
     assert "Launch shapes: base (" in result.stdout and "ones (B=1, Hq=1, Hkv=1, T=1, S=1, P=1)" in result.stdout
 
 
+def test_decode_kernels_fit_and_never_spill():
+    """The decode kernels on both archs, in 16 and 32 bits, at head dims of every class
+    (96: a block of 128 with masked columns), on the decode mode's shapes (T = 1, a group of
+    1, MQA, chunks of 5 and 16, every size 1): no pickable config spills."""
+    result = _run("--archs", "90,80", "--dtypes", "bf16,fp32", "--head-dims", "64,96,128,256", "--modes", "decode",
+                  "--no-write", "--check", "--spill-targets")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "0 problems; 0 pickable configs spill" in result.stdout, result.stdout[-4000:]
+    assert "group8-chunk16 (B=2, Hq=32, Hkv=4, T=16" in result.stdout
+
+
 def test_sm80_fits():
     """On an A100 every launch has a config that fits (its 16-bit configs spill: not tuned for)."""
-    result = _run("--archs", "80", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", "causal,packed",
+    result = _run("--archs", "80", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", "causal,packed,decode",
                   "--no-write", "--check")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "0 problems" in result.stdout, result.stdout[-4000:]
