@@ -59,6 +59,19 @@ def _check_args(prompts, max_new_tokens, temperature, top_p) -> list[int]:
     return list(caps)
 
 
+def _stop_ids(eos_id: object) -> tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    ids = [eos_id] if isinstance(eos_id, int) and not isinstance(eos_id, bool) else eos_id
+    try:
+        ids = tuple(ids)
+    except TypeError:
+        ids = None
+    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"eos_id must be an int, a sequence of ints or None, got {eos_id!r}")
+    return ids
+
+
 @torch.no_grad()
 def generate(
     model: LLaMAAdapter,
@@ -67,14 +80,15 @@ def generate(
     max_new_tokens: int | Sequence[int] = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     prompt_offset: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens of each, cut
-    before the first EOS. `max_new_tokens` caps every prompt alike, or each prompt with one
+    before the first stop id: `eos_id`, one id or several (Llama 3 Instruct ends a turn with
+    either of two; a tokenizer's `stop_ids`). `max_new_tokens` caps every prompt alike, or each prompt with one
     int per prompt; a prompt and its new tokens must fit the model's max_seq_len.
 
     With use_cache=False every step runs the whole sequence again (slow; the reference the
@@ -83,7 +97,9 @@ def generate(
     adapter's projected image features); its prefixes are computed once per call.
     """
     caps = _check_args(prompts, max_new_tokens, temperature, top_p)
+    stops = _stop_ids(eos_id)
     device = model.tok_embeddings.weight.device
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     B = len(prompts)
     for i, (p, cap) in enumerate(zip(prompts, caps, strict=True)):
         if len(p) + cap > model.args.max_seq_len:
@@ -120,16 +136,17 @@ def generate(
         tokens[:, cur] = next_token
         mask[:, cur] = True
         positions[:, cur] = positions[:, cur - 1] + 1
-        if eos_id is not None:
-            done |= next_token == eos_id
+        if stops:
+            done |= torch.isin(next_token, stop_tensor)
         done |= cap_of <= cur + 1 - prompt_len
         if bool(done.all()):
             break
     out = []
     for i in range(B):
         new = tokens[i, prompt_len:prompt_len + caps[i]].tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[:new.index(eos_id)]
+        first_stop = next((j for j, token in enumerate(new) if token in stops), None)
+        if first_stop is not None:
+            new = new[:first_stop]
         out.append(new)
     return out
 
@@ -178,7 +195,7 @@ def iter_answers(
         # Each answer stops at the end of the context (its own prompt's) rather than failing.
         caps = [min(max_new_tokens, context - len(prompts[i])) for i in batch]
         new = generate(model, [prompts[i] for i in batch], max_new_tokens=caps, temperature=temperature,
-                       top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator,
+                       top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator,
                        prompt_offset=None if prompt_offset is None else prompt_offset[batch])
         for i, ids in zip(batch, new, strict=True):
             while done < i:  # skipped prompts before this one

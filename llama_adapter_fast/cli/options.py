@@ -9,7 +9,8 @@ from llama_adapter_fast.ops import BACKENDS
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece tokenizer.model (default: the base folder's, else the bundled one)")
+                   help="the base's tokenizer: a sentencepiece tokenizer.model, a Hugging Face tokenizer.json, or a "
+                        "folder with one (default: the base folder's, else the bundled one)")
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
                    help="gated attention backend: auto = Triton kernels on CUDA, sdpa otherwise")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")

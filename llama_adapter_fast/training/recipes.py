@@ -24,7 +24,7 @@ from llama_adapter_fast.training.run_folder import (
     read_checkpoint,
     resolve_resume,
 )
-from llama_adapter_fast.training.tokenizer import Tokenizer
+from llama_adapter_fast.training.tokenizer import HFTokenizer, Tokenizer, open_tokenizer
 from llama_adapter_fast.training.trainer import Trainer, TrainResult, amp_dtype_for, check_attention_dtype
 
 
@@ -45,16 +45,18 @@ def load_base(path: str | os.PathLike, *, device: torch.device | str | None = No
     return loader(Path(path), device=device, dtype=dtype, **adapter)
 
 
-def load_tokenizer(path: str | None, base: str | None) -> Tokenizer:
-    """`path` if given, else the base folder's tokenizer.model, else (no base) the bundled one."""
+def load_tokenizer(path: str | None, base: str | None) -> Tokenizer | HFTokenizer:
+    """`path` if given, else the base folder's tokenizer (tokenizer.model or tokenizer.json),
+    else (no base) the bundled one."""
     if path is not None:
-        return Tokenizer(path)
+        return open_tokenizer(path)
     if base is None:
-        return Tokenizer()
-    if not (Path(base) / "tokenizer.model").is_file():
-        raise ValueError(f"base: {base} has no tokenizer.model: pass the base model's sentencepiece tokenizer "
+        return open_tokenizer(None)
+    folder = Path(base)
+    if not ((folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file()):
+        raise ValueError(f"base: {base} has no tokenizer.model or tokenizer.json: pass the base model's tokenizer "
                          f"with --tokenizer")
-    return Tokenizer(Path(base) / "tokenizer.model")
+    return open_tokenizer(folder)
 
 
 def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: Tokenizer | None = None,
