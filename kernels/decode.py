@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import decode_block_m, decode_sm_count, launch
-from .forward import load_tile, prefix_stats
+from .forward import add_prefix, load_tile, prefix_stats
 from .utils import LOG2E, block_d, dot_precision, prefix_strides, strides
 
 # Sizes a GPU must not specialize (see utils.SIZES_AND_SMALL_STRIDES): T = 1 or a group of 1
@@ -181,14 +181,8 @@ def _decode_combine_kernel(
     m2, l2 = prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_log2,
                           EVEN_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     weight = tl.load(A + h, mask=r_valid, other=0.0) / l2
-    for start_p in range(0, P, BLOCK_N):
-        offs_p = start_p + tl.arange(0, BLOCK_N)
-        p_valid = offs_p < P
-        pk = load_tile(pk_base, offs_p, stride_pkp, offs_d, stride_pkd, p_valid, d_valid, True, EVEN_D)
-        pv = load_tile(pv_base, offs_p, stride_pvp, offs_d, stride_pvd, p_valid, d_valid, True, EVEN_D)
-        s2 = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION)
-        p2 = tl.where(p_valid[None, :], tl.math.exp2(s2 * scale_log2 - m2[:, None]), 0.0) * weight[:, None]
-        acc = tl.dot(p2.to(pv.dtype), pv, acc, input_precision=DOT_PRECISION)
+    acc = add_prefix(acc, q, pk_base, pv_base, offs_d, d_valid, P, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                     scale_log2, m2, weight, EVEN_D, BLOCK_N, DOT_PRECISION)
 
     o_ptrs = OUT + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=rd_valid)

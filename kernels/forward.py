@@ -143,6 +143,22 @@ def prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_l
     return m2, l2
 
 
+@triton.jit
+def add_prefix(acc, q, pk_base, pv_base, offs_d, d_valid, P, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+               scale_log2, m2, weight, EVEN_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + the prefix part of each query row: its softmax over the P prefix keys (with the
+    statistics m2 of prefix_stats) times `weight` (act(gate) / l2) times the prefix values."""
+    for start_p in range(0, P, BLOCK_P):
+        offs_p = start_p + tl.arange(0, BLOCK_P)
+        p_valid = offs_p < P
+        pk = load_tile(pk_base, offs_p, stride_pkp, offs_d, stride_pkd, p_valid, d_valid, True, EVEN_D)
+        pv = load_tile(pv_base, offs_p, stride_pvp, offs_d, stride_pvd, p_valid, d_valid, True, EVEN_D)
+        s2 = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION)
+        p2 = tl.where(p_valid[None, :], tl.math.exp2(s2 * scale_log2 - m2[:, None]), 0.0) * weight[:, None]
+        acc = tl.dot(p2.to(pv.dtype), pv, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=SIZES_AND_SMALL_STRIDES)
 def _fwd_kernel(
     Q, K, V, PK, PV, A, MASK, CU_Q, CU_K, OUT, LSE1, LSE2,
@@ -208,14 +224,8 @@ def _fwd_kernel(
     m2, l2 = prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_log2,
                           EVEN_D, BLOCK_M, BLOCK_P, DOT_PRECISION)
     weight = tl.load(A + h) / l2
-    for start_p in range(0, P, BLOCK_P):
-        offs_p = start_p + tl.arange(0, BLOCK_P)
-        p_valid = offs_p < P
-        pk = load_tile(pk_base, offs_p, stride_pkp, offs_d, stride_pkd, p_valid, d_valid, True, EVEN_D)
-        pv = load_tile(pv_base, offs_p, stride_pvp, offs_d, stride_pvd, p_valid, d_valid, True, EVEN_D)
-        s2 = tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION)
-        p2 = tl.where(p_valid[None, :], tl.math.exp2(s2 * scale_log2 - m2[:, None]), 0.0) * weight[:, None]
-        acc = tl.dot(p2.to(pv.dtype), pv, acc, input_precision=DOT_PRECISION)
+    acc = add_prefix(acc, q, pk_base, pv_base, offs_d, d_valid, P, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                     scale_log2, m2, weight, EVEN_D, BLOCK_P, DOT_PRECISION)
 
     o_base = OUT + b * stride_ob + h * stride_oh + q_start * stride_ot
     store_tile(o_base, acc, offs_m, stride_ot, offs_d, stride_od, m_valid, d_valid, EVEN_D)
