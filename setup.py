@@ -34,6 +34,7 @@ setup(
         "numpy",
         "triton>=3.2; sys_platform == 'linux'",
         "sentencepiece",
+        "tokenizers>=0.19",  # a base's tokenizer.json (Llama 3, SmolLM)
         "safetensors",
         "tqdm",
         "matplotlib",
