@@ -59,14 +59,18 @@ def check_like_q(q: torch.Tensor, **others: torch.Tensor) -> None:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
 
 
-def check_key_value(k: torch.Tensor, v: torch.Tensor, Hq: int, Hkv: int, D: int) -> None:
-    """k and v agree with q: the head dim last, the same shape, kv heads that divide q's."""
+def check_key_value(k: torch.Tensor, v: torch.Tensor, Hq: int, Hkv: int, D: int,
+                    names: tuple[str, str] = ("k", "v")) -> None:
+    """k and v agree with q: the head dim last, the same shape, kv heads that divide q's.
+    `names` are the arguments' names in the messages (k_cache and v_cache for decoding)."""
+    k_name, v_name = names
     if k.shape[-1] != D:
-        raise ValueError(f"k must have q's head dim {D}, got shape {tuple(k.shape)}")
+        raise ValueError(f"{k_name} must have q's head dim {D}, got shape {tuple(k.shape)}")
     if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"{v_name} must have {k_name}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of {k_name} "
+                         f"({Hkv})")
     if D == 0:
         raise ValueError("q must have a head dim of at least 1")
 

@@ -20,6 +20,7 @@ from llama_adapter_fast.ops.attention import (
     MAX_DECODE_QUERIES,
     autocast_inputs,
     check_gate,
+    check_key_value,
     check_like_q,
     check_options,
     check_prefix,
@@ -132,14 +133,10 @@ def gated_prefix_attention_decode(
     B, Hq, T, D = q.shape
     if not 1 <= T <= MAX_DECODE_QUERIES:
         raise ValueError(f"q must hold 1 to {MAX_DECODE_QUERIES} new queries per sequence (dim 2), got {T}")
-    if k_cache.shape[0] != B or k_cache.shape[-1] != D:
-        raise ValueError(f"k_cache must have shape (B, Hkv, S_max, D) with q's B = {B} and D = {D}, "
-                         f"got {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if k_cache.shape[0] != B:
+        raise ValueError(f"k_cache must have shape (B, Hkv, S_max, D) with q's B = {B}, got {tuple(k_cache.shape)}")
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads of q ({Hq}) must be a multiple of the kv heads of k_cache ({Hkv})")
+    check_key_value(k_cache, v_cache, Hq, Hkv, D, names=("k_cache", "v_cache"))
     check_prefix(prefix_k, prefix_v, B, Hkv, D)
     check_like_q(q, k_cache=k_cache, v_cache=v_cache, prefix_k=prefix_k, prefix_v=prefix_v)
     gate = check_gate(gate, Hq, q.device)
