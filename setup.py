@@ -48,6 +48,7 @@ setup(
         # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 rejects.
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy<2.4"],
         "bench": ["matplotlib", "tqdm", "transformers>=4.48", "peft>=0.14"],
-        "hf": ["transformers>=4.48", "peft>=0.14", "safetensors", "accelerate"],
+        # gguf: GGUF bases (transformers reads them with it)
+        "hf": ["transformers>=4.48", "peft>=0.14", "safetensors", "accelerate", "gguf>=0.10"],
     },
 )

@@ -16,7 +16,7 @@ import torch
 
 from llama_adapter_fast.models.llama import KVCache, LLaMAAdapter
 from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
-from llama_adapter_fast.training.data import format_prompt
+from llama_adapter_fast.training.templates import prompt_ids
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -151,16 +151,6 @@ def generate(
     return out
 
 
-def prompt_ids(tokenizer, item: str | dict, template: bool = True) -> list[int]:
-    """Token ids of an instruction (a string or an Alpaca record {"instruction", "input"}) in
-    the Alpaca prompt, or of the text as it is with template=False."""
-    if isinstance(item, dict):
-        text = format_prompt(item["instruction"], item.get("input", "") or "") if template else item["instruction"]
-    else:
-        text = format_prompt(item) if template else item
-    return tokenizer.encode(text, bos=True, eos=False)
-
-
 def iter_answers(
     model: LLaMAAdapter,
     tokenizer,
@@ -170,7 +160,7 @@ def iter_answers(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 8,
-    template: bool = True,
+    template: bool | str = True,
     generator: torch.Generator | None = None,
     skip_too_long: bool = False,
     prompt_offset: torch.Tensor | None = None,
@@ -216,14 +206,15 @@ def answer(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 8,
-    template: bool = True,
+    template: bool | str = True,
     generator: torch.Generator | None = None,
     prompt_offset: torch.Tensor | None = None,
     images: Sequence[Any] | None = None,
     image_features: torch.Tensor | None = None,
 ) -> list[str]:
-    """Answers to instructions: each a string or an Alpaca record {"instruction", "input"},
-    put in the Alpaca prompt (unless template=False: the text is the prompt as it is).
+    """Answers to instructions: each a string, an Alpaca record {"instruction", "input"} or a
+    chat record {"messages"}, put in the Alpaca prompt (template True or "alpaca"), the
+    tokenizer's chat template ("chat"), or as it is (False: the text is the prompt).
     An answer ends at EOS, after max_new_tokens, or at the end of the model's context. A
     prompt that fills the context raises a ValueError naming it, before any generation.
     `prompt_offset` (len(instructions), dim): one adaption-prompt offset per instruction.

@@ -10,11 +10,17 @@ from llama_adapter_fast.training.config import TrainConfig
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("finetune", help="train an adapter on Alpaca-format instructions (base frozen)",
+    p = sub.add_parser("finetune", help="train an adapter on instructions or conversations (base frozen)",
                        description="Train the adaption prompts and gates of LLaMA-Adapter; the base stays frozen. "
                                    "Writes adapter.safetensors, checkpoint.pt, metrics.jsonl and loss.png.")
-    p.add_argument("--base", required=True, help="base model: Hugging Face folder or Meta folder (params.json)")
-    p.add_argument("--data", required=True, help="Alpaca JSON list or JSON Lines (instruction, input, output)")
+    p.add_argument("--base", required=True,
+                   help="base model: Hugging Face folder, Meta folder (params.json) or GGUF file")
+    p.add_argument("--data", required=True,
+                   help="JSON list or JSON Lines of Alpaca records (instruction, input, output) or chat records "
+                        "(messages: role and content)")
+    p.add_argument("--template", default=None, choices=["alpaca", "chat"],
+                   help="prompt format: the Alpaca prompt, or the tokenizer's chat template with the loss on the "
+                        "assistant's turns (default: chat when the tokenizer has a chat template)")
     p.add_argument("--out", dest="out_dir", default="runs/adapter", help="output folder")
     add_model_options(p)
 

@@ -13,13 +13,16 @@ from llama_adapter_fast.cli.options import add_model_options
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer instructions with a base model and an adapter",
                        description="Answer one instruction (--prompt) or a file of them (--instructions).")
-    p.add_argument("--base", required=True, help="base model: Hugging Face folder or Meta folder")
+    p.add_argument("--base", required=True, help="base model: Hugging Face folder, Meta folder or GGUF file")
     p.add_argument("--adapter", default=None, help="adapter.safetensors (or .pth); without it, the base alone")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="an instruction (or, with --raw, the whole prompt)")
-    src.add_argument("--instructions", help="Alpaca JSON / JSON Lines file; 'output' is shown as expected")
+    src.add_argument("--instructions", help="JSON / JSON Lines file of Alpaca or chat records; 'output' (or a "
+                                            "final assistant message) is shown as expected")
     p.add_argument("--input", default="", help="the instruction's input (with --prompt)")
-    p.add_argument("--raw", action="store_true", help="no Alpaca template: the text is the prompt")
+    p.add_argument("--template", default=None, choices=["alpaca", "chat"],
+                   help="prompt format (default: the adapter's, else chat when the tokenizer has a chat template)")
+    p.add_argument("--raw", action="store_true", help="no template: the text is the prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -103,6 +106,31 @@ def _check_generate_options(a: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
 
 
+def generation_template(a: argparse.Namespace, tokenizer) -> bool | str:
+    """The prompt format to answer in: False with --raw, else --template, the one the adapter
+    was trained with, or (the base alone) the tokenizer's default. An adapter that recorded
+    its tokenizer refuses another one, and its template refuses a different --template."""
+    from llama_adapter_fast.models.adapter_io import read_adapter_metadata
+    from llama_adapter_fast.training.templates import resolve_template, tokenizer_fingerprint
+
+    if a.raw:
+        if a.template is not None:
+            raise ValueError("--raw: the text is the prompt as it is, so --template does not apply")
+        return False
+    recorded = read_adapter_metadata(a.adapter) if a.adapter else {}
+    digest = recorded.get("tokenizer_sha256")
+    if digest and digest != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"--tokenizer: {tokenizer.path} is not the tokenizer {a.adapter} was trained with (the "
+                         f"adapter records a tokenizer of SHA-256 {digest[:16]}...): pass the tokenizer of its "
+                         f"training run")
+    trained = recorded.get("template")
+    if a.template is not None and trained is not None and a.template != trained:
+        raise ValueError(f"--template {a.template}: {a.adapter} was trained in the {trained} template, which it "
+                         f"answers in (leave --template out)")
+    # An adapter file that records no template (an original LLaMA-Adapter .pth) answers in Alpaca's.
+    return resolve_template(a.template or trained or ("alpaca" if a.adapter else None), tokenizer)
+
+
 def _open_output(path: str):
     """The --output file, opened for appending (so that an existing file stays as it is until
     the model has loaded), or a ValueError naming it: checked before anything loads."""
@@ -123,6 +151,7 @@ def run(a: argparse.Namespace) -> int:
     _check_generate_options(a)
     base_format(a.base)
     tokenizer = load_tokenizer(a.tokenizer, a.base)
+    template = generation_template(a, tokenizer)
     if a.instructions:
         records = load_instructions(a.instructions, require_output=False)
     else:
@@ -140,7 +169,7 @@ def run(a: argparse.Namespace) -> int:
         offset = model.answer_offsets(records, images=pictures) if hasattr(model, "image_encoder") else None
         llama = model.llama if hasattr(model, "image_encoder") else model
         context = llama.args.max_seq_len
-        n_prompt = len(prompt_ids(tokenizer, records[0], not a.raw))
+        n_prompt = len(prompt_ids(tokenizer, records[0], template))
         if not a.instructions and n_prompt >= context:
             raise ValueError(f"--prompt: its prompt of {n_prompt} tokens leaves no room in the model's context of "
                              f"{context}")
@@ -149,11 +178,11 @@ def run(a: argparse.Namespace) -> int:
         generator = torch.Generator().manual_seed(a.seed)
         answers = iter_answers(llama, tokenizer, records, max_new_tokens=a.max_new_tokens,
                                temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
-                               template=not a.raw, generator=generator, skip_too_long=True, prompt_offset=offset)
+                               template=template, generator=generator, skip_too_long=True, prompt_offset=offset)
         for i, text in answers:
             record = records[i]
             if text is None:
-                n = len(prompt_ids(tokenizer, record, not a.raw))
+                n = len(prompt_ids(tokenizer, record, template))
                 reason = f"its prompt of {n} tokens leaves no room in the model's context of {context}"
                 print(f"llama-adapter-fast generate: warning: {a.instructions}: record {i}: {reason}: skipped",
                       file=sys.stderr)

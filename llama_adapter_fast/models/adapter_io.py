@@ -100,6 +100,22 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap_pt(_load_pt(path), path)
 
 
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a .safetensors adapter (what training recorded: the base, the step, the
+    prompt template, the tokenizer's SHA-256); {} for other files, which record none."""
+    path = Path(path)
+    _check_adapter_path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise _unreadable_adapter(path, exc) from None
+
+
 def is_original_adapter(path: str | os.PathLike) -> bool:
     """True for the original LLaMA-Adapter's .pth (one `adapter_query` embedding of every
     prompt), which records neither adapter_len nor adapter_layers."""

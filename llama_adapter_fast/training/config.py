@@ -22,7 +22,8 @@ class TrainConfig:
     base: str | None = None  # Hugging Face folder (config.json) or Meta folder (params.json)
     data: str | None = None  # Alpaca JSON / JSON Lines
     out_dir: str = "runs/adapter"
-    tokenizer: str | None = None  # default: the base folder's tokenizer.model, else the bundled one
+    tokenizer: str | None = None  # default: the base folder's tokenizer.model or tokenizer.json, else the bundled one
+    template: str | None = None  # "alpaca" or "chat" (default: chat when the tokenizer has a chat template)
     adapter_len: int = 10
     adapter_layers: int | None = None  # default min(30, n_layers)
     gate_activation: str = "tanh"
@@ -83,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.template not in (None, "alpaca", "chat"):
+            raise ValueError(f"--template must be alpaca or chat, got {self.template!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -1,8 +1,10 @@
-"""Alpaca-format instruction data: loading with clear errors, the Alpaca prompt templates,
-tokenization with the loss on response tokens only, truncation and right padding.
+"""Instruction data: loading with clear errors, tokenization in a prompt format (templates.py)
+with the loss on response tokens only, truncation, right padding and packing.
 
 A record is {"instruction": str, "input": str (optional), "output": str}, plus an optional
-"image" (a path relative to the data file) for the multi-modal adapter; a file is a JSON
+"image" (a path relative to the data file) for the multi-modal adapter, or a chat record
+{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]} (one or
+several turns, the loss on every assistant turn); a file is a JSON
 list of records, JSON Lines (one record per line) or a single JSON object, in UTF-8 (with
 or without a byte-order mark).
 """
@@ -18,38 +20,60 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and padding)
-
-# The prompts of Stanford Alpaca, which LLaMA-Adapter trains and answers with.
-PROMPT_DICT = {
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-    ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:"
-    ),
-}
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for an instruction (and its optional input); the answer follows it."""
-    if input:
-        return PROMPT_DICT["prompt_input"].format(instruction=instruction, input=input)
-    return PROMPT_DICT["prompt_no_input"].format(instruction=instruction)
+# PROMPT_DICT and format_prompt are imported from here too.
+from llama_adapter_fast.training.templates import (  # noqa: F401
+    IGNORE_INDEX,
+    PROMPT_DICT,
+    ROLES,
+    encode_record,
+    format_prompt,
+)
 
 
 class DataError(ValueError):
     """A malformed data file or record; the message names the file and the record."""
 
 
+def _check_messages(messages: object, where: str, require_answer: bool) -> list[dict[str, str]]:
+    """A chat record's "messages", checked: a non-empty list of {"role", "content"} objects
+    with roles from ROLES and string contents, with an assistant turn if `require_answer`."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    out = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+            raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content', got {message!r}")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{j}] has role {message['role']!r}; roles are {', '.join(ROLES)}")
+        content = message.get("content", "")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{j}] 'content' must be a string, got {type(content).__name__}")
+        out.append({"role": message["role"], "content": content})
+    if require_answer and not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant message, so nothing to learn")
+    if all(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no user message")
+    return out
+
+
+def _check_chat_record(record: dict, where: str, require_output: bool) -> dict:
+    """A chat record: its messages, with the last user message as its "instruction" and a
+    final assistant message as its "output" (what generation shows and compares)."""
+    extra = sorted(set(record) - {"messages"})
+    if extra:
+        raise DataError(f"{where}: a chat record holds only 'messages', got also {extra}")
+    messages = _check_messages(record["messages"], where, require_output)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    output = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+    return {"messages": messages, "instruction": users[-1] if users else "", "input": "", "output": output}
+
+
 def _check_record(record: Any, where: str, require_output: bool) -> dict[str, str]:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object with 'instruction', 'input' and 'output', "
+        raise DataError(f"{where}: expected an object with 'instruction', 'input' and 'output' (or 'messages'), "
                         f"got {type(record).__name__}")
+    if "messages" in record:
+        return _check_chat_record(record, where, require_output)
     needed = ("instruction", "output") if require_output else ("instruction",)
     for key in needed:
         if key not in record:
@@ -135,33 +159,33 @@ def load_instructions(path: str | os.PathLike, require_output: bool = True) -> l
     return records
 
 
-def encode_example(record: dict[str, str], tokenizer, max_seq_len: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one record, already shifted: labels[t] is the token that
-    follows inputs[t], or IGNORE_INDEX inside the prompt. The sequence is BOS prompt output
-    EOS, truncated to max_seq_len + 1 tokens (so at most max_seq_len inputs)."""
-    prompt = format_prompt(record["instruction"], record.get("input", ""))
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    # Encoding prompt and answer together (as the original does) keeps the tokenization of
-    # the boundary the one the model will see at generation time only if they split there;
-    # encoding them apart guarantees the prompt tokens are exactly those of generation.
-    answer_ids = tokenizer.encode(record["output"], bos=False, eos=True)
-    ids = (prompt_ids + answer_ids)[: max_seq_len + 1]
-    labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids
-    labels = labels[: len(ids) - 1]
-    return ids[:-1], labels
+def encode_example(record: dict[str, str], tokenizer, max_seq_len: int,
+                   template: str = "alpaca") -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one record in `template` (see templates.encode_record): with
+    "alpaca", BOS prompt output EOS with the loss on output and EOS; truncated to
+    max_seq_len + 1 tokens (so at most max_seq_len inputs)."""
+    return encode_record(record, tokenizer, max_seq_len, template)
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Tokenized Alpaca records: item i is {"tokens": LongTensor, "labels": LongTensor}."""
+    """Tokenized records in a prompt format (`template`: "alpaca" or "chat", see
+    templates.py): item i is {"tokens": LongTensor, "labels": LongTensor}."""
 
-    def __init__(self, records: Sequence[dict[str, str]] | str | os.PathLike, tokenizer, max_seq_len: int = 512):
+    def __init__(self, records: Sequence[dict[str, str]] | str | os.PathLike, tokenizer, max_seq_len: int = 512,
+                 template: str = "alpaca"):
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if isinstance(records, (str, os.PathLike)):
             records = load_instructions(records)
         self.records = list(records)
         self.max_seq_len = max_seq_len
-        self.examples = [encode_example(r, tokenizer, max_seq_len) for r in self.records]
+        self.template = template
+        self.examples = []
+        for i, record in enumerate(self.records):
+            try:
+                self.examples.append(encode_example(record, tokenizer, max_seq_len, template))
+            except ValueError as exc:
+                raise DataError(f"record {i}: {exc}") from None
         # Records whose prompt fills max_seq_len keep no response token and teach nothing.
         self.num_without_response = sum(all(y == IGNORE_INDEX for y in lab) for _, lab in self.examples)
 

@@ -26,13 +26,13 @@ class ImageInstructionDataset(InstructionDataset):
 
     def __init__(self, records: Sequence[dict[str, str]] | str | os.PathLike, tokenizer, encoder: ImageEncoder, *,
                  max_seq_len: int = 512, image_root: str | os.PathLike | None = None,
-                 cache: FeatureCache | None = None, progress: bool = True):
+                 cache: FeatureCache | None = None, progress: bool = True, template: str = "alpaca"):
         source = "records"
         if isinstance(records, (str, os.PathLike)):
             source = str(records)
             image_root = Path(records).parent if image_root is None else image_root
             records = load_instructions(records)
-        super().__init__(records, tokenizer, max_seq_len)
+        super().__init__(records, tokenizer, max_seq_len, template)
         root = Path(image_root) if image_root is not None else Path(".")
         with_image = [i for i, r in enumerate(self.records) if r.get("image")]
         paths = [root / self.records[i]["image"] for i in with_image]
@@ -70,5 +70,6 @@ def prepare_finetune(cfg, model: LLaMAAdapter | MultiModalLLaMAAdapter, tokenize
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder.to(device)  # encoding on the training device; the trainer moves the rest
     dataset = ImageInstructionDataset(cfg.data, tokenizer, encoder, max_seq_len=cfg.max_seq_len,
-                                      cache=FeatureCache(cache_dir, encoder), progress=progress)
+                                      cache=FeatureCache(cache_dir, encoder), progress=progress,
+                                      template=cfg.template or "alpaca")
     return model, dataset

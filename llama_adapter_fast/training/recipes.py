@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+from llama_adapter_fast.models.gguf import check_gguf, gguf_base_folder
 from llama_adapter_fast.training.config import DTYPES, TrainConfig
 from llama_adapter_fast.training.data import InstructionDataset, TextDataset
 from llama_adapter_fast.training.distributed import Dist, init_distributed
@@ -24,25 +25,39 @@ from llama_adapter_fast.training.run_folder import (
     read_checkpoint,
     resolve_resume,
 )
+from llama_adapter_fast.training.templates import resolve_template, tokenizer_fingerprint
 from llama_adapter_fast.training.tokenizer import HFTokenizer, Tokenizer, open_tokenizer
 from llama_adapter_fast.training.trainer import Trainer, TrainResult, amp_dtype_for, check_attention_dtype
 
 
 def base_format(path: str | os.PathLike) -> str:
-    """"hf" for a Hugging Face folder (config.json), "meta" for Meta's (params.json)."""
+    """"hf" for a Hugging Face folder (config.json), "meta" for Meta's (params.json), "gguf"
+    for a GGUF file (checked: a LLaMA whose tensor types can be dequantized)."""
     folder = Path(path)
+    if folder.is_file():
+        check_gguf(folder)
+        return "gguf"
     if (folder / "config.json").is_file():
         return "hf"
     if (folder / "params.json").is_file():
         return "meta"
-    raise ValueError(f"base: {folder} holds neither config.json (Hugging Face) nor params.json (Meta)")
+    raise ValueError(f"base: {folder} is neither a GGUF file nor a folder with config.json (Hugging Face) or "
+                     f"params.json (Meta)")
+
+
+def base_folder(path: str | os.PathLike) -> Path:
+    """The folder to load a base from: the path itself, or for a GGUF file the Hugging Face
+    folder it is converted into once (see models.gguf)."""
+    return gguf_base_folder(path) if base_format(path) == "gguf" else Path(path)
 
 
 def load_base(path: str | os.PathLike, *, device: torch.device | str | None = None,
               dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
-    """A Hugging Face folder (config.json) or a Meta folder (params.json)."""
-    loader = LLaMAAdapter.from_hf if base_format(path) == "hf" else LLaMAAdapter.from_meta
-    return loader(Path(path), device=device, dtype=dtype, **adapter)
+    """A Hugging Face folder (config.json), a Meta folder (params.json) or a GGUF file
+    (dequantized, then cast to `dtype` if given)."""
+    folder = base_folder(path)
+    loader = LLaMAAdapter.from_hf if base_format(folder) == "hf" else LLaMAAdapter.from_meta
+    return loader(folder, device=device, dtype=dtype, **adapter)
 
 
 def load_tokenizer(path: str | None, base: str | None) -> Tokenizer | HFTokenizer:
@@ -52,7 +67,7 @@ def load_tokenizer(path: str | None, base: str | None) -> Tokenizer | HFTokenize
         return open_tokenizer(path)
     if base is None:
         return open_tokenizer(None)
-    folder = Path(base)
+    folder = gguf_base_folder(base) if Path(base).is_file() else Path(base)
     if not ((folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file()):
         raise ValueError(f"base: {base} has no tokenizer.model or tokenizer.json: pass the base model's tokenizer "
                          f"with --tokenizer")
@@ -99,6 +114,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
     if model is None and cfg.base is not None:
         base_format(cfg.base)  # a wrong folder fails before anything loads
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer, cfg.base)
+    cfg = dataclasses.replace(cfg, template=resolve_template(cfg.template, tokenizer))
     if model is None:
         if cfg.base is None:
             raise ValueError("base: a base model folder is required (Hugging Face or Meta format)")
@@ -119,7 +135,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
 
         model, dataset = prepare_finetune(cfg, model, tokenizer, progress=cfg.progress and info.main)
     else:
-        dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len)
+        dataset = InstructionDataset(cfg.data, tokenizer, max_seq_len=cfg.max_seq_len, template=cfg.template)
         first = next((i for i, r in enumerate(dataset.records) if "image" in r), None)
         if first is not None:
             raise ValueError(f"{cfg.data}: record {first} has an image: pass image_encoder (--image-encoder) to "
@@ -138,7 +154,10 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         state = trainer._trainable_state() if cfg.strategy == "fsdp" and info.enabled else None
         path = out / ADAPTER
         if info.main:
-            meta = {"base": str(cfg.base), "step": str(trainer.step)}
+            # The prompt format and the tokenizer, which generation must use as training did.
+            meta = {"base": str(cfg.base), "step": str(trainer.step), "template": cfg.template}
+            if getattr(tokenizer, "path", None):
+                meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
             trainer.module.save_adapter(path, metadata=meta, tensors=state)
             return path
         return None

@@ -47,6 +47,7 @@ class Tokenizer:
         # LLaMA's tokenizer has no pad token (pad_id -1); padded positions are masked out
         # anyway, so any valid id will do: use the pad id if there is one, else unk (0).
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.sp.unk_id(), 0)
+        self.chat_template: str | None = None  # a sentencepiece model carries none
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, n_words={self.n_words})"
@@ -143,7 +144,11 @@ class HFTokenizer:
         pad = self._id_of(_token_text(config.get("pad_token")), "pad_token", file)
         self.pad_id: int = pad if pad is not None else max(self.eos_id, 0)
         template = config.get("chat_template")
+        jinja = file.parent / "chat_template.jinja"  # where transformers 4.50 and later save it
+        if not isinstance(template, str) and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
         self.chat_template: str | None = template if isinstance(template, str) else None
+        self._transformers = None  # transformers' tokenizer of the folder, for its chat templating
 
     def _id_of(self, token: str | None, name: str, file: Path) -> int | None:
         if token is None:
@@ -173,6 +178,21 @@ class HFTokenizer:
         if eos and self.eos_id >= 0:
             ids = ids + [self.eos_id]
         return ids
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The conversation as text in the chat template, rendered by transformers'
+        apply_chat_template (the folder's tokenizer, loaded once); `add_generation_prompt`
+        ends it with the opening of an assistant turn."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path} has no chat template")
+        if self._transformers is None:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise ValueError("the chat template is applied by transformers: pip install transformers") from None
+            self._transformers = AutoTokenizer.from_pretrained(str(self.path.parent))
+        return self._transformers.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids; BOS, the stop ids and padding are dropped."""
