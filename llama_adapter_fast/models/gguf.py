@@ -39,10 +39,10 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _requirements() -> None:
+def _requirements(what: str) -> None:
     missing = [m for m in ("gguf", "transformers", "accelerate") if _absent(m)]
     if missing:
-        raise ValueError(f"base: reading a GGUF file needs the packages {', '.join(missing)}: "
+        raise ValueError(f"{what}: reading a GGUF file needs the packages {', '.join(missing)}: "
                          f"pip install {' '.join(missing)}")
 
 
@@ -52,32 +52,33 @@ def _absent(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-def check_gguf(path: str | os.PathLike) -> str:
+def check_gguf(path: str | os.PathLike, what: str = "base") -> str:
     """The file's architecture, after checking that it is a GGUF file of a LLaMA whose every
-    tensor type the `gguf` package can dequantize; a ValueError naming the file otherwise."""
+    tensor type the `gguf` package can dequantize; a ValueError naming `what` (the argument)
+    and the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"base: {path} is not a file")
+        raise ValueError(f"{what}: {path} is not a file")
     if not is_gguf(path):
-        raise ValueError(f"base: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    _requirements()
+        raise ValueError(f"{what}: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    _requirements(what)
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import _type_traits
 
     try:
         reader = GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as exc:
-        raise ValueError(f"base: {path}: unreadable GGUF file ({first_line(exc)})") from None
+        raise ValueError(f"{what}: {path}: unreadable GGUF file ({first_line(exc)})") from None
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else None
     if arch not in ARCHITECTURES:
-        raise ValueError(f"base: {path} holds a {arch!r} model; this package reads the architectures "
+        raise ValueError(f"{what}: {path} holds a {arch!r} model; this package reads the architectures "
                          f"{', '.join(ARCHITECTURES)}")
     plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16}
     unreadable = sorted({t.tensor_type.name for t in reader.tensors
                          if t.tensor_type not in plain and t.tensor_type not in _type_traits})
     if unreadable:
-        raise ValueError(f"base: {path} has tensors of the quantization type {', '.join(unreadable)}, which the "
+        raise ValueError(f"{what}: {path} has tensors of the quantization type {', '.join(unreadable)}, which the "
                          f"installed gguf package cannot dequantize")
     return arch
 
@@ -92,12 +93,15 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out.exists():
         raise ValueError(f"--out {out} exists: choose a new folder")
-    check_gguf(path)
+    check_gguf(path, "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
+    except (ValueError, KeyError, NotImplementedError, OSError) as exc:  # what transformers raises for a bad file
+        raise ValueError(f"gguf: {path}: transformers cannot read it ({first_line(exc)})") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain checkpoint now

