@@ -139,9 +139,12 @@ def gguf_base_folder(path: str | os.PathLike) -> Path:
     """The Hugging Face folder of a GGUF file, converted (in float32) the first time into the
     cache and found there afterwards (by the file's SHA-256, so an edited file converts again)."""
     path = Path(path)
-    check_gguf(path)
+    if not is_gguf(path):
+        check_gguf(path)  # its error: missing, a folder, not GGUF
     folder = cache_root() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}"
     if not (folder / "config.json").is_file():
+        # Reading the file's header (its whole vocabulary) takes seconds: only before converting.
+        check_gguf(path)
         print(f"converting {path} into {folder} (once)")
         try:
             convert_gguf(path, folder)

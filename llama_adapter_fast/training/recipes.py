@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
-from llama_adapter_fast.models.gguf import check_gguf, gguf_base_folder
+from llama_adapter_fast.models.gguf import check_gguf, gguf_base_folder, is_gguf
 from llama_adapter_fast.training.config import DTYPES, TrainConfig
 from llama_adapter_fast.training.data import InstructionDataset, TextDataset
 from llama_adapter_fast.training.distributed import Dist, init_distributed
@@ -32,11 +32,12 @@ from llama_adapter_fast.training.trainer import Trainer, TrainResult, amp_dtype_
 
 def base_format(path: str | os.PathLike) -> str:
     """"hf" for a Hugging Face folder (config.json), "meta" for Meta's (params.json), "gguf"
-    for a GGUF file (checked: a LLaMA whose tensor types can be dequantized)."""
+    for a GGUF file."""
     folder = Path(path)
     if folder.is_file():
-        check_gguf(folder)
-        return "gguf"
+        if not is_gguf(folder):
+            check_gguf(folder)  # its error, naming the file
+        return "gguf"  # the whole check comes before a conversion (gguf_base_folder)
     if (folder / "config.json").is_file():
         return "hf"
     if (folder / "params.json").is_file():

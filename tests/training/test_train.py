@@ -206,7 +206,7 @@ def test_cli_bad_data_files_give_clear_errors(base_dir, tmp_path, capsys):
     code = cli.main(["generate", "--base", str(no_tokenizer), "--prompt", "hi", "--device", "cpu"])
     assert code == 2 and "has no tokenizer.model" in capsys.readouterr().err
     code = cli.main(["finetune", "--base", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "o")])
-    assert code == 2 and "neither config.json" in capsys.readouterr().err
+    assert code == 2 and "is neither a GGUF file nor a folder with config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--base", str(base_dir)])  # --data is required
 
