@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter_fast.files import file_sha256, first_line
+from llama_adapter_fast.files import UMASK, file_sha256, first_line
 
 # The architectures whose GGUF files are a LLaMA for this package (llama.cpp names).
 ARCHITECTURES = ("llama",)
@@ -114,7 +114,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes the folder private; give it the usual mode
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes the folder private; give it the usual mode
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": name, "sha256": file_sha256(path), "dtype": dtype}))
@@ -123,12 +123,6 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cache_root() -> Path:

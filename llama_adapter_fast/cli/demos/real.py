@@ -17,6 +17,7 @@ import random
 import time
 from pathlib import Path
 
+from llama_adapter_fast.cli.demos.text import exact_matches
 from llama_adapter_fast.cli.options import int_at_least
 from llama_adapter_fast.ops import BACKENDS
 
@@ -104,7 +105,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"[2/4] The base alone on {len(heldout)} held-out dates ({out / 'heldout.json'}), in its chat template.")
     before = answer(base, tokenizer, heldout, **answer_options)
     del base
-    n_before = _score(before, heldout)
+    n_before = exact_matches(before, heldout)
     print(f"      exact answers: {n_before} of {len(heldout)}\n")
 
     cfg = TrainConfig(**{**DEMO_FINETUNE, "max_steps": a.steps}, base=str(base_dir), data=str(out / "train.json"),
@@ -120,7 +121,7 @@ def run(a: argparse.Namespace) -> int:
                       adapter_layers=cfg.adapter_layers)
     model.load_adapter(res.adapter_path)
     after = answer(model.eval(), tokenizer, heldout, **answer_options)
-    n_after = _score(after, heldout)
+    n_after = exact_matches(after, heldout)
     print("[4/4] Held-out dates (never in training):")
     print(f"      {'date':20s} {'expected':11s} {'base alone':32s} with the adapter")
     for i in range(min(a.show, len(heldout))):
@@ -137,7 +138,3 @@ def run(a: argparse.Namespace) -> int:
           f"--prompt \"{INSTRUCTION}\" --input \"July 4, 1976\"")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def _score(answers: list[str], records: list[dict]) -> int:
-    return sum(a.strip() == r["output"].strip() for a, r in zip(answers, records, strict=True))

@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--show", type=int, default=12, help="held-out answers to print")
 
 
-def _score(answers: list[str], records: list[dict]) -> int:
+def exact_matches(answers: list[str], records: list[dict]) -> int:
+    """How many answers are their record's output exactly (surrounding spaces aside)."""
     return sum(a.strip() == r["output"].strip() for a, r in zip(answers, records, strict=True))
 
 
@@ -104,7 +105,7 @@ def run(a: argparse.Namespace) -> int:
         mark = "ok" if after[i].strip() == r["output"] else "--"
         base_text = before[i].replace("\n", " ")[:16]
         print(f"      {text[:50]:50s} {r['output']:9s} {base_text:16s} {after[i][:16]:16s} {mark}")
-    n_before, n_after = _score(before, heldout), _score(after, heldout)
+    n_before, n_after = exact_matches(before, heldout), exact_matches(after, heldout)
     print(f"\n      exact answers on {len(heldout)} held-out instructions: base alone {n_before} "
           f"({100 * n_before / len(heldout):.0f}%), with the adapter {n_after} ({100 * n_after / len(heldout):.0f}%)")
     print(f"\nTry one: llama-adapter-fast generate --base {base_dir} --adapter {res.adapter_path} "
