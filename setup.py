@@ -50,5 +50,7 @@ setup(
         "bench": ["matplotlib", "tqdm", "transformers>=4.48", "peft>=0.14"],
         # gguf: GGUF bases (transformers reads them with it)
         "hf": ["transformers>=4.48", "peft>=0.14", "safetensors", "accelerate", "gguf>=0.10"],
+        # litgpt's adapter and adapter_v2 models through the fused op (0.5.13's seam and tests)
+        "litgpt": ["litgpt>=0.5.13"],
     },
 )

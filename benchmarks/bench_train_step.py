@@ -6,7 +6,13 @@
 - mm (triton): the multi-modal adapter (``llama_adapter_fast.models.multimodal``) on the thin
   model: every sample's image feature projected and added to the prompts, so each adapted
   layer's prefix is per sample, (B, Hkv, P, D), and goes to the fused kernels;
-- mm (sdpa): the same model and weights with the per-sample prefix through two SDPA calls.
+- mm (sdpa): the same model and weights with the per-sample prefix through two SDPA calls;
+- litgpt: litgpt's LLaMA-Adapter (``litgpt.adapter.GPT``, a LLaMA config) and its own
+  attention (two SDPA calls a layer), its ``adapter_kv_cache`` emptied before every step
+  (left alone, litgpt's second training step fails: its issue 1287);
+- litgpt-fused: the same model and weights after
+  ``llama_adapter_fast.integrations.litgpt.enable_fused_adapter`` (backend "auto": the
+  fused kernels on a GPU, the two-SDPA backend on a CPU).
 
 Each model is LLaMA-7B shaped (dim 4096, 32 heads, FFN 11008, vocab 32000) with random
 weights and a configurable number of layers, the base frozen, the adapter in every layer
@@ -36,7 +42,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANTS = ("thin-triton", "thin-sdpa", "peft", "mm-triton", "mm-sdpa")
+VARIANTS = ("thin-triton", "thin-sdpa", "peft", "mm-triton", "mm-sdpa", "litgpt", "litgpt-fused")
 NEEDS_GPU = ("thin-triton", "mm-triton")
 COLUMNS = (*harness.ENV_COLUMNS, "bench", "impl", "attention", "dtype", "n_layers", "adapter_layers",
            "adapter_len", "dim", "n_heads", "n_kv_heads", "vocab_size", "batch", "seq_len", "steps",
@@ -186,6 +192,40 @@ def build_multimodal(cfg: TrainConfig, backend: str, device: torch.device) -> Bu
                  f"image features of {model.image_encoder.feature_dim} given; adapter and projection float32")
 
 
+def build_litgpt(cfg: TrainConfig, fused: bool, device: torch.device) -> Built:
+    try:
+        import litgpt.adapter as lit_adapter
+    except ImportError as exc:
+        raise Unavailable(f"litgpt is needed ({exc.name or exc} is not installed)") from None
+    config = lit_adapter.Config(
+        n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_query_groups=cfg.n_kv_heads,
+        intermediate_size=cfg.ffn_hidden_dim, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size,
+        block_size=cfg.seq_len, rotary_percentage=1.0, parallel_residual=False, bias=False,
+        norm_class_name="RMSNorm", norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP", rope_base=int(cfg.rope_theta),
+        adapter_prompt_length=cfg.adapter_len, adapter_start_layer=cfg.n_layers - cfg.n_adapter_layers,
+    )
+    with default_device_and_dtype(device, DTYPES[cfg.dtype]):
+        model = lit_adapter.GPT(config)
+    lit_adapter.mark_only_adapter_as_trainable(model)
+    version = f"litgpt {harness.package_version('litgpt')}"
+    if fused:
+        from llama_adapter_fast.integrations.litgpt import enable_fused_adapter
+
+        enable_fused_adapter(model, backend="auto")
+        backend = model.transformer.h[-1].attn.fused_backend
+        resolved = "triton" if device.type == "cuda" else "sdpa"
+        return Built(model, model, f"gated_prefix_attention({backend}: {resolved}) at litgpt's seam", version)
+    caches = [m for m in model.modules() if hasattr(m, "adapter_kv_cache")]
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        for m in caches:  # litgpt keeps the first step's prefix (and its freed graph) otherwise
+            m.adapter_kv_cache = None
+        return model(tokens)
+
+    return Built(forward, model, "litgpt's adapter attention, two SDPA calls",
+                 f"{version}; adapter_kv_cache emptied before each step")
+
+
 def build(variant: str, cfg: TrainConfig, device: torch.device) -> Built:
     if variant == "thin-triton":
         return build_thin(cfg, "triton", device)
@@ -195,6 +235,8 @@ def build(variant: str, cfg: TrainConfig, device: torch.device) -> Built:
         return build_peft(cfg, device)
     if variant in ("mm-triton", "mm-sdpa"):
         return build_multimodal(cfg, variant.removeprefix("mm-"), device)
+    if variant in ("litgpt", "litgpt-fused"):
+        return build_litgpt(cfg, variant == "litgpt-fused", device)
     raise ValueError(f"unknown variant {variant!r}: expected one of {VARIANTS}")
 
 

@@ -24,3 +24,10 @@ def test_python_example_runs_from_another_folder(marker, tmp_path):
     result = subprocess.run([sys.executable, "-c", _block(marker)], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_litgpt_example_runs_from_another_folder(tmp_path):
+    pytest.importorskip("litgpt")
+    block = _block("enable_fused_adapter(model)  # backend=")
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,9 @@
 - `llama_adapter_fast.integrations.transformers`: `add_llama_adapter` turns a transformers
   causal LM or encoder (ViT, BERT, RoBERTa, CLIP) into a LLaMA-Adapter whose attention goes
   through the op, registered as a transformers attention implementation.
+- `llama_adapter_fast.integrations.litgpt`: `enable_fused_adapter` runs litgpt's adapter and
+  adapter_v2 models (``litgpt.adapter.GPT``, ``litgpt.adapter_v2.GPT``) through the fused op.
 
-The submodules import transformers and peft, which are optional dependencies
-(``pip install llama-adapter-fast[hf]``), so nothing is imported here.
+The submodules import transformers and peft, or litgpt, which are optional dependencies
+(``pip install llama-adapter-fast[hf]``, ``[litgpt]``), so nothing is imported here.
 """

@@ -257,6 +257,20 @@ def test_train_step_variants_on_a_tiny_model():
         assert by_impl["peft"]["trainable_params"] == 10 * 64 + 1
 
 
+def test_litgpt_train_step_rows_on_a_tiny_model():
+    """litgpt's own adapter step (its prefix cache emptied before each step, or its second
+    step fails) and the same model fused: the same weights, hence the same first loss."""
+    pytest.importorskip("litgpt")
+    cfg = bts.TrainConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, batch=1,
+                          seq_len=16, dtype="fp32", adapter_layers=1)
+    rows = bts.bench(["litgpt", "litgpt-fused"], cfg, CPU, steps=2, warmup=2, base={}, deadline=harness.Deadline())
+    litgpt, fused = rows
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "sdpa" in fused["attention"] and "emptied" in litgpt["note"]
+    assert abs(fused["loss0"] - litgpt["loss0"]) < 1e-5
+    assert fused["trainable_params"] == litgpt["trainable_params"] == 10 * 64 + 4  # one layer: prompt, per-head gate
+
+
 @pytest.mark.interpreter
 def test_decode_rows_run_the_decode_kernels_the_forward_and_two_sdpa(tmp_path):
     """Each decode row is checked against the two-SDPA answer, then timed; the decode row ran

@@ -228,8 +228,10 @@ def masked_gated_prefix_attention(
     word = _masked_sdpa(q, k, v, allowed, False, softmax_scale)
     prefix = _masked_sdpa(q, _batched(prefix_k, B).to(q.dtype), _batched(prefix_v, B).to(q.dtype), None, False,
                           softmax_scale)
-    a = activate_gate(gate.float(), gate_activation).reshape(-1, 1, 1)
-    return (word.float() + a * prefix.float()).to(q.dtype)
+    # At least float32 for the sum (float64 stays float64).
+    acc = torch.promote_types(q.dtype, torch.float32)
+    a = activate_gate(gate.to(acc), gate_activation).reshape(-1, 1, 1)
+    return (word.to(acc) + a * prefix.to(acc)).to(q.dtype)
 
 
 def _is_4d(attention_mask: object) -> bool:
