@@ -115,6 +115,30 @@ def test_triton_kernels_run_once_per_adapted_layer(arch, flavour):
         assert rel_error(grads[name], ref_grads[name]) < 2e-5, name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_the_op_gets_one_key_head_per_group(arch, monkeypatch):
+    """litgpt repeats k and v over the query heads before the seam; the op receives one
+    head per query group (GQA: 2 of 4, MQA: 1), in training and in generation."""
+    import llama_adapter_fast.integrations.litgpt as integration
+
+    heads = []
+    op = integration.masked_gated_prefix_attention
+
+    def recording(q, k, v, prefix_k, *args, **kwargs):
+        heads.append((q.shape[1], k.shape[1], v.shape[1], prefix_k.shape[0]))
+        return op(q, k, v, prefix_k, *args, **kwargs)
+
+    monkeypatch.setattr(integration, "masked_gated_prefix_attention", recording)
+    model = enable_fused_adapter(lit_model(arch), backend="sdpa")
+    model(tokens()).sum().backward()
+    model.set_kv_cache(batch_size=1)
+    with torch.no_grad():
+        generate(model, tokens(B=1, T=6)[0], max_returned_tokens=8, top_k=1)
+    groups = model.config.n_query_groups
+    assert len(heads) == adapted_layers(model) * 3  # training, then the prompt (its first token) and one more
+    assert set(heads) == {(model.config.n_head, groups, groups, groups)}
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("arch", ["llama", "pythia", "gemma"])
 def test_greedy_generation_with_litgpts_kv_cache(arch, flavour):
@@ -126,16 +150,14 @@ def test_greedy_generation_with_litgpts_kv_cache(arch, flavour):
     prompt = tokens(B=1, T=6)[0].to(DEVICE)
     calls = []
     fused.register_forward_hook(lambda *_: calls.append(1))
-    outputs = []
-    for m in (model, fused):
-        m.set_kv_cache(batch_size=1, device=DEVICE)
-        with torch.inference_mode():
-            if m is fused:
-                with expect_launches("forward", "decode", times={"forward": 0}):
-                    outputs.append(generate(m, prompt, max_returned_tokens=12, top_k=1))
-            else:
-                outputs.append(generate(m, prompt, max_returned_tokens=12, top_k=1))
-    assert len(calls) == 6 and torch.equal(outputs[0], outputs[1])
+    model.set_kv_cache(batch_size=1, device=DEVICE)
+    fused.set_kv_cache(batch_size=1, device=DEVICE)
+    with torch.inference_mode():
+        ref = generate(model, prompt, max_returned_tokens=12, top_k=1)
+        # the prompt, then 5 tokens one at a time: 6 forwards
+        with expect_launches("forward", "decode", times={"forward": 0, "decode": 6 * adapted_layers(model)}):
+            got = generate(fused, prompt, max_returned_tokens=12, top_k=1)
+    assert len(calls) == 6 and torch.equal(got, ref)
 
 
 def test_generation_sees_the_prompt_after_a_training_step():
