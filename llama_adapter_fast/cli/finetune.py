@@ -30,6 +30,13 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter-layers", type=int, default=None, help="top layers with an adapter (default min(30, n))")
     p.add_argument("--gate-activation", default="tanh", choices=["tanh", "identity"])
     p.add_argument("--scalar-gate", action="store_true", help="one gate per layer instead of one per head")
+    p.add_argument("--bias-tuning", type=_layer_names, default=None, metavar="LAYERS",
+                   help="LLaMA-Adapter V2: comma-separated linear layers (of wq,wk,wv,wo,w1,w2,w3,output) that take "
+                        "a zero-initialized bias and scale in every layer; 'all' for every one")
+    p.add_argument("--scale-tuning", default=defaults["scale_tuning"], choices=["output", "input", "none"],
+                   help="where the tuned scale sits: s * (W x + b) (output, the paper), W (s * x) + b (input, the "
+                        "65B release) or no scale (none, the 7B release)")
+    p.add_argument("--norm-tuning", action="store_true", help="LLaMA-Adapter V2: the RMSNorm weights train too")
     p.add_argument("--max-seq-len", type=int, default=defaults["max_seq_len"])
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                    help="records per process and micro-step (with --pack: per process and step, / --grad-accum)")
@@ -60,6 +67,17 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     add_image_training_options(p)
+
+
+def _layer_names(text: str) -> list[str]:
+    from llama_adapter_fast.models.tuning import TUNABLE_LINEARS
+
+    names = list(TUNABLE_LINEARS) if text == "all" else [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in TUNABLE_LINEARS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown linear layers {unknown or [text]}: use names from "
+                                         f"{','.join(TUNABLE_LINEARS)}, or 'all'")
+    return names
 
 
 def run(a: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from llama_adapter_fast.files import atomic_write, first_line
 from llama_adapter_fast.models.config import ADAPTER_FIELDS
+from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, TUNABLE_LINEARS
 from llama_adapter_fast.ops import GATE_ACTIVATIONS
 
 ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
@@ -127,6 +128,10 @@ _ADAPTER_FIELD_CHECKS = {
     "adapter_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
     "gate_activation": (lambda v: v in GATE_ACTIVATIONS, f"one of {GATE_ACTIVATIONS}"),
     "scalar_gate": (lambda v: isinstance(v, bool), "true or false"),
+    "bias_tuning": (lambda v: isinstance(v, list) and set(v) <= set(TUNABLE_LINEARS),
+                    f"a list of layer names from {TUNABLE_LINEARS}"),
+    "scale_tuning": (lambda v: v in SCALE_PLACEMENTS, f"one of {SCALE_PLACEMENTS}"),
+    "norm_tuning": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -159,8 +164,27 @@ def _config_from_shapes(shapes: Mapping[str, tuple[int, ...]], path: Path) -> di
     if len(lengths) != 1 or None in lengths:
         raise ValueError(f"{path}: the adapter prompts must all have the shape (adapter_len, dim), got "
                          f"{sorted(set(prompts.values()))}")
-    return {"adapter_len": lengths.pop(), "adapter_layers": len(prompts),
-            "scalar_gate": bool(gates) and all(len(s) == 0 for s in gates)}
+    config = {"adapter_len": lengths.pop(), "adapter_layers": len(prompts),
+              "scalar_gate": bool(gates) and all(len(s) == 0 for s in gates)}
+    return {**config, **_tuning_from_shapes(shapes)}
+
+
+def _tuning_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """V2's tuning as far as the tensors tell it: which linear layers have a tuned bias,
+    whether any has a scale, and whether the norms are there. The scale's placement shows
+    only where a scale's size differs from its bias's (in_features against out_features);
+    otherwise the file's metadata says it."""
+    tuned = {k.rsplit(".", 2)[-2] for k in shapes if k.endswith(".tuned_bias")}
+    norms = any(k.endswith("norm.weight") for k in shapes)
+    if not tuned and not norms:
+        return {}  # a V1 adapter
+    config: dict[str, Any] = {"bias_tuning": [n for n in TUNABLE_LINEARS if n in tuned], "norm_tuning": norms}
+    scales = {k.removesuffix(".tuned_scale"): s for k, s in shapes.items() if k.endswith(".tuned_scale")}
+    if tuned and not scales:
+        config["scale_tuning"] = "none"
+    elif any(s != shapes.get(f"{k}.tuned_bias") for k, s in scales.items()):
+        config["scale_tuning"] = "input"
+    return config
 
 
 def _original_config(state: Mapping[str, torch.Tensor], path: Path, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,6 +231,8 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
     path = Path(path)
     _check_adapter_path(path)
     given = {k: v for k, v in given.items() if v is not None}
+    if "bias_tuning" in given:  # as the file records it: a list in TUNABLE_LINEARS' order
+        given["bias_tuning"] = [n for n in TUNABLE_LINEARS if n in given["bias_tuning"]]
     unknown = sorted(set(given) - set(ADAPTER_FIELDS))
     if unknown:
         raise TypeError(f"read_adapter_config got unknown fields {unknown} (known: {ADAPTER_FIELDS})")
@@ -225,6 +251,8 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
         recorded = {}
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
             recorded = {k: raw["config"][k] for k in ("gate_activation",) if k in raw["config"]}
+            if isinstance(raw.get("adapter"), dict) and "scale_tuning" in raw["adapter"]:
+                recorded["scale_tuning"] = raw["adapter"]["scale_tuning"]
         state = _unwrap_pt(raw, path)
         if "adapter_query.weight" in state:
             return _original_config(state, path, given)
@@ -241,3 +269,26 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
                              f"{config[key]!r}")
         config[key] = value
     return config
+
+
+def copy_adapter_state(own: Mapping[str, torch.Tensor], state: Mapping[str, Any], source: str, described: str,
+                       strict: bool = True) -> None:
+    """Copy `state` into a model's adapter parameters `own` after checking every name, shape
+    and value (nothing is copied when anything is wrong); `described` is the model's adapter
+    settings, for the error message."""
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    if unexpected or (strict and missing):
+        raise ValueError(f"{source}: adapter weights do not match this model ({described}): missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{source}: {name} must be a tensor, got {type(value).__name__}")
+        if value.shape != own[name].shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
+                             f"{tuple(own[name].shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{source}: {name} holds non-finite values (a corrupt or diverged adapter?)")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)

@@ -7,11 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
+from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, TUNABLE_LINEARS, TunedLinear
 from llama_adapter_fast.ops import BACKENDS, GATE_ACTIVATIONS
 
 ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
 # The fields of ModelArgs that describe the adapter rather than the base model.
-ADAPTER_FIELDS = ("adapter_len", "adapter_layers", "gate_activation", "scalar_gate")
+ADAPTER_FIELDS = ("adapter_len", "adapter_layers", "gate_activation", "scalar_gate", "bias_tuning", "scale_tuning",
+                  "norm_tuning")
 ROPE_TYPES = ("llama3", "linear")
 
 
@@ -24,6 +28,13 @@ class ModelArgs:
     intermediate_size). `rope_scaling` takes Hugging Face's dict: {"rope_type": "llama3",
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} or
     {"rope_type": "linear", "factor"}. `adapter_layers = 0` gives the plain LLaMA.
+
+    LLaMA-Adapter V2's tuning of the frozen base, in every layer (see models/tuning.py):
+    `bias_tuning` names the linear layers (of TUNABLE_LINEARS: wq, wk, wv, wo, w1, w2, w3,
+    output) that take a zero-initialized bias and, unless `scale_tuning` is "none", a
+    one-initialized scale at their "output" (the paper, litgpt) or "input" (the original
+    65B release); `norm_tuning` trains the RMSNorm weights. The original 7B release is
+    bias_tuning=("wq", "wo", "w1", "w2", "w3"), scale_tuning="none", norm_tuning=True.
     """
 
     dim: int = 4096
@@ -41,6 +52,9 @@ class ModelArgs:
     gate_activation: str = "tanh"
     # Beyond Meta's fields:
     scalar_gate: bool = False  # one gate per layer (PEFT's adaption prompt) instead of one per head
+    bias_tuning: tuple[str, ...] = ()
+    scale_tuning: str = "output"
+    norm_tuning: bool = False
     rope_scaling: dict | None = None
     hidden_dim: int | None = None
     tie_word_embeddings: bool = False
@@ -71,6 +85,16 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        if isinstance(self.bias_tuning, str) or not all(isinstance(n, str) for n in self.bias_tuning):
+            raise TypeError(f"ModelArgs.bias_tuning must be a sequence of layer names, got {self.bias_tuning!r}")
+        unknown = sorted(set(self.bias_tuning) - set(TUNABLE_LINEARS))
+        if unknown:
+            raise ValueError(f"ModelArgs.bias_tuning: unknown linear layers {unknown} (known: {TUNABLE_LINEARS})")
+        self.bias_tuning = tuple(n for n in TUNABLE_LINEARS if n in self.bias_tuning)
+        if self.scale_tuning not in SCALE_PLACEMENTS:
+            raise ValueError(f"ModelArgs.scale_tuning must be one of {SCALE_PLACEMENTS}, got {self.scale_tuning!r}")
+        if not isinstance(self.norm_tuning, bool):
+            raise TypeError(f"ModelArgs.norm_tuning must be a bool, got {self.norm_tuning!r}")
 
     @property
     def head_dim(self) -> int:
@@ -86,7 +110,22 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def adapter_config(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ADAPTER_FIELDS}
+        """The adapter fields, as an adapter file records them; V2's only where the adapter
+        uses them (so that a V1 adapter's file reads as before)."""
+        config = {name: getattr(self, name) for name in ADAPTER_FIELDS}
+        if not self.bias_tuning and not self.norm_tuning:
+            for name in ("bias_tuning", "scale_tuning", "norm_tuning"):
+                del config[name]
+        else:
+            config["bias_tuning"] = list(self.bias_tuning)  # JSON has no tuples
+        return config
+
+    def linear(self, name: str, in_features: int, out_features: int) -> nn.Linear:
+        """The frozen linear layer `name` (of TUNABLE_LINEARS), with V2's bias and scale where
+        bias_tuning names it."""
+        if name in self.bias_tuning:
+            return TunedLinear(in_features, out_features, self.scale_tuning)
+        return nn.Linear(in_features, out_features, bias=False)
 
 
 def _normalize_rope_scaling(scaling: Mapping[str, Any]) -> dict | None:

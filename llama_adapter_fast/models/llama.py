@@ -29,6 +29,7 @@ from torch import nn
 
 from llama_adapter_fast.models import adapter_io, checkpoints
 from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.models.tuning import TunedLinear
 from llama_adapter_fast.ops import gated_prefix_attention, gated_prefix_attention_varlen
 from llama_adapter_fast.ops.reference import allowed_keys
 from llama_adapter_fast.ops.varlen import packed_positions, varlen_attention
@@ -102,10 +103,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, use_adapter: bool):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = args.linear("wq", args.dim, args.n_heads * self.head_dim)
+        self.wk = args.linear("wk", args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = args.linear("wv", args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = args.linear("wo", args.n_heads * self.head_dim, args.dim)
         self.use_adapter = use_adapter
         self.gate_activation = args.gate_activation
         self.backend = args.attention_backend
@@ -180,11 +181,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        dim, hidden_dim = args.dim, args.ffn_hidden_dim
+        self.w1 = args.linear("w1", dim, hidden_dim)
+        self.w2 = args.linear("w2", hidden_dim, dim)
+        self.w3 = args.linear("w3", dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -195,7 +197,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args, use_adapter=layer_id >= args.n_layers - args.adapter_layers)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -252,7 +254,7 @@ class LLaMAAdapter(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = args.linear("output", args.dim, args.vocab_size)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
@@ -275,8 +277,12 @@ class LLaMAAdapter(nn.Module):
         self.reset_adapter()
 
     def reset_adapter(self, generator: torch.Generator | None = None) -> None:
-        """Prompts N(0, 1) (the original's nn.Embedding default), gates zero."""
+        """Prompts N(0, 1) (the original's nn.Embedding default), gates zero; V2's tuned
+        biases zero and scales one (the norms keep their weights)."""
         with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, TunedLinear) and module.tuned_bias.device.type != "meta":
+                    module.reset_tuning()
             for layer in self.adapter_layers():
                 if layer.adapter_prompt.device.type == "meta":
                     continue
@@ -288,26 +294,32 @@ class LLaMAAdapter(nn.Module):
 
     @staticmethod
     def _is_adapter_name(name: str) -> bool:
-        return name.endswith((".adapter_prompt", ".gate"))
+        """The parameters a base checkpoint does not hold: prompts, gates, V2's biases and scales."""
+        return name.endswith((".adapter_prompt", ".gate", ".tuned_bias", ".tuned_scale"))
+
+    def is_trainable_name(self, name: str) -> bool:
+        """The parameters that train: the adapter's, and the norms' with norm_tuning."""
+        return self._is_adapter_name(name) or (self.args.norm_tuning and name.endswith("norm.weight"))
 
     def adapter_layers(self) -> list[Attention]:
         """The attention modules that carry an adapter (the top `adapter_layers`)."""
         return [layer.attention for layer in self.layers if layer.attention.use_adapter]
 
     def freeze_base(self) -> None:
-        """Only the prompts and gates train."""
+        """Only the prompts and gates train (and V2's biases, scales and norms where enabled)."""
         for name, p in self.named_parameters():
-            p.requires_grad_(self._is_adapter_name(name))
+            p.requires_grad_(self.is_trainable_name(name))
 
     def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if self._is_adapter_name(n)]
+        return [(n, p) for n, p in self.named_parameters() if self.is_trainable_name(n)]
 
     def num_adapter_parameters(self) -> int:
         return sum(p.numel() for _, p in self.adapter_parameters())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors only: layers.N.attention.adapter_prompt (P, dim) and
-        layers.N.attention.gate ((n_heads,) or ())."""
+        layers.N.attention.gate ((n_heads,) or ()); with V2's tuning, <linear>.tuned_bias and
+        <linear>.tuned_scale and, with norm_tuning, the norms' weights."""
         return {n: p.detach() for n, p in self.adapter_parameters()}
 
     def load_adapter(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
@@ -324,23 +336,11 @@ class LLaMAAdapter(nn.Module):
             raise TypeError(f"load_adapter takes a state dict or a path, got {type(state_dict_or_path).__name__}")
         state = adapter_io.convert_original_adapter(state, self.args.n_layers,
                                                     [attn.gate.shape for attn in self.adapter_layers()])
-        own = dict(self.adapter_parameters())
-        unexpected = sorted(set(state) - set(own))
-        missing = sorted(set(own) - set(state))
-        if unexpected or (strict and missing):
-            raise ValueError(f"{source}: adapter weights do not match this model (adapter_layers="
-                             f"{self.args.adapter_layers}, adapter_len={self.args.adapter_len}, scalar_gate="
-                             f"{self.args.scalar_gate}): missing {missing[:4]}, unexpected {unexpected[:4]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                if not isinstance(value, torch.Tensor):
-                    raise TypeError(f"{source}: {name} must be a tensor, got {type(value).__name__}")
-                if value.shape != own[name].shape:
-                    raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, this model expects "
-                                     f"{tuple(own[name].shape)}")
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"{source}: {name} holds non-finite values (a corrupt or diverged adapter?)")
-                own[name].copy_(value)
+        args = self.args
+        described = (f"adapter_layers={args.adapter_layers}, adapter_len={args.adapter_len}, scalar_gate="
+                     f"{args.scalar_gate}, bias_tuning={list(args.bias_tuning)}, scale_tuning={args.scale_tuning}, "
+                     f"norm_tuning={args.norm_tuning}")
+        adapter_io.copy_adapter_state(dict(self.adapter_parameters()), state, source, described, strict)
 
     def save_adapter(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                      tensors: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -482,9 +482,11 @@ class LLaMAAdapter(nn.Module):
         if args.tie_word_embeddings:
             model.output.weight = model.tok_embeddings.weight
         target = device or model.tok_embeddings.weight.device
-        for attn in model.adapter_layers():
-            attn.adapter_prompt = nn.Parameter(torch.empty(attn.adapter_prompt.shape, device=target))
-            attn.gate = nn.Parameter(torch.zeros(attn.gate.shape, device=target))
+        for name, p in list(model.named_parameters()):
+            if cls._is_adapter_name(name):  # still on the meta device: made where the base is
+                module_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(module_name), attr,
+                        nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=target)))
         model.reset_adapter()
         model.freeze_base()
         return model

@@ -28,6 +28,10 @@ class TrainConfig:
     adapter_layers: int | None = None  # default min(30, n_layers)
     gate_activation: str = "tanh"
     scalar_gate: bool = False
+    # LLaMA-Adapter V2's tuning of the base (ModelArgs' fields of the same names)
+    bias_tuning: list[str] | None = None  # linear layers with a tuned bias (and scale): wq, wk, wv, wo, w1-w3, output
+    scale_tuning: str = "output"  # where their scale sits: output, input or none
+    norm_tuning: bool = False
     attention_backend: str = "auto"
     max_seq_len: int = 512
     batch_size: int = 4  # records per process and micro-step (padded); with pack, per process and step / grad_accum

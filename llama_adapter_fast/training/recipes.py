@@ -120,7 +120,9 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         if cfg.base is None:
             raise ValueError("base: a base model folder is required (Hugging Face or Meta format)")
         adapter = {"adapter_len": cfg.adapter_len, "gate_activation": cfg.gate_activation,
-                   "scalar_gate": cfg.scalar_gate, "attention_backend": cfg.attention_backend}
+                   "scalar_gate": cfg.scalar_gate, "attention_backend": cfg.attention_backend,
+                   "bias_tuning": tuple(cfg.bias_tuning or ()), "scale_tuning": cfg.scale_tuning,
+                   "norm_tuning": cfg.norm_tuning}
         if cfg.adapter_layers is not None:
             adapter["adapter_layers"] = cfg.adapter_layers
         model = load_base(cfg.base, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, **adapter)

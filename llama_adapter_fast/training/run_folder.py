@@ -85,7 +85,9 @@ def check_resume_settings(state: dict, path: Path, cfg: TrainConfig, global_batc
     for name in RESUME_FIXED:
         if name in saved and saved[name] != now[name]:
             raise refuse(option_name(name), saved[name], now[name], RESUME_FIXED[name])
-    for name, old in state.get("adapter", {}).items():
+    saved_adapter, adapter_now = _with_v2_fields(state.get("adapter", {})), _with_v2_fields(adapter_now)
+    for name in sorted(set(saved_adapter) | set(adapter_now)):
+        old = saved_adapter.get(name)
         if adapter_now.get(name) != old:
             raise refuse(option_name(name), old, adapter_now.get(name), "the trained adapter has this shape and "
                          "meaning")
@@ -107,6 +109,15 @@ def check_resume_settings(state: dict, path: Path, cfg: TrainConfig, global_batc
         if saved[name] != value:
             honoured.append(f"{option_name(name)} {_shown(saved[name])} -> {_shown(value)}")
     return honoured
+
+
+def _with_v2_fields(adapter: dict[str, Any]) -> dict[str, Any]:
+    """An adapter config with V2's fields spelled out (a config records them only where the
+    adapter uses them); the scale's placement matters only where a layer has a bias."""
+    adapter = {"bias_tuning": [], "norm_tuning": False, **adapter}
+    if not adapter["bias_tuning"]:
+        adapter.pop("scale_tuning", None)
+    return adapter
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

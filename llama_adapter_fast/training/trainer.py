@@ -103,6 +103,22 @@ def _base_args(args: ModelArgs) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
+_PARAMETER_KINDS = (("prompts and gates", (".adapter_prompt", ".gate")),
+                    ("V2 biases and scales", (".tuned_bias", ".tuned_scale")), ("norms", ("norm.weight",)))
+
+
+def describe_trainable(named: list[tuple[str, torch.nn.Parameter]], total: int) -> str:
+    """'trainable parameters: N of M (prompts and gates a, V2 biases and scales b, ...)'."""
+    counts: dict[str, int] = {}
+    for name, p in named:
+        kind = next((k for k, suffixes in _PARAMETER_KINDS if name.endswith(suffixes)), "other")
+        counts[kind] = counts.get(kind, 0) + p.numel()
+    n = sum(counts.values())
+    order = [k for k, _ in _PARAMETER_KINDS] + ["other"]
+    parts = ", ".join(f"{kind} {counts[kind]:,}" for kind in order if kind in counts)
+    return f"trainable parameters: {n:,} of {total:,} ({100 * n / max(total, 1):.3f}%: {parts})"
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -143,6 +159,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (adapter_layers = 0?)")
         if len(dataset) == 0:
             raise ValueError("the training data set is empty")
+        if info.main:
+            print(describe_trainable(self.named_trainable, sum(p.numel() for p in model.parameters())))
 
         self.global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
         steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
