@@ -45,5 +45,11 @@ def add_image_training_options(p: argparse.ArgumentParser) -> None:
                         "3,6,9,12 of 12)")
     g.add_argument("--projection-hidden", type=int, default=None, help="hidden width of the image projection "
                                                                        "(default: the model width)")
+    g.add_argument("--image-fusion", default="all", choices=["all", "early"],
+                   help="which adapted layers add the image to their prompts: all, or early (LLaMA-Adapter V2: the "
+                        "lowest --early-layers, the layers above keep plain prompts)")
+    g.add_argument("--early-layers", type=int, default=None,
+                   help="with --image-fusion early: adapted layers, from the bottom, that take the image (default: "
+                        "the lower half)")
     g.add_argument("--feature-cache", default=None, help="folder of cached encoder features (default: "
                                                          "OUT/image_features)")

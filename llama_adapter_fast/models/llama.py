@@ -108,6 +108,7 @@ class Attention(nn.Module):
         self.wv = args.linear("wv", args.dim, args.n_kv_heads * self.head_dim)
         self.wo = args.linear("wo", args.n_heads * self.head_dim, args.dim)
         self.use_adapter = use_adapter
+        self.takes_prompt_offset = use_adapter  # the multi-modal adapter's early fusion turns it off up top
         self.gate_activation = args.gate_activation
         self.backend = args.attention_backend
         if use_adapter:
@@ -229,9 +230,9 @@ class KVCache:
         self.length = 0
         with torch.no_grad():
             self.prefixes = [
-                tuple(t.to(dtype) for t in layer.attention.adapter_prefix(prompt_offset))
-                if layer.attention.use_adapter else None
-                for layer in model.layers
+                tuple(t.to(dtype) for t in layer.attention.adapter_prefix(
+                    prompt_offset if layer.attention.takes_prompt_offset else None))
+                if layer.attention.use_adapter else None for layer in model.layers
             ]
 
 
@@ -438,13 +439,14 @@ class LLaMAAdapter(nn.Module):
 
     def _offset_prefixes(self, prompt_offset: torch.Tensor | None, batch_size: int,
                          cache: KVCache | None) -> list | None:
-        """Per-sample prefixes of every adapted layer (None below them), computed once per forward."""
+        """Per-sample prefixes of the adapted layers that take the offset (None elsewhere:
+        those compute their shared prefix), once per forward."""
         if prompt_offset is None:
             return None
         if cache is not None:
             raise ValueError("prompt_offset: with a KV cache, pass it to KVCache (its prefixes are computed once)")
         self.check_prompt_offset(prompt_offset, batch_size)
-        return [layer.attention.adapter_prefix(prompt_offset) if layer.attention.use_adapter else None
+        return [layer.attention.adapter_prefix(prompt_offset) if layer.attention.takes_prompt_offset else None
                 for layer in self.layers]
 
     # -- loading and saving --------------------------------------------------------------

@@ -42,6 +42,8 @@ from llama_adapter_fast.models.vision import ImageEncoder, encode_image_files
 PROJECTION_PREFIX = "image_projection."
 ENCODER_KEY = "image_encoder"  # adapter file metadata: the encoder the projection was trained on
 PROJECTION_KEY = "image_projection"
+FUSION_KEY = "image_fusion"  # adapter file metadata: which adapted layers take the image
+IMAGE_FUSIONS = ("all", "early")
 
 
 class ImageProjection(nn.Module):
@@ -87,9 +89,19 @@ class MultiModalLLaMAAdapter(nn.Module):
 
     Holds `llama` (the LLaMAAdapter: frozen base, trainable prompts and gates),
     `image_encoder` (an ImageEncoder, frozen) and `image_projection` (trainable).
+
+    `image_fusion` says which adapted layers take the image: "all" (the first paper, and
+    every released implementation) or "early", LLaMA-Adapter V2's early fusion: only the
+    lowest `early_layers` adapted layers (default: the lower half, rounded up) add the image
+    to their prompts, and the layers above keep plain prompts shared by the batch. V2's
+    argument: the visual prompts then shape the low layers' representations, and the top
+    layers' prompts, which steer the answer's wording, are not pulled around by the
+    image-text alignment. One forward then runs the fused op with per-sample prefixes
+    (B, Hkv, P, D) in the early layers and shared ones (Hkv, P, D) above.
     """
 
-    def __init__(self, llama: LLaMAAdapter, image_encoder: ImageEncoder, projection_hidden: int | None = None):
+    def __init__(self, llama: LLaMAAdapter, image_encoder: ImageEncoder, projection_hidden: int | None = None,
+                 image_fusion: str = "all", early_layers: int | None = None):
         super().__init__()
         if not isinstance(llama, LLaMAAdapter):
             raise TypeError(f"llama must be a LLaMAAdapter, got {type(llama).__name__}")
@@ -102,6 +114,23 @@ class MultiModalLLaMAAdapter(nn.Module):
         device = llama.tok_embeddings.weight.device
         if device.type == "meta":
             device = torch.device("cpu")
+        adapted = llama.adapter_layers()  # bottom to top
+        if image_fusion not in IMAGE_FUSIONS:
+            raise ValueError(f"image_fusion must be one of {IMAGE_FUSIONS}, got {image_fusion!r}")
+        if image_fusion == "all":
+            if early_layers is not None:
+                raise ValueError("early_layers: only with image_fusion='early'")
+            early_layers = len(adapted)
+        elif early_layers is None:
+            early_layers = (len(adapted) + 1) // 2
+        if isinstance(early_layers, bool) or not isinstance(early_layers, int) or not (
+                1 <= early_layers < len(adapted) or image_fusion == "all"):
+            raise ValueError(f"early_layers must be an int in [1, {len(adapted) - 1}] (the model has {len(adapted)} "
+                             f"adapted layers; early fusion keeps one or more without the image), got "
+                             f"{early_layers!r}")
+        for i, attention in enumerate(adapted):
+            attention.takes_prompt_offset = i < early_layers
+        self.image_fusion, self.early_layers = image_fusion, early_layers
         self.image_projection = ImageProjection(image_encoder.feature_dim, llama.args.dim, projection_hidden).to(device)
         self.freeze_base()
 
@@ -225,7 +254,9 @@ class MultiModalLLaMAAdapter(nn.Module):
         else:  # a state dict of this module (names under llama. and image_projection.)
             tensors = {n.removeprefix("llama."): t for n, t in tensors.items()}
         meta = {PROJECTION_KEY: json.dumps(self.image_projection.config()),
-                ENCODER_KEY: json.dumps(self.image_encoder.record()), **(metadata or {})}
+                ENCODER_KEY: json.dumps(self.image_encoder.record()),
+                FUSION_KEY: json.dumps({"mode": self.image_fusion, "early_layers": self.early_layers}),
+                **(metadata or {})}
         write_adapter_file(path, tensors, self.llama.args.adapter_config(), meta)
 
     def check_encoder(self, recorded: Mapping[str, Any], source: str) -> None:
@@ -280,6 +311,20 @@ def read_projection_config(path: str | os.PathLike) -> dict[str, int]:
         return json.loads((f.metadata() or {})[PROJECTION_KEY])
 
 
+def read_image_fusion(path: str | os.PathLike) -> dict[str, Any]:
+    """image_fusion and early_layers of a multi-modal adapter file (files that do not record
+    them were trained with the image in every adapted layer)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(FUSION_KEY)
+    if recorded is None:
+        return {"image_fusion": "all", "early_layers": None}
+    fusion = json.loads(recorded)
+    mode = fusion.get("mode")
+    return {"image_fusion": mode, "early_layers": fusion.get("early_layers") if mode == "early" else None}
+
+
 def image_encoder_folder(adapter: str | os.PathLike, image_encoder: str | None, record: Mapping[str, Any]) -> str:
     """The encoder folder of a multi-modal adapter: `image_encoder` where given (as
     --image-encoder), else the folder the file recorded; a ValueError saying which one is
@@ -312,6 +357,7 @@ def load_image_adapter(llama: LLaMAAdapter, adapter: str | os.PathLike, *, image
                          f"of a {recorded}-layer tower ({record.get('source')}); {folder} has {depth} layers. Pass the "
                          f"encoder it was trained with (--image-encoder).")
     encoder = ImageEncoder(encoder.tower, encoder.processor, layers, encoder.source)
-    model = MultiModalLLaMAAdapter(llama, encoder, read_projection_config(adapter)["hidden"])
+    model = MultiModalLLaMAAdapter(llama, encoder, read_projection_config(adapter)["hidden"],
+                                   **read_image_fusion(adapter))
     model.load_adapter(adapter)
     return model

@@ -62,6 +62,8 @@ class TrainConfig:
     image_encoder: str | None = None
     image_layers: list[int] | None = None  # encoder layers whose global features are used (default: 4 evenly spaced)
     projection_hidden: int | None = None  # hidden width of the image projection (default: the model width)
+    image_fusion: str = "all"  # "early": the image reaches the lowest --early-layers adapted layers only (V2)
+    early_layers: int | None = None  # default: the lower half of the adapted layers
     feature_cache: str | None = None  # encoder features on disk (default: out_dir/image_features)
 
     def validate(self, world_size: int = 1) -> None:
@@ -129,5 +131,7 @@ RESUME_FIXED = {
     "image_encoder": "the trained image projection reads this encoder's features",
     "image_layers": "the trained image projection reads these layers' features",
     "projection_hidden": "the trained image projection has this shape",
+    "image_fusion": "the trained prompts of each layer were trained with or without the image",
+    "early_layers": "the trained prompts of each layer were trained with or without the image",
 }
 RESUME_UNREPORTED = ("resume", "overwrite", "progress", "plot")

@@ -64,7 +64,7 @@ def prepare_finetune(cfg, model: LLaMAAdapter | MultiModalLLaMAAdapter, tokenize
         raise ValueError("strategy: the multi-modal adapter trains with ddp (its base is replicated), not fsdp")
     if not isinstance(model, MultiModalLLaMAAdapter):
         encoder = ImageEncoder.from_pretrained(cfg.image_encoder, layers=cfg.image_layers)
-        model = MultiModalLLaMAAdapter(model, encoder, cfg.projection_hidden)
+        model = MultiModalLLaMAAdapter(model, encoder, cfg.projection_hidden, cfg.image_fusion, cfg.early_layers)
     encoder = model.image_encoder
     cache_dir = cfg.feature_cache or Path(cfg.out_dir) / "image_features"
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,14 +38,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_model(backend: str = "sdpa", dtype=torch.float32, vocab: int = 50, seed: int = 0,
-               encoder: ImageEncoder | None = None, **kw) -> MultiModalLLaMAAdapter:
+               encoder: ImageEncoder | None = None, fusion: dict | None = None, **kw) -> MultiModalLLaMAAdapter:
     """Head dim 16 (the smallest the kernels take), GQA, two of three layers adapted, and
     gates and projection drawn at random so that the image path matters."""
     torch.manual_seed(seed)
     args = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16, max_seq_len=64,
                 adapter_len=3, adapter_layers=2, attention_backend=backend)
     args.update(kw)
-    mm = MultiModalLLaMAAdapter(LLaMAAdapter(ModelArgs(**args)), encoder or tiny_encoder(), projection_hidden=24)
+    mm = MultiModalLLaMAAdapter(LLaMAAdapter(ModelArgs(**args)), encoder or tiny_encoder(), projection_hidden=24,
+                                **(fusion or {}))
     with torch.no_grad():
         for attn in mm.llama.adapter_layers():
             attn.gate.uniform_(-1.5, 1.5)
@@ -66,9 +67,11 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def reference_logits(mm: MultiModalLLaMAAdapter, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+def reference_logits(mm: MultiModalLLaMAAdapter, x: torch.Tensor, feats: torch.Tensor,
+                     early_layers: int | None = None) -> torch.Tensor:
     """The paper's multi-modal equations, written out: I_p = Projection(Concat(I_m)); in each adapted
-    layer P_l^v = P_l + Repeat(I_p); prefix keys and values P_l^v W_k, P_l^v W_v (no
+    layer (V2's early fusion: in the lowest `early_layers` adapted layers; P_l^v = P_l above)
+    P_l^v = P_l + Repeat(I_p); prefix keys and values P_l^v W_k, P_l^v W_v (no
     rotary); every query attends to the words through a causal softmax and to the prefix
     through a softmax of its own scaled by tanh(gate). RMSNorm, rotary and the FFN are the
     model's (tested against transformers elsewhere); the attention is not."""
@@ -80,6 +83,7 @@ def reference_logits(mm: MultiModalLLaMAAdapter, x: torch.Tensor, feats: torch.T
     cos, sin = rope_cos_sin(torch.arange(T)[None], llama._inv_freq_for(x.device))
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     h = llama.tok_embeddings(x)
+    adapted = 0
     for layer in llama.layers:
         a = layer.attention
         H, G, D = a.n_heads, a.n_kv_heads, a.head_dim
@@ -90,7 +94,9 @@ def reference_logits(mm: MultiModalLLaMAAdapter, x: torch.Tensor, feats: torch.T
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
         out = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~causal, -math.inf).softmax(-1), v)
         if a.use_adapter:
-            prompt = a.adapter_prompt[None] + image[:, None, :]  # P_l^v = P_l + Repeat(I_p)
+            with_image = early_layers is None or adapted < early_layers
+            adapted += 1
+            prompt = a.adapter_prompt[None] + image[:, None, :] * with_image  # P_l^v = P_l + Repeat(I_p)
             P = prompt.shape[1]
             pk = a.wk(prompt).view(B, P, G, D).repeat_interleave(H // G, dim=2)
             pv = a.wv(prompt).view(B, P, G, D).repeat_interleave(H // G, dim=2)
@@ -151,6 +157,82 @@ def test_per_sample_prefix_reaches_the_triton_kernel(monkeypatch):
     assert rel_error(out, ref) < 1e-5
     for name, g in trainable_grads(ref_model).items():
         assert rel_error(grads[name], g) < 1e-4, name
+
+
+def test_early_fusion_equals_the_equations():
+    """V2's early fusion: the image in the lowest adapted layer only (of two), against the
+    equations; the same weights with the image in both layers give other logits."""
+    mm = tiny_model(dtype=torch.float64, fusion={"image_fusion": "early"})
+    assert mm.early_layers == 1 and [a.takes_prompt_offset for a in mm.llama.adapter_layers()] == [True, False]
+    x, f = tokens(), features().double()
+    out = mm(x, image_features=f)
+    out.logsumexp(-1).sum().backward()
+    grads = trainable_grads(mm)
+    mm.zero_grad(set_to_none=True)
+    ref = reference_logits(mm, x, f, early_layers=1)
+    ref.logsumexp(-1).sum().backward()
+    assert rel_error(out, ref) < 1e-12
+    for name, g in trainable_grads(mm).items():
+        assert rel_error(grads[name], g) < 1e-10, name
+    assert rel_error(out, reference_logits(mm, x, f)) > 1e-3
+
+
+def test_early_fusion_sends_per_sample_and_shared_prefixes_in_one_forward(monkeypatch):
+    """The fused kernels receive the (B, Hkv, P, D) prefix in the early layer and the
+    shared (Hkv, P, D) one above, in training and in cached generation, and cached
+    generation equals recomputation."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mm = tiny_model(backend="triton", fusion={"image_fusion": "early", "early_layers": 1}).to(device)
+    prefixes = []
+    op = model_module.gated_prefix_attention
+
+    def spy(q, k, v, prefix_k, prefix_v, gate, **kw):
+        prefixes.append(tuple(prefix_k.shape))
+        return op(q, k, v, prefix_k, prefix_v, gate, **kw)
+
+    monkeypatch.setattr(model_module, "gated_prefix_attention", spy)
+    x, f = tokens(T=16).to(device), features().to(device)
+    before = dict(LAUNCH_COUNTS)
+    mm(x, image_features=f).float().logsumexp(-1).sum().backward()
+    assert LAUNCH_COUNTS["backward_dq"] - before.get("backward_dq", 0) == 2
+    assert prefixes == [(2, 2, 3, 16), (2, 3, 16)]
+    mm.eval()
+    with torch.no_grad():
+        offset = mm.prompt_offset(image_features=features(2).to(device))
+        prompts = [[1, 5, 9, 13, 2, 7], [1, 3]]
+        prefixes.clear()
+        cached = generate(mm.llama, prompts, max_new_tokens=4, prompt_offset=offset)
+        assert set(prefixes) == {(2, 2, 3, 16), (2, 3, 16)}
+        assert cached == generate(mm.llama, prompts, max_new_tokens=4, prompt_offset=offset, use_cache=False)
+
+
+def test_the_adapter_file_records_the_fusion(tmp_path):
+    from llama_adapter_fast.models.multimodal import read_image_fusion
+
+    mm = tiny_model(fusion={"image_fusion": "early"})
+    path = tmp_path / "adapter.safetensors"
+    mm.save_adapter(path)
+    assert read_image_fusion(path) == {"image_fusion": "early", "early_layers": 1}
+    again = tiny_model(seed=1, fusion=read_image_fusion(path))
+    again.llama.load_state_dict(mm.llama.state_dict())
+    again.load_adapter(path)
+    x, f = tokens(), features()
+    with torch.no_grad():
+        assert torch.equal(again(x, image_features=f), mm(x, image_features=f))
+    plain = tiny_model()
+    plain.save_adapter(tmp_path / "all.safetensors")
+    assert read_image_fusion(tmp_path / "all.safetensors") == {"image_fusion": "all", "early_layers": None}
+
+
+@pytest.mark.parametrize(("fusion", "message"), [
+    ({"image_fusion": "late"}, "image_fusion must be one of"),
+    ({"image_fusion": "early", "early_layers": 2}, "early_layers must be an int in \\[1, 1\\]"),
+    ({"image_fusion": "early", "early_layers": 0}, "early_layers must be an int"),
+    ({"early_layers": 1}, "early_layers: only with image_fusion='early'"),
+])
+def test_bad_fusion_options_name_the_argument(fusion, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(fusion=fusion)
 
 
 def test_zero_gates_give_the_base_models_logits():

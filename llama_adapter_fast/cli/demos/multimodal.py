@@ -210,47 +210,60 @@ def run(a) -> int:
     print("      " + ("" if loss is None else f"contrastive loss {loss:.3f}; ")
           + f"saved as a Hugging Face CLIP folder: {out / 'encoder'} ({time.perf_counter() - t1:.0f} s)\n")
 
-    torch.manual_seed(a.seed)  # the prompts and the projection start the same whatever ran before
-    llama = load_base(base_dir, device=device, adapter_len=DEMO_MM_FINETUNE["adapter_len"],
-                      adapter_layers=DEMO_MODEL["n_layers"], attention_backend=backend)
-    model = MultiModalLLaMAAdapter(llama, encoder)
     steps = a.finetune_steps or DEMO_MM_FINETUNE["max_steps"]
-    n_prompt = sum(p.numel() for _, p in llama.adapter_parameters())
-    n_proj = sum(p.numel() for p in model.image_projection.parameters())
-    print(f"[3/4] Fine-tuning prompts and gates ({n_prompt:,}) and the image projection ({n_proj:,}: global "
-          f"features of encoder layers {encoder.layers} -> width {llama.args.dim}); LLaMA and encoder frozen.\n"
-          f"      {len(train_records)} questions about {n_train_pictures} pictures "
-          f"({SHAPES_FILES['train'].name}: colour, count, up or down); {steps} steps.")
-    cfg = TrainConfig(**{**DEMO_MM_FINETUNE, "max_steps": steps}, data=str(SHAPES_FILES["train"]),
-                      out_dir=str(out / "adapter"), attention_backend=backend, device=str(device), overwrite=True,
-                      print_every=max(1, steps // 6), save_every=steps, seed=a.seed, progress=not a.no_progress,
-                      feature_cache=str(out / "image_features"))
-    res = finetune(cfg, model=model, tokenizer=tokenizer)
-    print(f"      loss {res.first_loss:.3f} -> {res.final_loss:.3f} ({res.seconds:.0f} s)")
-    print(f"      adapter: {res.adapter_path}")
-    print(f"      loss plot: {res.plot_path}\n")
+    models, results = {}, {}
+    for k, fusion in enumerate(("all", "early")):
+        torch.manual_seed(a.seed)  # the prompts and the projection start the same whatever ran before
+        llama = load_base(base_dir, device=device, adapter_len=DEMO_MM_FINETUNE["adapter_len"],
+                          adapter_layers=DEMO_MODEL["n_layers"], attention_backend=backend)
+        model = MultiModalLLaMAAdapter(llama, encoder, image_fusion=fusion)
+        n_prompt = sum(p.numel() for _, p in llama.adapter_parameters())
+        n_proj = sum(p.numel() for p in model.image_projection.parameters())
+        where = ("the image in every adapted layer" if fusion == "all" else
+                 f"early fusion (V2): the image in the lowest {model.early_layers} of {len(llama.adapter_layers())} "
+                 f"adapted layers, plain prompts above")
+        print(f"[3{'ab'[k]}/4] Fine-tuning prompts and gates ({n_prompt:,}) and the image projection ({n_proj:,}: "
+              f"global features of encoder layers {encoder.layers} -> width {llama.args.dim}), {where}; LLaMA and "
+              f"encoder frozen.\n      {len(train_records)} questions about {n_train_pictures} pictures "
+              f"({SHAPES_FILES['train'].name}: colour, count, up or down); {steps} steps.")
+        cfg = TrainConfig(**{**DEMO_MM_FINETUNE, "max_steps": steps}, data=str(SHAPES_FILES["train"]),
+                          out_dir=str(out / ("adapter" if fusion == "all" else "adapter-early")),
+                          attention_backend=backend, device=str(device), overwrite=True,
+                          print_every=max(1, steps // 6), save_every=steps, seed=a.seed, progress=not a.no_progress,
+                          feature_cache=str(out / "image_features"))
+        res = finetune(cfg, model=model, tokenizer=tokenizer)
+        print(f"      loss {res.first_loss:.3f} -> {res.final_loss:.3f} ({res.seconds:.0f} s)")
+        print(f"      adapter: {res.adapter_path}")
+        print(f"      loss plot: {res.plot_path}\n")
+        models[fusion], results[fusion] = model.eval(), res
+    res = results["all"]
 
-    model.eval()
     images = [str(SHAPES_DIR / r["image"]) for r in heldout]
-    with_images = answer(model, tokenizer, heldout, images=images, max_new_tokens=4, batch_size=64)
-    blank = answer(model, tokenizer, heldout, images=[str(SHAPES_FILES["blank"])] * len(heldout), max_new_tokens=4,
-                         batch_size=64)
+    blanks = [str(SHAPES_FILES["blank"])] * len(heldout)
+    with_images = {f: answer(m, tokenizer, heldout, images=images, max_new_tokens=4, batch_size=64)
+                   for f, m in models.items()}
+    blank = {f: answer(m, tokenizer, heldout, images=blanks, max_new_tokens=4, batch_size=64)
+             for f, m in models.items()}
     print(f"[4/4] {len(heldout)} questions about {n_held_pictures} held-out pictures (never seen in training), "
-          f"answered with each picture and with a blank one.")
-    print(f"      {'picture':26s} {'question':42s} {'expected':9s} {'blank':9s} with the picture")
+          f"answered with each picture and with a blank one, by both adapters.")
+    print(f"      {'picture':26s} {'question':42s} {'expected':9s} {'blank':9s} with the picture (all layers)")
     # Every third record is about the next picture: walk through pictures and tasks together.
     n_tasks = len(shape_pictures.QUESTIONS)
     shown_rows = [n_tasks * (k * n_held_pictures // max(1, a.show)) + k % n_tasks for k in range(a.show)]
     for i in [i for i in shown_rows if i < len(heldout)]:
         r = heldout[i]
-        mark = "ok" if with_images[i].strip() == r["output"] else "--"
-        print(f"      {r['image']:26s} {r['instruction'][:42]:42s} {r['output']:9s} {blank[i][:9]:9s} "
-              f"{with_images[i][:12]:12s} {mark}")
-    print(f"\n      exact answers          {'blank picture':>15s} {'with the picture':>17s}")
+        mark = "ok" if with_images["all"][i].strip() == r["output"] else "--"
+        print(f"      {r['image']:26s} {r['instruction'][:42]:42s} {r['output']:9s} {blank['all'][i][:9]:9s} "
+              f"{with_images['all'][i][:12]:12s} {mark}")
+    print(f"\n      exact answers          {'image in every layer':>31s} {'early fusion':>31s}")
+    print(f"      {'':22s} {'blank':>14s} {'with picture':>16s} {'blank':>14s} {'with picture':>16s}")
     for task in (None, "colour", "count", "position"):
-        (nb, n), (ni, _) = _rate(blank, heldout, task), _rate(with_images, heldout, task)
+        cells = []
+        for fusion in ("all", "early"):
+            (nb, n), (ni, _) = _rate(blank[fusion], heldout, task), _rate(with_images[fusion], heldout, task)
+            cells.append(f"{nb:7d} ({100 * nb / n:3.0f}%) {ni:9d} ({100 * ni / n:3.0f}%)")
         label = "all questions" if task is None else task
-        print(f"      {label:22s} {nb:4d} ({100 * nb / n:3.0f}%) {ni:9d} ({100 * ni / n:3.0f}%)")
+        print(f"      {label:22s} {cells[0]} {cells[1]}")
     example = heldout[0]
     # Relative to the working directory when the pictures lie under it, so the line reads short.
     picture = os.path.relpath(SHAPES_DIR / example["image"])
