@@ -1,24 +1,82 @@
-"""`llama-adapter-fast convert`: a GGUF file as a Hugging Face folder, once."""
+"""`llama-adapter-fast convert`: a GGUF base as a Hugging Face folder, or an adapter from one
+format to another (this package's file, PEFT's adaption-prompt folder)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+ADAPTER_TARGETS = ("llama-adapter-fast", "peft")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="write a GGUF base (llama.cpp) as a Hugging Face folder",
-                       description="Dequantize a LLaMA GGUF file into a Hugging Face folder (config.json, "
-                                   "model.safetensors, its tokenizer.json, chat template and generation config) that "
-                                   "finetune and generate take as --base. (--base model.gguf also works: it converts "
-                                   "once into a cache.)")
-    p.add_argument("gguf", help="the .gguf file")
-    p.add_argument("--out", required=True, help="the new folder")
+    p = sub.add_parser("convert", help="a GGUF base as a Hugging Face folder; an adapter into another format",
+                       description="With a .gguf file: dequantize a LLaMA GGUF file into a Hugging Face folder "
+                                   "(config.json, model.safetensors, its tokenizer.json, chat template and generation "
+                                   "config) that finetune and generate take as --base (--base model.gguf also works: "
+                                   "it converts once into a cache). With an adapter (this package's .safetensors or "
+                                   "checkpoint.pt, a PEFT adaption-prompt folder, an original LLaMA-Adapter .pth): "
+                                   "write it as --to says, refusing what the target format cannot hold.")
+    p.add_argument("source", help="a .gguf base, or an adapter file or PEFT folder")
+    p.add_argument("--out", required=True, help="the new folder (a base, a PEFT adapter) or .safetensors file")
+    p.add_argument("--to", default="llama-adapter-fast", choices=ADAPTER_TARGETS,
+                   help="an adapter's target format (default: this package's .safetensors)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (default float32)")
+                   help="a GGUF base: dtype of the written weights (default float32)")
+    p.add_argument("--base-model", default=None, help="--to peft: the base_model_name_or_path PEFT records")
+    g = p.add_argument_group("an original LLaMA-Adapter .pth", "it records neither: read from its gates unless given")
+    g.add_argument("--adapter-len", type=int, default=None)
+    g.add_argument("--adapter-layers", type=int, default=None)
+    g.add_argument("--gate-activation", default=None, choices=["tanh", "identity"])
+
+
+def _original_to_ours(state: dict, settings: dict) -> dict:
+    """An original LLaMA-Adapter file under this package's names (it keeps a gate in every layer)."""
+    from llama_adapter_fast.models.adapter_io import convert_original_adapter
+
+    gates = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("layers.") and k.endswith(".gate")}
+    n_layers = max(gates) + 1 if gates else settings["adapter_layers"]
+    top = range(n_layers - settings["adapter_layers"], n_layers)
+    shapes = [gates[i].reshape(-1).shape if i in gates else (1,) for i in top]
+    return convert_original_adapter(state, n_layers, shapes)
+
+
+def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_model: str | None = None,
+                    **given) -> Path:
+    """Read an adapter in any format this package reads and write it in `to`; a ValueError
+    naming what would be lost where the target cannot hold it (nothing is written then).
+    `given` (adapter_len, adapter_layers, gate_activation) completes an original file."""
+    from llama_adapter_fast.models.adapter_formats import write_peft_adapter
+    from llama_adapter_fast.models.adapter_io import (
+        is_original_adapter,
+        read_adapter_config,
+        read_adapter_file,
+        write_adapter_file,
+    )
+
+    if to not in ADAPTER_TARGETS:
+        raise ValueError(f"to must be one of {ADAPTER_TARGETS}, got {to!r}")
+    settings = read_adapter_config(source, **given)
+    state = read_adapter_file(source)
+    if is_original_adapter(source):
+        state = _original_to_ours(state, settings)
+    if to == "peft":
+        return write_peft_adapter(out, state, settings, base_model)
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"--out {out}: this package's adapter files end in .safetensors")
+    config = dict(settings)
+    if "bias_tuning" in config:
+        config["bias_tuning"] = list(config["bias_tuning"])
+    write_adapter_file(out, state, config, {"converted_from": str(source)})
+    return Path(out)
 
 
 def run(a: argparse.Namespace) -> int:
-    from llama_adapter_fast.models.gguf import convert_gguf
+    from llama_adapter_fast.models.gguf import convert_gguf, is_gguf
 
-    print(f"base model: {convert_gguf(a.gguf, a.out, dtype=a.dtype)}")
+    if a.source.endswith(".gguf") or is_gguf(a.source):
+        print(f"base model: {convert_gguf(a.source, a.out, dtype=a.dtype)}")
+        return 0
+    given = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers, "gate_activation": a.gate_activation}
+    print(f"adapter: {convert_adapter(a.source, a.out, a.to, a.base_model, **given)} ({a.to} format)")
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.files import atomic_write, first_line
+from llama_adapter_fast.models.adapter_formats import is_peft_folder, read_peft_adapter, read_peft_config
 from llama_adapter_fast.models.config import ADAPTER_FIELDS
 from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, TUNABLE_LINEARS
 from llama_adapter_fast.ops import GATE_ACTIVATIONS
@@ -59,7 +60,8 @@ def convert_original_adapter(state: dict, n_layers: int, gate_shapes: Sequence[t
 
 def _check_adapter_path(path: Path) -> None:
     if path.is_dir():
-        raise ValueError(f"adapter file {path} is a folder, not a file")
+        raise ValueError(f"adapter file {path} is a folder, not a file (nor a PEFT adapter folder: it holds no "
+                         f"adapter_config.json)")
     if not path.is_file():
         raise ValueError(f"adapter file {path} does not exist")
 
@@ -90,6 +92,8 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     this package is accepted too: its adapter tensors are taken). A missing, empty,
     truncated or corrupt file is a ValueError naming it."""
     path = Path(path)
+    if is_peft_folder(path):
+        return read_peft_adapter(path)
     _check_adapter_path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -105,6 +109,8 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a .safetensors adapter (what training recorded: the base, the step, the
     prompt template, the tokenizer's SHA-256); {} for other files, which record none."""
     path = Path(path)
+    if is_peft_folder(path):
+        return {}
     _check_adapter_path(path)
     if path.suffix != ".safetensors":
         return {}
@@ -229,14 +235,18 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
     given) supplies what an original LLaMA-Adapter file does not record, and must agree
     with what a file does record."""
     path = Path(path)
-    _check_adapter_path(path)
+    if not is_peft_folder(path):
+        _check_adapter_path(path)
     given = {k: v for k, v in given.items() if v is not None}
     if "bias_tuning" in given:  # as the file records it: a list in TUNABLE_LINEARS' order
         given["bias_tuning"] = [n for n in TUNABLE_LINEARS if n in given["bias_tuning"]]
     unknown = sorted(set(given) - set(ADAPTER_FIELDS))
     if unknown:
         raise TypeError(f"read_adapter_config got unknown fields {unknown} (known: {ADAPTER_FIELDS})")
-    if path.suffix == ".safetensors":
+    peft = is_peft_folder(path)
+    if peft:  # PEFT's config records every field; its tensors are read when the adapter loads
+        recorded, shapes = read_peft_config(path), {}
+    elif path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
@@ -257,7 +267,7 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
         if "adapter_query.weight" in state:
             return _original_config(state, path, given)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
-    config = _config_from_shapes(shapes, path)
+    config = {} if peft else _config_from_shapes(shapes, path)
     for key, value in recorded.items():
         if key in config and config[key] != value:
             raise ValueError(f"{path}: its adapter_config metadata says {key} {value!r}, its tensors say "

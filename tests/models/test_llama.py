@@ -279,6 +279,17 @@ def test_adapter_state_dict_save_and_load(tmp_path):
     third.load_adapter(tmp_path / "original.pth")
     assert torch.equal(third.layers[2].attention.adapter_prompt, sd["layers.2.attention.adapter_prompt"])
     assert torch.equal(third.layers[2].attention.gate, sd["layers.2.attention.gate"])
+    # convert writes it as this package's file (its settings given: its layer 1 gate is still zero)
+    from llama_adapter_fast import cli
+
+    assert cli.main(["convert", str(tmp_path / "original.pth"), "--out", str(tmp_path / "converted.safetensors"),
+                     "--adapter-len", "5", "--adapter-layers", "2"]) == 0
+    assert read_adapter_config(tmp_path / "converted.safetensors") == {
+        "adapter_len": 5, "adapter_layers": 2, "gate_activation": "tanh", "scalar_gate": False}
+    fourth = small()
+    fourth.load_adapter(tmp_path / "converted.safetensors")
+    for name, t in third.adapter_state_dict().items():
+        assert torch.equal(fourth.adapter_state_dict()[name], t), name
 
 
 def test_bad_arguments_raise_clear_errors(tmp_path):

@@ -1,0 +1,110 @@
+"""Adapters in PEFT's format: read from folders PEFT's own save_pretrained wrote, written
+as folders PEFT's own from_pretrained loads, logits compared with PEFT's forward."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from peft import AdaptionPromptConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from llama_adapter_fast import cli  # noqa: E402
+from llama_adapter_fast.models.adapter_io import read_adapter_config  # noqa: E402
+from llama_adapter_fast.ops.testing import rel_error  # noqa: E402
+from llama_adapter_fast.training.recipes import load_base  # noqa: E402
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def hf_base(base_dir):
+    return LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+
+
+def test_a_peft_folder_gives_peft_logits(base_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(hf_base(base_dir), AdaptionPromptConfig(adapter_len=3, adapter_layers=1,
+                                                                        task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("adaption_prompt"):
+                p.normal_()
+            elif name.endswith("adaption_gate"):
+                p.uniform_(-1.5, 1.5)
+    peft_model.save_pretrained(tmp_path / "peft")  # PEFT's own writer
+    with torch.no_grad():
+        ref = peft_model(input_ids=tokens()).logits
+
+    settings = read_adapter_config(tmp_path / "peft")
+    assert settings == {"adapter_len": 3, "adapter_layers": 1, "gate_activation": "identity", "scalar_gate": True}
+    model = load_base(base_dir, attention_backend="sdpa", **settings)
+    model.load_adapter(tmp_path / "peft")
+    with torch.no_grad():
+        assert rel_error(model(tokens()), ref) < 1e-5
+
+    # convert writes this package's file, which gives the same logits
+    assert cli.main(["convert", str(tmp_path / "peft"), "--out", str(tmp_path / "ours.safetensors")]) == 0
+    again = load_base(base_dir, attention_backend="sdpa", **read_adapter_config(tmp_path / "ours.safetensors"))
+    again.load_adapter(tmp_path / "ours.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(tokens()), model(tokens()))
+    # generate takes the folder as it is
+    assert cli.main(["generate", "--base", str(base_dir), "--adapter", str(tmp_path / "peft"), "--prompt", "Hello",
+                     "--max-new-tokens", "2", "--device", "cpu", "--attention-backend", "sdpa"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("gates", ["identity-scalar", "tanh-scalar", "tanh-equal-heads"])
+def test_an_adapter_written_as_peft_loads_in_peft_with_the_same_logits(base_dir, tmp_path, gates):
+    activation, scalar = ("identity", True) if gates == "identity-scalar" else ("tanh", gates == "tanh-scalar")
+    torch.manual_seed(1)
+    model = load_base(base_dir, attention_backend="sdpa", adapter_len=4, adapter_layers=2,
+                      gate_activation=activation, scalar_gate=scalar)
+    with torch.no_grad():
+        for attn in model.adapter_layers():
+            attn.adapter_prompt.normal_()
+            attn.gate.fill_(float(torch.empty(()).uniform_(-1.5, 1.5)))  # per head: every head the same
+        ours = model(tokens())
+    model.save_adapter(tmp_path / "a.safetensors")
+    assert cli.main(["convert", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "peft"), "--to", "peft",
+                     "--base-model", str(base_dir)]) == 0
+    loaded = PeftModel.from_pretrained(hf_base(base_dir), tmp_path / "peft").eval()  # PEFT's own reader
+    assert loaded.peft_config["default"].adapter_len == 4
+    with torch.no_grad():
+        assert rel_error(loaded(input_ids=tokens()).logits, ours) < 1e-5
+
+
+def test_what_peft_cannot_hold_is_refused_and_nothing_is_written(base_dir, tmp_path, capsys):
+    torch.manual_seed(2)
+    per_head = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1)
+    with torch.no_grad():
+        per_head.adapter_layers()[0].gate.copy_(torch.tensor([0.3, -0.7]))
+    per_head.save_adapter(tmp_path / "heads.safetensors")
+    v2 = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1, scalar_gate=True,
+                   bias_tuning=("wq",))
+    v2.save_adapter(tmp_path / "v2.safetensors")
+    for source, message in (("heads", "its gates are per head .* PEFT keeps one gate per layer"),
+                            ("v2", "LLaMA-Adapter V2's biases, scales or norms.*would be lost")):
+        out = tmp_path / f"{source}-peft"
+        assert cli.main(["convert", str(tmp_path / f"{source}.safetensors"), "--out", str(out), "--to", "peft"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be written in PEFT's format" in err and re.search(message, err), err
+        assert not out.exists()
+
+
+def test_bad_peft_folders_are_named(tmp_path):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ValueError, match="peft_type 'LORA'; only ADAPTION_PROMPT"):
+        read_adapter_config(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="is a folder, not a file .*no adapter_config.json"):
+        read_adapter_config(empty)
