@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+from llama_adapter_fast.models.adapter_io import read_adapter_config
 from llama_adapter_fast.models.gguf import check_gguf, gguf_base_folder, is_gguf
 from llama_adapter_fast.training.config import DTYPES, TrainConfig
 from llama_adapter_fast.training.data import InstructionDataset, TextDataset
@@ -102,9 +103,45 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
         return _finetune(cfg, info, device, model, tokenizer, callback)
 
 
+def is_adapter_source(path: Path) -> bool:
+    """An adapter in a format `load_adapter` reads (this package's .safetensors, an original
+    .pth, a PEFT folder) rather than a training checkpoint."""
+    from llama_adapter_fast.models.adapter_formats import is_peft_folder
+
+    if is_peft_folder(path) or path.suffix == ".safetensors":
+        return True
+    if not path.is_file():
+        return False
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # read_checkpoint names the problem
+    return isinstance(raw, dict) and "adapter_query.weight" in raw
+
+
+def _with_adapter_settings(cfg: TrainConfig, adapter: Path, main: bool) -> TrainConfig:
+    """cfg with the adapter settings of the file or folder a new run starts from."""
+    from llama_adapter_fast.models.multimodal import read_image_adapter_record
+
+    if read_image_adapter_record(adapter) is not None:
+        raise ValueError(f"resume: {adapter} is a multi-modal adapter: resume its run from its checkpoint.pt")
+    given = {"adapter_len": None, "adapter_layers": cfg.adapter_layers, "gate_activation": None}
+    settings = read_adapter_config(adapter, **given)
+    changes = {k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    if main:
+        shown = ", ".join(f"{k} {v}" for k, v in changes.items())
+        print(f"resume: a new run from the adapter {adapter} ({shown}), at step 0 with a fresh optimizer")
+    return dataclasses.replace(cfg, **changes, resume=False)
+
+
 def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAdapter | None,
               tokenizer: Tokenizer | None, callback: Callable[[str, int], None] | None) -> TrainResult:
     resume = resolve_resume(cfg)
+    start_from = None
+    if resume is not None and model is None and is_adapter_source(resume):
+        # An adapter, not a training checkpoint: a new run from its weights and settings.
+        start_from, resume = resume, None
+        cfg = _with_adapter_settings(cfg, start_from, info.main)
     if resume is None and info.main:
         check_fresh_out(cfg)
     elif resume is not None and not resume.is_file():
@@ -126,6 +163,8 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         if cfg.adapter_layers is not None:
             adapter["adapter_layers"] = cfg.adapter_layers
         model = load_base(cfg.base, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, **adapter)
+        if start_from is not None:
+            model.load_adapter(start_from)
     if tokenizer.n_words > model.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.n_words} tokens, more than the model's "
                          f"vocab_size {model.args.vocab_size}: wrong tokenizer for this base?")

@@ -108,3 +108,37 @@ def test_bad_peft_folders_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="is a folder, not a file .*no adapter_config.json"):
         read_adapter_config(empty)
+
+
+def test_finetune_resume_starts_a_new_run_from_an_adapter_of_any_format(base_dir, data_file, tmp_path, capsys):
+    """--resume with a PEFT folder, or the same adapter converted to this package's file:
+    a new run from its weights (step 0, its settings), the two runs bit for bit the same,
+    and another start than a fresh adapter's."""
+    from safetensors.torch import load_file
+
+    from llama_adapter_fast.training.config import TrainConfig
+    from llama_adapter_fast.training.recipes import finetune
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(hf_base(base_dir), AdaptionPromptConfig(adapter_len=3, adapter_layers=2,
+                                                                        task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert cli.main(["convert", str(tmp_path / "peft"), "--out", str(tmp_path / "ours.safetensors")]) == 0
+
+    def run(out, **kw):
+        return finetune(TrainConfig(base=str(base_dir), data=str(data_file), out_dir=str(tmp_path / out),
+                                    attention_backend="sdpa", max_seq_len=80, batch_size=2, max_steps=2, lr=1e-2,
+                                    progress=False, plot=False, device="cpu", **kw))
+
+    from_peft = run("from-peft", resume=str(tmp_path / "peft"))
+    assert "resume: a new run from the adapter" in capsys.readouterr().out
+    from_ours = run("from-ours", resume=str(tmp_path / "ours.safetensors"))
+    fresh = run("fresh", adapter_len=3, adapter_layers=2, gate_activation="identity", scalar_gate=True)
+    assert from_peft.first_loss == from_ours.first_loss != fresh.first_loss
+    a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("from-peft", "from-ours"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_adapter_config(tmp_path / "from-peft" / "adapter.safetensors")["gate_activation"] == "identity"
