@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,6 +16,14 @@ from llama_adapter_fast.integrations.transformers.attention import (
     PROMPT_NAME,
     attention_layout,
     register_attention,
+)
+from llama_adapter_fast.integrations.transformers.tuning import (
+    TUNED_NAMES,
+    add_tuning,
+    norm_parameter_names,
+    remove_tuning,
+    tuned_shapes,
+    tuning_plan,
 )
 from llama_adapter_fast.ops import BACKENDS, GATE_ACTIVATIONS
 
@@ -135,6 +144,9 @@ def add_llama_adapter(
     *,
     train_head: bool = False,
     backend: str = "auto",
+    bias_tuning: str | Sequence[str] = (),
+    scale_tuning: str = "output",
+    norm_tuning: bool = False,
 ) -> nn.Module:
     """Turn a transformers model into a LLaMA-Adapter, in place.
 
@@ -166,6 +178,13 @@ def add_llama_adapter(
             they are then saved with the adapter. A model without a head raises ValueError.
         backend: the op's backend in adapted layers ("auto": the Triton kernels for CUDA
             tensors, two SDPA calls otherwise).
+        bias_tuning: LLaMA-Adapter V2: the linear layers of every layer, by name (q_proj,
+            o_proj, gate_proj, ... or the output embeddings' lm_head; "all" for every one),
+            that take a zero-initialized bias and, unless `scale_tuning` is "none", a
+            one-initialized scale (see integrations/transformers/tuning.py).
+        scale_tuning: where the scale sits: "output" (s * (W x + b), the paper), "input"
+            (W (s * x) + b, the original 65B release) or "none".
+        norm_tuning: LLaMA-Adapter V2: the norms' weights (and LayerNorm biases) train too.
 
     Returns:
         The same model. `model.llama_adapter_config` holds the settings.
@@ -176,7 +195,7 @@ def add_llama_adapter(
     adapter_layers = _check_int("adapter_layers", adapter_layers, 1)
     if gate_activation not in GATE_ACTIVATIONS:
         raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
-    for name, flag in (("per_head_gate", per_head_gate), ("train_head", train_head)):
+    for name, flag in (("per_head_gate", per_head_gate), ("train_head", train_head), ("norm_tuning", norm_tuning)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if backend not in BACKENDS:
@@ -187,6 +206,8 @@ def add_llama_adapter(
             "interface (its _supports_attention_backend is False)"
         )
     plan = _plan(model, adapter_len, adapter_layers, per_head_gate)
+    tuned = tuning_plan(model, list(_layer_stacks(model)), bias_tuning, scale_tuning) if bias_tuning else []
+    norms = norm_parameter_names(model) if norm_tuning else []
     head = _head_parameter_names(model) if train_head else []
     if train_head and not head:
         raise ValueError(f"train_head: {type(model).__name__} has no task head on top of its base model")
@@ -203,9 +224,10 @@ def add_llama_adapter(
         # Plain attributes, read by the attention function.
         module.adaption_gate_activation = gate_activation
         module.adaption_backend = backend
-    trained = set(head)
+    add_tuning(tuned, scale_tuning)
+    trained = set(head) | set(norms)
     for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES or name in trained)
+        param.requires_grad_(name.rsplit(".", 1)[-1] in (*ADAPTER_PARAMETER_NAMES, *TUNED_NAMES) or name in trained)
     model.llama_adapter_config = {
         "adapter_len": adapter_len,
         "adapter_layers": adapter_layers,
@@ -213,6 +235,10 @@ def add_llama_adapter(
         "per_head_gate": per_head_gate,
         "train_head": train_head,
         "head_parameters": head,
+        "bias_tuning": bias_tuning if isinstance(bias_tuning, str) else list(bias_tuning),
+        "scale_tuning": scale_tuning,
+        "norm_tuning": norm_tuning,
+        "norm_parameters": norms,
         "previous_attn_implementation": previous,
     }
     return model
@@ -227,6 +253,7 @@ def remove_llama_adapter(model: nn.Module) -> nn.Module:
     for module in _adapted_modules(model):
         for name in (*ADAPTER_PARAMETER_NAMES, "adaption_gate_activation", "adaption_backend"):
             delattr(module, name)
+    remove_tuning(model)
     model.requires_grad_(False)
     _set_attn_implementation(model, config["previous_attn_implementation"])
     del model.llama_adapter_config
@@ -235,16 +262,17 @@ def remove_llama_adapter(model: nn.Module) -> nn.Module:
 
 # The settings saved with an adapter, with the defaults of files saved before a setting existed.
 _SETTINGS = {"adapter_len": None, "adapter_layers": None, "gate_activation": None, "per_head_gate": None,
-             "train_head": False}
+             "train_head": False, "bias_tuning": [], "scale_tuning": "output", "norm_tuning": False}
 
 
 def llama_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors alone (prompts and gates, and the task head where it is
-    trained), keyed as in model.state_dict()."""
-    head = set(getattr(model, "llama_adapter_config", {}).get("head_parameters", ()))
+    """The adapter's tensors alone (prompts and gates, V2's biases, scales and norms where
+    they are tuned, and the task head where it is trained), keyed as in model.state_dict()."""
+    config = getattr(model, "llama_adapter_config", {})
+    extra = set(config.get("head_parameters", ())) | set(config.get("norm_parameters", ()))
     return {
         name: tensor for name, tensor in model.state_dict().items()
-        if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES or name in head
+        if name.rsplit(".", 1)[-1] in (*ADAPTER_PARAMETER_NAMES, *TUNED_NAMES) or name in extra
     }
 
 
@@ -285,6 +313,10 @@ def load_llama_adapter(model: nn.Module, path: str | os.PathLike, *, backend: st
         expected |= {f"{name}.{GATE_NAME}": gate for name, _, _, gate in plan}
         params = dict(model.named_parameters())
         expected |= {n: params[n].shape for n in (_head_parameter_names(model) if settings["train_head"] else [])}
+        if settings["bias_tuning"]:
+            tuned = tuning_plan(model, list(_layer_stacks(model)), settings["bias_tuning"], settings["scale_tuning"])
+            expected |= tuned_shapes(tuned, settings["scale_tuning"])
+        expected |= {n: params[n].shape for n in (norm_parameter_names(model) if settings["norm_tuning"] else [])}
     elif any(config[k] != v for k, v in settings.items()):
         raise ValueError(f"the model's adapter settings differ from the saved ones: {settings}")
     else:
