@@ -1,12 +1,12 @@
 """`llama-adapter-fast convert`: a GGUF base as a Hugging Face folder, or an adapter from one
-format to another (this package's file, PEFT's adaption-prompt folder)."""
+format to another (this package's file, PEFT's adaption-prompt folder, litgpt's checkpoints)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-ADAPTER_TARGETS = ("llama-adapter-fast", "peft")
+ADAPTER_TARGETS = ("llama-adapter-fast", "peft", "litgpt")
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
                                    "(config.json, model.safetensors, its tokenizer.json, chat template and generation "
                                    "config) that finetune and generate take as --base (--base model.gguf also works: "
                                    "it converts once into a cache). With an adapter (this package's .safetensors or "
-                                   "checkpoint.pt, a PEFT adaption-prompt folder, an original LLaMA-Adapter .pth): "
+                                   "checkpoint.pt, a PEFT adaption-prompt folder, a litgpt adapter or adapter_v2 "
+                                   "checkpoint, an original LLaMA-Adapter .pth): "
                                    "write it as --to says, refusing what the target format cannot hold.")
     p.add_argument("source", help="a .gguf base, or an adapter file or PEFT folder")
     p.add_argument("--out", required=True, help="the new folder (a base, a PEFT adapter) or .safetensors file")
@@ -46,7 +47,7 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     """Read an adapter in any format this package reads and write it in `to`; a ValueError
     naming what would be lost where the target cannot hold it (nothing is written then).
     `given` (adapter_len, adapter_layers, gate_activation) completes an original file."""
-    from llama_adapter_fast.models.adapter_formats import write_peft_adapter
+    from llama_adapter_fast.models.adapter_formats import write_litgpt_adapter, write_peft_adapter
     from llama_adapter_fast.models.adapter_io import (
         is_original_adapter,
         read_adapter_config,
@@ -62,6 +63,8 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
         state = _original_to_ours(state, settings)
     if to == "peft":
         return write_peft_adapter(out, state, settings, base_model)
+    if to == "litgpt":
+        return write_litgpt_adapter(out, state, settings)
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: this package's adapter files end in .safetensors")
     config = dict(settings)

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                    help="where the tuned scale sits: s * (W x + b) (output, the paper), W (s * x) + b (input, the "
                         "65B release) or no scale (none, the 7B release)")
     p.add_argument("--norm-tuning", action="store_true", help="LLaMA-Adapter V2: the RMSNorm weights train too")
+    p.add_argument("--prefix-projection", default="own", choices=["own", "litgpt"],
+                   help="prefix keys and values from the layers' own k and v projections (the paper), or as litgpt's "
+                        "adapters compute them (to train an adapter litgpt runs)")
     p.add_argument("--max-seq-len", type=int, default=defaults["max_seq_len"])
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                    help="records per process and micro-step (with --pack: per process and step, / --grad-accum)")

@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 # "litgpt": litgpt's own slicing of the prompt's qkv output (its checkpoints' numbers);
-# "base": the rows the layer takes its own keys and values from (the paper's projection).
-PREFIX_PROJECTIONS = ("litgpt", "base")
+# "own": the rows the layer takes its own keys and values from (the paper's projection).
+PREFIX_PROJECTIONS = ("litgpt", "own")
 
 
 def prefix_keys_values(attention: AdapterAttention, projection: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,7 @@ def prefix_keys_values(attention: AdapterAttention, projection: str) -> tuple[to
     query group, (aT, groups, q_per_kv + 2, hs), and takes slot q_per_kv of each group as
     the key and slot q_per_kv + 1 as the value ("litgpt"). Those are other rows of the
     projection than the layer's own keys and values, except with one query group (MQA),
-    where the two layouts coincide. "base" takes the layer's own key and value rows.
+    where the two layouts coincide. "own" takes the layer's own key and value rows.
     No rotary embedding, as in litgpt.
     """
     config = attention.config
@@ -166,7 +166,7 @@ def enable_fused_adapter(model: nn.Module, backend: str = "auto", prefix_project
         backend: the op's backend: "auto" (the Triton kernels for CUDA tensors, two SDPA
             calls otherwise), "triton", "sdpa" or "eager".
         prefix_projection: "litgpt" (default) slices the prompt's qkv output as litgpt does,
-            which gives litgpt's numbers for its checkpoints; "base" takes the prefix keys
+            which gives litgpt's numbers for its checkpoints; "own" takes the prefix keys
             and values from the rows of the qkv projection that give the layer's own keys
             and values, as the paper projects the prompt (a different model: litgpt's
             checkpoints do not carry over).

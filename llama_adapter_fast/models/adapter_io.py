@@ -14,8 +14,14 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.files import atomic_write, first_line
-from llama_adapter_fast.models.adapter_formats import is_peft_folder, read_peft_adapter, read_peft_config
-from llama_adapter_fast.models.config import ADAPTER_FIELDS
+from llama_adapter_fast.models.adapter_formats import (
+    is_peft_folder,
+    litgpt_state,
+    read_litgpt_adapter,
+    read_peft_adapter,
+    read_peft_config,
+)
+from llama_adapter_fast.models.config import ADAPTER_FIELDS, PREFIX_PROJECTIONS
 from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, TUNABLE_LINEARS
 from llama_adapter_fast.ops import GATE_ACTIVATIONS
 
@@ -102,7 +108,10 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise _unreadable_adapter(path, exc) from None
-    return _unwrap_pt(_load_pt(path), path)
+    raw = _load_pt(path)
+    if (lit := litgpt_state(raw)) is not None:
+        return read_litgpt_adapter(lit, str(path))[0]
+    return _unwrap_pt(raw, path)
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -138,6 +147,7 @@ _ADAPTER_FIELD_CHECKS = {
                     f"a list of layer names from {TUNABLE_LINEARS}"),
     "scale_tuning": (lambda v: v in SCALE_PLACEMENTS, f"one of {SCALE_PLACEMENTS}"),
     "norm_tuning": (lambda v: isinstance(v, bool), "true or false"),
+    "prefix_projection": (lambda v: v in PREFIX_PROJECTIONS, f"one of {PREFIX_PROJECTIONS}"),
 }
 
 
@@ -243,8 +253,8 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
     unknown = sorted(set(given) - set(ADAPTER_FIELDS))
     if unknown:
         raise TypeError(f"read_adapter_config got unknown fields {unknown} (known: {ADAPTER_FIELDS})")
-    peft = is_peft_folder(path)
-    if peft:  # PEFT's config records every field; its tensors are read when the adapter loads
+    complete = is_peft_folder(path)  # a format whose settings are all known without the tensors' shapes
+    if complete:  # PEFT's config records every field; its tensors are read when the adapter loads
         recorded, shapes = read_peft_config(path), {}
     elif path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -256,8 +266,9 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
         except Exception as exc:
             raise _unreadable_adapter(path, exc) from None
         recorded = _recorded_config(meta, path)
+    elif (lit := litgpt_state(raw := _load_pt(path))) is not None:
+        recorded, shapes, complete = read_litgpt_adapter(lit, str(path))[1], {}, True
     else:
-        raw = _load_pt(path)
         recorded = {}
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
             recorded = {k: raw["config"][k] for k in ("gate_activation",) if k in raw["config"]}
@@ -267,7 +278,7 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
         if "adapter_query.weight" in state:
             return _original_config(state, path, given)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
-    config = {} if peft else _config_from_shapes(shapes, path)
+    config = {} if complete else _config_from_shapes(shapes, path)
     for key, value in recorded.items():
         if key in config and config[key] != value:
             raise ValueError(f"{path}: its adapter_config metadata says {key} {value!r}, its tensors say "

@@ -15,7 +15,11 @@ from llama_adapter_fast.ops import BACKENDS, GATE_ACTIVATIONS
 ADAPTER_FORMAT = "llama_adapter_fast.adapter/1"
 # The fields of ModelArgs that describe the adapter rather than the base model.
 ADAPTER_FIELDS = ("adapter_len", "adapter_layers", "gate_activation", "scalar_gate", "bias_tuning", "scale_tuning",
-                  "norm_tuning")
+                  "norm_tuning", "prefix_projection")
+# How the prompt becomes prefix keys and values: "own", the layer's wk and wv (the paper);
+# "litgpt", litgpt's reading of the prompt's [q | k | v] projection as if it were
+# interleaved per query group (its adapters need it; see integrations/litgpt.py).
+PREFIX_PROJECTIONS = ("own", "litgpt")
 ROPE_TYPES = ("llama3", "linear")
 
 
@@ -55,6 +59,7 @@ class ModelArgs:
     bias_tuning: tuple[str, ...] = ()
     scale_tuning: str = "output"
     norm_tuning: bool = False
+    prefix_projection: str = "own"
     rope_scaling: dict | None = None
     hidden_dim: int | None = None
     tie_word_embeddings: bool = False
@@ -95,6 +100,9 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.scale_tuning must be one of {SCALE_PLACEMENTS}, got {self.scale_tuning!r}")
         if not isinstance(self.norm_tuning, bool):
             raise TypeError(f"ModelArgs.norm_tuning must be a bool, got {self.norm_tuning!r}")
+        if self.prefix_projection not in PREFIX_PROJECTIONS:
+            raise ValueError(f"ModelArgs.prefix_projection must be one of {PREFIX_PROJECTIONS}, got "
+                             f"{self.prefix_projection!r}")
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +121,8 @@ class ModelArgs:
         """The adapter fields, as an adapter file records them; V2's only where the adapter
         uses them (so that a V1 adapter's file reads as before)."""
         config = {name: getattr(self, name) for name in ADAPTER_FIELDS}
+        if self.prefix_projection == "own":
+            del config["prefix_projection"]
         if not self.bias_tuning and not self.norm_tuning:
             for name in ("bias_tuning", "scale_tuning", "norm_tuning"):
                 del config[name]

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         self.wo = args.linear("wo", args.n_heads * self.head_dim, args.dim)
         self.use_adapter = use_adapter
         self.takes_prompt_offset = use_adapter  # the multi-modal adapter's early fusion turns it off up top
-        self.gate_activation = args.gate_activation
+        self.gate_activation, self.prefix_projection = args.gate_activation, args.prefix_projection
         self.backend = args.attention_backend
         if use_adapter:
             # Trainable parameters stay float32 whatever the base dtype (they are small, and
@@ -129,10 +129,13 @@ class Attention(nn.Module):
             prompt = prompt + prompt_offset[:, None, :].to(prompt.dtype)
         if not torch.is_autocast_enabled(prompt.device.type):
             prompt = prompt.to(self.wk.weight.dtype)
+        if self.prefix_projection == "litgpt":  # see ModelArgs.prefix_projection
+            per_group = self.n_heads // self.n_kv_heads
+            qkv = torch.cat([self.wq(prompt), self.wk(prompt), self.wv(prompt)], -1)
+            qkv = qkv.unflatten(-1, (self.n_kv_heads, per_group + 2, self.head_dim)).transpose(-4, -3)
+            return qkv[..., per_group, :], qkv[..., per_group + 1, :]
         heads = (self.n_kv_heads, self.head_dim)
-        prefix_k = self.wk(prompt).unflatten(-1, heads).transpose(-3, -2)
-        prefix_v = self.wv(prompt).unflatten(-1, heads).transpose(-3, -2)
-        return prefix_k, prefix_v
+        return tuple(w(prompt).unflatten(-1, heads).transpose(-3, -2) for w in (self.wk, self.wv))
 
     def forward(
         self,

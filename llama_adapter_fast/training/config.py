@@ -32,6 +32,7 @@ class TrainConfig:
     bias_tuning: list[str] | None = None  # linear layers with a tuned bias (and scale): wq, wk, wv, wo, w1-w3, output
     scale_tuning: str = "output"  # where their scale sits: output, input or none
     norm_tuning: bool = False
+    prefix_projection: str = "own"  # "litgpt": the prefix as litgpt's adapters compute it (ModelArgs' field)
     attention_backend: str = "auto"
     max_seq_len: int = 512
     batch_size: int = 4  # records per process and micro-step (padded); with pack, per process and step / grad_accum

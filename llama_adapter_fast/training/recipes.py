@@ -105,8 +105,8 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
 
 def is_adapter_source(path: Path) -> bool:
     """An adapter in a format `load_adapter` reads (this package's .safetensors, an original
-    .pth, a PEFT folder) rather than a training checkpoint."""
-    from llama_adapter_fast.models.adapter_formats import is_peft_folder
+    .pth, a PEFT folder, a litgpt checkpoint) rather than a training checkpoint."""
+    from llama_adapter_fast.models.adapter_formats import is_peft_folder, litgpt_state
 
     if is_peft_folder(path) or path.suffix == ".safetensors":
         return True
@@ -116,7 +116,7 @@ def is_adapter_source(path: Path) -> bool:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return False  # read_checkpoint names the problem
-    return isinstance(raw, dict) and "adapter_query.weight" in raw
+    return isinstance(raw, dict) and ("adapter_query.weight" in raw or litgpt_state(raw) is not None)
 
 
 def _with_adapter_settings(cfg: TrainConfig, adapter: Path, main: bool) -> TrainConfig:
@@ -159,7 +159,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         adapter = {"adapter_len": cfg.adapter_len, "gate_activation": cfg.gate_activation,
                    "scalar_gate": cfg.scalar_gate, "attention_backend": cfg.attention_backend,
                    "bias_tuning": tuple(cfg.bias_tuning or ()), "scale_tuning": cfg.scale_tuning,
-                   "norm_tuning": cfg.norm_tuning}
+                   "norm_tuning": cfg.norm_tuning, "prefix_projection": cfg.prefix_projection}
         if cfg.adapter_layers is not None:
             adapter["adapter_layers"] = cfg.adapter_layers
         model = load_base(cfg.base, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, **adapter)

@@ -114,7 +114,7 @@ def check_resume_settings(state: dict, path: Path, cfg: TrainConfig, global_batc
 def _with_v2_fields(adapter: dict[str, Any]) -> dict[str, Any]:
     """An adapter config with V2's fields spelled out (a config records them only where the
     adapter uses them); the scale's placement matters only where a layer has a bias."""
-    adapter = {"bias_tuning": [], "norm_tuning": False, **adapter}
+    adapter = {"bias_tuning": [], "norm_tuning": False, "prefix_projection": "own", **adapter}
     if not adapter["bias_tuning"]:
         adapter.pop("scale_tuning", None)
     return adapter

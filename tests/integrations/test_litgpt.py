@@ -214,7 +214,7 @@ def test_several_training_steps_in_a_row(flavour):
 
 
 def test_prefix_projections():
-    """"litgpt" slices the prompt's qkv output per query group; "base" takes the rows of the
+    """"litgpt" slices the prompt's qkv output per query group; "own" takes the rows of the
     layer's own keys and values. The two coincide with one query group only."""
     for arch, same in (("llama", False), ("gemma", True)):
         attention = lit_model(arch).transformer.h[-1].attn
@@ -222,7 +222,7 @@ def test_prefix_projections():
         qkv = attention.qkv(attention.adapter_wte.weight)
         q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
         own_k = qkv[:, q_size:q_size + kv_size].reshape(config.adapter_prompt_length, -1, config.head_size)
-        base_k, base_v = prefix_keys_values(attention, "base")
+        base_k, base_v = prefix_keys_values(attention, "own")
         litgpt_k, _ = prefix_keys_values(attention, "litgpt")
         assert torch.equal(base_k, own_k.transpose(0, 1)) and base_v.shape == base_k.shape
         assert torch.equal(litgpt_k, base_k) == same
@@ -233,7 +233,7 @@ def test_base_projection_option_runs_and_differs():
     x = tokens()
     with torch.no_grad():
         litgpt_logits = enable_fused_adapter(fresh_copy(model), backend="sdpa")(x)
-        base_logits = enable_fused_adapter(fresh_copy(model), backend="sdpa", prefix_projection="base")(x)
+        base_logits = enable_fused_adapter(fresh_copy(model), backend="sdpa", prefix_projection="own")(x)
     assert rel_error(base_logits, litgpt_logits) > 1e-3
 
 

@@ -174,6 +174,8 @@ def test_bad_tuning_options_name_the_field():
         ModelArgs(**TINY, scale_tuning="both")
     with pytest.raises(TypeError, match="norm_tuning must be a bool"):
         ModelArgs(**TINY, norm_tuning="yes")
+    with pytest.raises(ValueError, match="prefix_projection must be one of"):
+        ModelArgs(**TINY, prefix_projection="base")
 
 
 def test_finetune_with_v2_tuning_prints_counts_and_resumes_exactly(base_dir, data_file, tmp_path, capsys):
