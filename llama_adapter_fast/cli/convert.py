@@ -1,12 +1,13 @@
 """`llama-adapter-fast convert`: a GGUF base as a Hugging Face folder, or an adapter from one
-format to another (this package's file, PEFT's adaption-prompt folder, litgpt's checkpoints)."""
+format to another (this package's file, PEFT's adaption-prompt folder, litgpt's checkpoints,
+the original V1 and V2 releases' .pth)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-ADAPTER_TARGETS = ("llama-adapter-fast", "peft", "litgpt")
+ADAPTER_TARGETS = ("llama-adapter-fast", "peft", "litgpt", "original")
 
 
 def add_parser(sub) -> None:
@@ -16,30 +17,20 @@ def add_parser(sub) -> None:
                                    "config) that finetune and generate take as --base (--base model.gguf also works: "
                                    "it converts once into a cache). With an adapter (this package's .safetensors or "
                                    "checkpoint.pt, a PEFT adaption-prompt folder, a litgpt adapter or adapter_v2 "
-                                   "checkpoint, an original LLaMA-Adapter .pth): "
+                                   "checkpoint, an original LLaMA-Adapter V1 or V2 .pth): "
                                    "write it as --to says, refusing what the target format cannot hold.")
     p.add_argument("source", help="a .gguf base, or an adapter file or PEFT folder")
-    p.add_argument("--out", required=True, help="the new folder (a base, a PEFT adapter) or .safetensors file")
+    p.add_argument("--out", required=True, help="the new folder (a base, a PEFT adapter), .safetensors or .pth file")
     p.add_argument("--to", default="llama-adapter-fast", choices=ADAPTER_TARGETS,
                    help="an adapter's target format (default: this package's .safetensors)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="a GGUF base: dtype of the written weights (default float32)")
     p.add_argument("--base-model", default=None, help="--to peft: the base_model_name_or_path PEFT records")
-    g = p.add_argument_group("an original LLaMA-Adapter .pth", "it records neither: read from its gates unless given")
+    g = p.add_argument_group("an original LLaMA-Adapter .pth",
+                             "it records neither length nor layers: read from its gates unless given")
     g.add_argument("--adapter-len", type=int, default=None)
     g.add_argument("--adapter-layers", type=int, default=None)
     g.add_argument("--gate-activation", default=None, choices=["tanh", "identity"])
-
-
-def _original_to_ours(state: dict, settings: dict) -> dict:
-    """An original LLaMA-Adapter file under this package's names (it keeps a gate in every layer)."""
-    from llama_adapter_fast.models.adapter_io import convert_original_adapter
-
-    gates = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("layers.") and k.endswith(".gate")}
-    n_layers = max(gates) + 1 if gates else settings["adapter_layers"]
-    top = range(n_layers - settings["adapter_layers"], n_layers)
-    shapes = [gates[i].reshape(-1).shape if i in gates else (1,) for i in top]
-    return convert_original_adapter(state, n_layers, shapes)
 
 
 def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_model: str | None = None,
@@ -48,23 +39,21 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     naming what would be lost where the target cannot hold it (nothing is written then).
     `given` (adapter_len, adapter_layers, gate_activation) completes an original file."""
     from llama_adapter_fast.models.adapter_formats import write_litgpt_adapter, write_peft_adapter
-    from llama_adapter_fast.models.adapter_io import (
-        is_original_adapter,
-        read_adapter_config,
-        read_adapter_file,
-        write_adapter_file,
-    )
+    from llama_adapter_fast.models.adapter_io import read_adapter_config, read_adapter_file, write_adapter_file
+    from llama_adapter_fast.models.original_formats import QUERY_KEY, original_to_ours, write_original_adapter
 
     if to not in ADAPTER_TARGETS:
         raise ValueError(f"to must be one of {ADAPTER_TARGETS}, got {to!r}")
     settings = read_adapter_config(source, **given)
     state = read_adapter_file(source)
-    if is_original_adapter(source):
-        state = _original_to_ours(state, settings)
+    if QUERY_KEY in state:
+        state = original_to_ours(state, settings["adapter_layers"])
     if to == "peft":
         return write_peft_adapter(out, state, settings, base_model)
     if to == "litgpt":
         return write_litgpt_adapter(out, state, settings)
+    if to == "original":
+        return write_original_adapter(out, state, settings)
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: this package's adapter files end in .safetensors")
     config = dict(settings)

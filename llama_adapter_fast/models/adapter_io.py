@@ -1,13 +1,13 @@
 """Adapter files: this package's .safetensors (the prompts and gates, with the adapter's
-settings in its metadata), .pt/.pth dicts and training checkpoints, and the original
-LLaMA-Adapter release's .pth (one `adapter_query` embedding of every prompt). Reading
-checks the settings against the tensors' shapes before anything is allocated."""
+settings in its metadata), .pt/.pth dicts and training checkpoints; other formats through
+adapter_formats.py (PEFT, litgpt) and original_formats.py (the original V1 and V2 releases).
+Reading checks the settings against the tensors' shapes before anything is allocated."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from llama_adapter_fast.models.adapter_formats import (
     read_peft_config,
 )
 from llama_adapter_fast.models.config import ADAPTER_FIELDS, PREFIX_PROJECTIONS
+from llama_adapter_fast.models.original_formats import QUERY_KEY, original_config, original_state, original_to_ours
 from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, TUNABLE_LINEARS
 from llama_adapter_fast.ops import GATE_ACTIVATIONS
 
@@ -40,28 +41,16 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def convert_original_adapter(state: dict, n_layers: int, gate_shapes: Sequence[torch.Size]) -> dict:
-    """The original code keeps all prompts in one (adapter_layers * P, dim) embedding and
-    gates of shape (1, n_heads, 1, 1) in every layer (unused below the adapter layers):
-    its tensors under this package's names, for a model whose top len(gate_shapes) layers
-    are adapted (gate_shapes: their gates' shapes). Other state dicts pass unchanged."""
-    if "adapter_query.weight" not in state:
-        return state
-    queries = state["adapter_query.weight"]
-    n_adapted = len(gate_shapes)
-    if queries.dim() != 2 or not n_adapted or queries.shape[0] % n_adapted:
-        raise ValueError(f"adapter_query.weight of shape {tuple(queries.shape)} does not hold prompts for this "
-                         f"model's {n_adapted} adapter layers")
-    queries = queries.reshape(n_adapted, -1, queries.shape[-1])
-    converted = {}
-    for i, shape in enumerate(gate_shapes):
-        lid = n_layers - n_adapted + i
-        converted[f"layers.{lid}.attention.adapter_prompt"] = queries[i]
-        gate = state.get(f"layers.{lid}.attention.gate")
-        if gate is not None:
-            # One gate per head: a file of another head count keeps its shape, for the shape check.
-            converted[f"layers.{lid}.attention.gate"] = gate.reshape(shape) if gate.numel() == shape.numel() else gate
-    return converted
+def with_own_names(state: Mapping[str, torch.Tensor], adapter_layers: int,
+                   final_norm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`state` under this package's names (an original release's file is converted, for a
+    model whose top `adapter_layers` layers are adapted). With `final_norm`, a norm-tuned
+    model's own final norm, a file that tunes only the blocks' norms (the original 65B
+    release) keeps it: the final norm stays the base's, as in the code that trained it."""
+    state = original_to_ours(state, adapter_layers) if QUERY_KEY in state else dict(state)
+    if final_norm is not None and "norm.weight" not in state and any(k.endswith("_norm.weight") for k in state):
+        state["norm.weight"] = final_norm.detach()
+    return state
 
 
 def _check_adapter_path(path: Path) -> None:
@@ -111,6 +100,8 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raw = _load_pt(path)
     if (lit := litgpt_state(raw)) is not None:
         return read_litgpt_adapter(lit, str(path))[0]
+    if (original := original_state(raw, str(path))) is not None:
+        return original
     return _unwrap_pt(raw, path)
 
 
@@ -133,9 +124,9 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def is_original_adapter(path: str | os.PathLike) -> bool:
-    """True for the original LLaMA-Adapter's .pth (one `adapter_query` embedding of every
-    prompt), which records neither adapter_len nor adapter_layers."""
-    return Path(path).suffix != ".safetensors" and "adapter_query.weight" in read_adapter_file(path)
+    """True for an original LLaMA-Adapter release's .pth (one `adapter_query` embedding of
+    every prompt), which records neither adapter_len nor adapter_layers."""
+    return Path(path).suffix != ".safetensors" and QUERY_KEY in read_adapter_file(path)
 
 
 _ADAPTER_FIELD_CHECKS = {
@@ -203,41 +194,6 @@ def _tuning_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]
     return config
 
 
-def _original_config(state: Mapping[str, torch.Tensor], path: Path, given: Mapping[str, Any]) -> dict[str, Any]:
-    """adapter_len and adapter_layers of an original LLaMA-Adapter file: given, or read from
-    its gates. The original keeps a gate in every layer, and only those of the adapted (top)
-    layers ever train away from zero."""
-    queries = state["adapter_query.weight"]
-    if queries.dim() != 2:
-        raise ValueError(f"{path}: adapter_query.weight must be 2-d, got shape {tuple(queries.shape)}")
-    rows = queries.shape[0]
-    length, layers = given.get("adapter_len"), given.get("adapter_layers")
-    for option, value in (("--adapter-len", length), ("--adapter-layers", layers)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{option} must be an int >= 1, got {value!r}")
-    if layers is None and length is not None and rows % length == 0:
-        layers = rows // length
-    if layers is None:
-        gates = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("layers.") and k.endswith(".gate")}
-        n = max(gates) + 1 if gates else 0
-        trained = [i for i in sorted(gates) if bool(gates[i].abs().sum() > 0)]
-        if not trained or trained != list(range(n - len(trained), n)) or rows % len(trained):
-            raise ValueError(f"{path}: an original LLaMA-Adapter file records neither adapter_len nor adapter_layers, "
-                             f"and its gates do not tell them: pass --adapter-len and --adapter-layers (their "
-                             f"product is its {rows} prompt vectors)")
-        layers = len(trained)
-    if length is None:
-        if rows % layers:
-            raise ValueError(f"--adapter-layers {layers} does not fit {path}: its adapter_query holds {rows} = "
-                             f"adapter_len * adapter_layers prompt vectors")
-        length = rows // layers
-    if length * layers != rows:
-        raise ValueError(f"--adapter-len {length} and --adapter-layers {layers} do not fit {path}: its adapter_query "
-                         f"holds {rows} = adapter_len * adapter_layers prompt vectors")
-    return {"adapter_len": length, "adapter_layers": layers, "scalar_gate": False,
-            "gate_activation": given.get("gate_activation", "tanh")}
-
-
 def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
     """The adapter fields (adapter_len, adapter_layers, gate_activation, scalar_gate) of an
     adapter file, so that a model can be built to match it, checked against the file's
@@ -268,6 +224,8 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
         recorded = _recorded_config(meta, path)
     elif (lit := litgpt_state(raw := _load_pt(path))) is not None:
         recorded, shapes, complete = read_litgpt_adapter(lit, str(path))[1], {}, True
+    elif (original := original_state(raw, str(path))) is not None:
+        recorded, shapes, complete = original_config(original, str(path), given), {}, True
     else:
         recorded = {}
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
@@ -275,8 +233,6 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
             if isinstance(raw.get("adapter"), dict) and "scale_tuning" in raw["adapter"]:
                 recorded["scale_tuning"] = raw["adapter"]["scale_tuning"]
         state = _unwrap_pt(raw, path)
-        if "adapter_query.weight" in state:
-            return _original_config(state, path, given)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     config = {} if complete else _config_from_shapes(shapes, path)
     for key, value in recorded.items():

@@ -329,8 +329,8 @@ class LLaMAAdapter(nn.Module):
     def load_adapter(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
                      strict: bool = True) -> None:
         """Load adapter weights from a dict, a .safetensors file written by `save_adapter`,
-        a .pt/.pth file (our adapter dict, a training checkpoint of this package, or the
-        original LLaMA-Adapter's adapter file with `adapter_query.weight`)."""
+        a .pt/.pth file (our adapter dict, a training checkpoint of this package, an original
+        V1 or V2 release's file), a PEFT folder or a litgpt checkpoint."""
         source = str(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "state_dict"
         if isinstance(state_dict_or_path, (str, os.PathLike)):
             state = adapter_io.read_adapter_file(state_dict_or_path)
@@ -338,8 +338,8 @@ class LLaMAAdapter(nn.Module):
             state = dict(state_dict_or_path)
         else:
             raise TypeError(f"load_adapter takes a state dict or a path, got {type(state_dict_or_path).__name__}")
-        state = adapter_io.convert_original_adapter(state, self.args.n_layers,
-                                                    [attn.gate.shape for attn in self.adapter_layers()])
+        state = adapter_io.with_own_names(state, self.args.adapter_layers,
+                                          self.norm.weight if self.args.norm_tuning else None)
         args = self.args
         described = (f"adapter_layers={args.adapter_layers}, adapter_len={args.adapter_len}, scalar_gate="
                      f"{args.scalar_gate}, bias_tuning={list(args.bias_tuning)}, scale_tuning={args.scale_tuning}, "

@@ -105,8 +105,9 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
 
 def is_adapter_source(path: Path) -> bool:
     """An adapter in a format `load_adapter` reads (this package's .safetensors, an original
-    .pth, a PEFT folder, a litgpt checkpoint) rather than a training checkpoint."""
+    V1 or V2 .pth, a PEFT folder, a litgpt checkpoint) rather than a training checkpoint."""
     from llama_adapter_fast.models.adapter_formats import is_peft_folder, litgpt_state
+    from llama_adapter_fast.models.original_formats import original_state
 
     if is_peft_folder(path) or path.suffix == ".safetensors":
         return True
@@ -116,7 +117,7 @@ def is_adapter_source(path: Path) -> bool:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return False  # read_checkpoint names the problem
-    return isinstance(raw, dict) and ("adapter_query.weight" in raw or litgpt_state(raw) is not None)
+    return original_state(raw, str(path)) is not None or litgpt_state(raw) is not None
 
 
 def _with_adapter_settings(cfg: TrainConfig, adapter: Path, main: bool) -> TrainConfig:

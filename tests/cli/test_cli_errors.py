@@ -390,7 +390,8 @@ def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_pa
     for i in (0, 1):
         state[f"layers.{i}.attention.gate"] = torch.full((1, 7, 1, 1), 0.1)
     torch.save(state, tmp_path / "other_heads.pth")
-    expect_error(capsys, generate_args(base_dir, tmp_path / "other_heads.pth"), "attention.gate has shape (1, 7, 1, 1)")
+    expect_error(capsys, generate_args(base_dir, tmp_path / "other_heads.pth"),
+                 "attention.gate has shape (7,), this model expects (2,)")
 
 
 def test_runs_that_would_learn_nothing_stop(base_dir, data_file, tmp_path, capsys):  # noqa: F811
