@@ -156,6 +156,8 @@ def original_to_ours(state: Mapping[str, torch.Tensor], adapter_layers: int) -> 
         if m := _TUNED.match(key):
             layer, block, linear, kind = m.groups()
             if kind == "bias" and linear in ("wq", "wk"):
+                if t.dim() != 1 or t.numel() % head_dim:
+                    raise ValueError(f"{key} has shape {tuple(t.shape)}: not a bias of whole heads of {head_dim}")
                 t = _permute_rows(t, t.numel() // head_dim, to_meta=False)
             out[f"layers.{layer}.{block}.{linear}.tuned_{kind}"] = t
         elif _NORM.match(key):
@@ -194,6 +196,9 @@ def write_original_adapter(path: str | os.PathLike, state: Mapping[str, torch.Te
         raise ValueError(f"--out {path}: an original LLaMA-Adapter file ends in .pth")
     prompts = sorted((int(k.split(".")[1]), t) for k, t in state.items() if k.endswith(".adapter_prompt"))
     gates = {k: t for k, t in state.items() if k.endswith(".gate")}
+    if not prompts or len(gates) != len(prompts):
+        raise ValueError("the adapter cannot be written as an original LLaMA-Adapter file: the original holds "
+                         f"one prompt and one gate per adapted layer, this adapter {len(prompts)} and {len(gates)}")
     heads = next(iter(gates.values())).numel()
     head_dim = prompts[0][1].shape[-1] // heads
     out = {QUERY_KEY: torch.cat([t.detach().float() for _, t in prompts])}

@@ -16,7 +16,7 @@ from llama_adapter_fast import cli
 from llama_adapter_fast.cli.convert import convert_adapter
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
 from llama_adapter_fast.models.adapter_io import read_adapter_config, read_adapter_file
-from llama_adapter_fast.models.original_formats import write_original_adapter
+from llama_adapter_fast.models.original_formats import original_to_ours, write_original_adapter
 from llama_adapter_fast.ops.testing import rel_error
 
 DIM, LAYERS, HEADS, VOCAB, P = 32, 3, 4, 64, 3
@@ -202,6 +202,9 @@ def test_what_a_text_model_cannot_hold_is_refused(base, tmp_path):
             read_adapter_config(tmp_path / "x.pth")
         with pytest.raises(ValueError, match=words):
             read_adapter_file(tmp_path / "x.pth")
+    odd = {**sd, "layers.0.attention.wq_bias": torch.zeros(DIM - 3)}
+    with pytest.raises(ValueError, match="whole heads"):
+        original_to_ours(odd, 2)
     unpaired = {k: v for k, v in original_adapter(base[1], **CHAT_65B).items() if k != "layers.0.attention.wq_scale"}
     torch.save({"model": unpaired}, tmp_path / "x.pth")
     with pytest.raises(ValueError, match="in pairs"):
@@ -261,6 +264,12 @@ def test_what_the_original_cannot_hold_is_refused(base, tmp_path, settings, word
     model.save_adapter(tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match=words):
         convert_adapter(str(tmp_path / "a.safetensors"), str(tmp_path / "a.pth"), to="original")
+    assert not (tmp_path / "a.pth").exists()
+
+
+def test_writing_needs_prompts_and_gates(tmp_path):
+    with pytest.raises(ValueError, match="one prompt and one gate per adapted layer"):
+        write_original_adapter(tmp_path / "a.pth", {"norm.weight": torch.ones(DIM)}, {"norm_tuning": True})
     assert not (tmp_path / "a.pth").exists()
 
 
