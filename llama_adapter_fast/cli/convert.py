@@ -39,15 +39,18 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     naming what would be lost where the target cannot hold it (nothing is written then).
     `given` (adapter_len, adapter_layers, gate_activation) completes an original file."""
     from llama_adapter_fast.models.adapter_formats import write_litgpt_adapter, write_peft_adapter
-    from llama_adapter_fast.models.adapter_io import read_adapter_config, read_adapter_file, write_adapter_file
-    from llama_adapter_fast.models.original_formats import QUERY_KEY, original_to_ours, write_original_adapter
+    from llama_adapter_fast.models.adapter_io import (
+        read_adapter_config,
+        read_adapter_file,
+        with_own_names,
+        write_adapter_file,
+    )
+    from llama_adapter_fast.models.original_formats import write_original_adapter
 
     if to not in ADAPTER_TARGETS:
         raise ValueError(f"to must be one of {ADAPTER_TARGETS}, got {to!r}")
     settings = read_adapter_config(source, **given)
-    state = read_adapter_file(source)
-    if QUERY_KEY in state:
-        state = original_to_ours(state, settings["adapter_layers"])
+    state = with_own_names(read_adapter_file(source), settings["adapter_layers"])
     if to == "peft":
         return write_peft_adapter(out, state, settings, base_model)
     if to == "litgpt":
