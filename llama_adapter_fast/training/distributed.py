@@ -3,6 +3,7 @@ this process's device, and the collectives the loop needs."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -39,7 +40,17 @@ def init_distributed(device: str | None = None) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # A group left to the interpreter's teardown can abort the process: gloo's worker
+        # threads still hold tensors whose release needs the GIL of an interpreter that is
+        # gone ("terminate called without an active exception", SIGABRT). Close it at exit.
+        atexit.register(close_distributed)
     return info, dev
+
+
+def close_distributed() -> None:
+    """Destroy the default process group, if one is open (a no-op otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
