@@ -1,49 +1,73 @@
-"""Packaging: the kernels are importable as llama_adapter_fast.kernels, and the folder's
-__init__ has no side effects (libraries probe for a top-level `kernels` package)."""
+"""Packaging: the kernels are importable as llama_adapter_fast.kernels (the link
+llama_adapter_fast/kernels -> ../kernels) and never as a top-level `kernels`, a name that
+belongs to Hugging Face's kernel hub, which transformers imports."""
 
 import ast
+import importlib.metadata
 import pathlib
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_kernels_init_has_no_side_effects():
-    tree = ast.parse((ROOT / "kernels" / "__init__.py").read_text())
-    body = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
-    assert body == [], "kernels/__init__.py must hold only its docstring"
+def _run(code: str, cwd: pathlib.Path | str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True).stdout
+
+
+def test_kernels_folder_is_no_regular_package():
+    """Without an __init__.py the folder is at most a namespace portion from the root, which
+    loses to any installed package of that name; the package reaches it through its link."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    link = ROOT / "llama_adapter_fast" / "kernels"
+    assert link.is_symlink() and link.resolve() == (ROOT / "kernels").resolve()
 
 
 def test_kernels_are_a_subpackage():
     code = "import llama_adapter_fast.kernels.forward as f, sys; print(f.__name__); print('kernels' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
-    assert out.split() == ["llama_adapter_fast.kernels.forward", "False"]
+    assert _run(code, "/").split() == ["llama_adapter_fast.kernels.forward", "False"]
 
 
-def test_probing_for_a_top_level_kernels_is_harmless():
-    """Libraries that probe for a package named `kernels` import this folder when the
-    repository root is on sys.path: that import must define nothing and load nothing."""
-    code = "import sys; before = set(sys.modules); import kernels; print(sorted(set(sys.modules) - before))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert out.strip() == "['kernels']"
+def test_root_sees_the_hubs_kernels_and_transformers_imports():
+    """From the repository root (first on sys.path for `python -m pytest`, `python -m
+    llama_adapter_fast.cli`, `python -c`), `import kernels` is Hugging Face's package where it
+    is installed (transformers >= 5.25 requires it), at most an empty namespace elsewhere, and
+    transformers' model classes import beside it."""
+    pytest.importorskip("transformers")
+    code = ("import importlib.util\n"
+            "hub = importlib.util.find_spec('kernels')\n"
+            "import llama_adapter_fast.kernels.forward\n"
+            "from transformers import LlamaForCausalLM\n"
+            "print(hub.origin if hub else 'absent', hub.submodule_search_locations if hub else '')\n")
+    origin, locations = _run(code, ROOT).split(" ", 1)
+    try:
+        hub_files = importlib.metadata.distribution("kernels").files
+    except importlib.metadata.PackageNotFoundError:  # an older transformers without the kernel hub
+        assert origin in ("absent", "None"), origin  # the folder is at most an empty namespace
+        return
+    hub_init = next(f for f in hub_files if f.as_posix() == "kernels/__init__.py")
+    assert pathlib.Path(origin).resolve() == pathlib.Path(hub_init.locate()).resolve()
+    assert (ROOT / "kernels").resolve() not in pathlib.Path(origin).resolve().parents
 
 
 def test_uninstalled_checkout_finds_its_kernels(tmp_path):
     """Run from a copy of the sources with no install (as on a machine with only torch and
-    triton): llama_adapter_fast.kernels still resolves to the checkout's kernels/."""
-    import shutil
-
+    triton): llama_adapter_fast.kernels resolves through the link to the checkout's kernels/."""
     for folder in ("llama_adapter_fast", "kernels"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+        shutil.copytree(ROOT / folder, tmp_path / folder, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "assets"))
     code = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
         "import llama_adapter_fast.kernels.forward as f\n"
         "print(f.__file__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
-    assert out.stdout.strip() == str(tmp_path / "kernels" / "forward.py")
+    out = pathlib.Path(_run(code, tmp_path).strip())
+    assert out.resolve() == (tmp_path / "kernels" / "forward.py").resolve()
+    assert out.is_relative_to(tmp_path)
 
 
 # Floors of the package, lowest first: a module imports only from its own floor or lower.
