@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from llama_adapter_fast.models.config import ModelArgs  # noqa: E402
+from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.llama import LLaMAAdapter
-from llama_adapter_fast.training.config import TrainConfig  # noqa: E402
-from llama_adapter_fast.training.data import IGNORE_INDEX  # noqa: E402
+from llama_adapter_fast.training.config import TrainConfig
+from llama_adapter_fast.training.data import IGNORE_INDEX
 from llama_adapter_fast.training.distributed import Dist
-from llama_adapter_fast.training.tokenizer import Tokenizer  # noqa: E402
+from llama_adapter_fast.training.tokenizer import Tokenizer
 from llama_adapter_fast.training.trainer import Trainer
 
 LENGTHS = Path(__file__).resolve().parent / "data" / "alpaca_lengths.json"

@@ -52,7 +52,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     # The interpreter replaces @triton.jit functions at import time: nothing to compile.
     os.environ["TRITON_INTERPRET"] = "0"
 
-import torch  # noqa: E402
+import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ARCH_NAMES = {80: "sm_80", 90: "sm_90"}

@@ -34,11 +34,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 if __name__ == "__main__" and "--autotune" not in sys.argv:  # before the kernels load
     os.environ.setdefault("LLAMA_ADAPTER_FAST_AUTOTUNE", "0")
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import harness  # noqa: E402
-from llama_adapter_fast import eager_attention, gated_prefix_attention  # noqa: E402
-from llama_adapter_fast.ops.testing import (  # noqa: E402
+from benchmarks import harness
+from llama_adapter_fast import eager_attention, gated_prefix_attention
+from llama_adapter_fast.ops.testing import (
     Case,
     PackedCase,
     check_against_oracle,

@@ -51,8 +51,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import gpu_check, harness  # noqa: E402
-from benchmarks.harness import processes  # noqa: E402
+from benchmarks import gpu_check, harness
+from benchmarks.harness import processes
 
 SCRIPT = Path(__file__).resolve()
 MAX_FILES = 8

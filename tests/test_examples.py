@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from examples import roberta_sentence_classification, vit_image_classification  # noqa: E402
+from examples import roberta_sentence_classification, vit_image_classification
 
 TINY = ["--pretrain-steps", "2", "--steps", "2", "--batch-size", "8", "--train-size", "16", "--test-size", "8",
         "--adapter-layers", "2", "--backend", "sdpa", "--threads", str(torch.get_num_threads())]

@@ -36,7 +36,7 @@ def finetune_args(base, data, out, *extra: str) -> list[str]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bfloat16 runs through the kernels on a GPU")
 @pytest.mark.interpreter
-def test_bf16_through_triton_on_the_cpu_stops_before_training(base_dir, data_file, tmp_path, capsys):  # noqa: F811
+def test_bf16_through_triton_on_the_cpu_stops_before_training(base_dir, data_file, tmp_path, capsys):
     out = tmp_path / "out"
     expect_error(capsys, finetune_args(base_dir, data_file, out, "--attention-backend", "triton",
                                        "--precision", "bf16"), "--precision bf16", "--attention-backend triton")
@@ -47,7 +47,7 @@ def test_bf16_through_triton_on_the_cpu_stops_before_training(base_dir, data_fil
                           "--attention-backend", "triton", "--dtype", "bfloat16"], "--dtype bfloat16")
 
 
-def test_unknown_or_missing_devices(base_dir, data_file, tmp_path, capsys):  # noqa: F811
+def test_unknown_or_missing_devices(base_dir, data_file, tmp_path, capsys):
     expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--device", "bogus"), "--device 'bogus'")
     expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--device", "bogus"], "--device")
     if not torch.cuda.is_available():
@@ -57,7 +57,7 @@ def test_unknown_or_missing_devices(base_dir, data_file, tmp_path, capsys):  # n
                      "--device cuda:1: not available")
 
 
-def test_data_records_and_paths(base_dir, tmp_path, capsys):  # noqa: F811
+def test_data_records_and_paths(base_dir, tmp_path, capsys):
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "x\\ud800y", "output": "b"}\n')
     expect_error(capsys, finetune_args(base_dir, surrogate, tmp_path / "o"),
@@ -81,7 +81,7 @@ def test_data_records_and_paths(base_dir, tmp_path, capsys):  # noqa: F811
     (["--epochs", "inf", "--max-steps", "0"], "--max-steps"),
     (["--save-every", "0"], "--save-every"),
 ])
-def test_finetune_options_out_of_range(base_dir, data_file, tmp_path, capsys, options, fragment):  # noqa: F811
+def test_finetune_options_out_of_range(base_dir, data_file, tmp_path, capsys, options, fragment):
     expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", *options), fragment)
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
@@ -93,7 +93,7 @@ def test_finetune_options_out_of_range(base_dir, data_file, tmp_path, capsys, op
     (["--temperature", "nan"], "--temperature"),
     (["--top-p", "0"], "--top-p"),
 ])
-def test_generate_options_out_of_range(base_dir, capsys, options, fragment):  # noqa: F811
+def test_generate_options_out_of_range(base_dir, capsys, options, fragment):
     expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--device", "cpu", *options],
                  fragment)
 
@@ -113,7 +113,7 @@ def test_demo_step_counts_out_of_range(capsys, argv, fragment):
 
 
 @pytest.fixture(scope="module")
-def trained(base_dir, data_file, tmp_path_factory):  # noqa: F811
+def trained(base_dir, data_file, tmp_path_factory):
     """An out folder of a finished 2-step run (adapter and checkpoint)."""
     out = tmp_path_factory.mktemp("trained")
     assert cli.main(finetune_args(base_dir, data_file, out)) == 0
@@ -122,13 +122,13 @@ def trained(base_dir, data_file, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("change, option", [(["--adapter-len", "3"], "--adapter-len"),
                                             (["--scalar-gate"], "--scalar-gate")])
-def test_resume_with_a_changed_adapter_shape(base_dir, data_file, trained, capsys, change, option):  # noqa: F811
+def test_resume_with_a_changed_adapter_shape(base_dir, data_file, trained, capsys, change, option):
     expect_error(capsys, finetune_args(base_dir, data_file, trained, "--max-steps", "3", "--resume", *change),
                  f"resume: {option} was")
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "corrupt", "not a checkpoint", "folder"])
-def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path, capsys, damage):  # noqa: F811
+def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path, capsys, damage):
     checkpoint = tmp_path / "checkpoint.pt"
     good = (trained / "checkpoint.pt").read_bytes()
     if damage == "folder":
@@ -143,7 +143,7 @@ def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path
                  f"resume: {checkpoint}")
 
 
-def test_a_missing_resume_checkpoint_stops_before_loading(base_dir, data_file, tmp_path, capsys,  # noqa: F811
+def test_a_missing_resume_checkpoint_stops_before_loading(base_dir, data_file, tmp_path, capsys,
                                                            monkeypatch):
     import llama_adapter_fast.training.recipes as train
 
@@ -156,7 +156,7 @@ def test_a_missing_resume_checkpoint_stops_before_loading(base_dir, data_file, t
                  f"resume: checkpoint {missing} does not exist")
 
 
-def test_resume_of_a_finished_run(base_dir, data_file, trained, tmp_path, capsys):  # noqa: F811
+def test_resume_of_a_finished_run(base_dir, data_file, trained, tmp_path, capsys):
     """The trained run is at step 2: resuming it for 2 steps trains nothing and says so; for
     fewer steps than it has done is an error."""
     out = tmp_path / "o"
@@ -168,7 +168,7 @@ def test_resume_of_a_finished_run(base_dir, data_file, trained, tmp_path, capsys
                  "is at step 2, past the 1 steps of this run")
 
 
-def test_resume_over_a_torn_metrics_row(base_dir, data_file, trained, tmp_path, capsys):  # noqa: F811
+def test_resume_over_a_torn_metrics_row(base_dir, data_file, trained, tmp_path, capsys):
     """A run killed while appending a metrics row leaves it torn: resume drops it (its step
     runs again); a bad row before the last is an error naming the file."""
     out = tmp_path / "o"
@@ -183,7 +183,7 @@ def test_resume_over_a_torn_metrics_row(base_dir, data_file, trained, tmp_path, 
                  f"{metrics}: line 1 is not a metrics row")
 
 
-def test_ctrl_c_ends_with_the_resume_line_and_no_traceback(base_dir, data_file, tmp_path, capsys,  # noqa: F811
+def test_ctrl_c_ends_with_the_resume_line_and_no_traceback(base_dir, data_file, tmp_path, capsys,
                                                            monkeypatch):
     from llama_adapter_fast.training.trainer import Trainer
 
@@ -202,7 +202,7 @@ def test_ctrl_c_ends_with_the_resume_line_and_no_traceback(base_dir, data_file, 
     assert captured.err.strip() == "llama-adapter-fast finetune: interrupted"
 
 
-def test_a_second_run_on_the_same_out_folder_stops(base_dir, data_file, tmp_path, capsys):  # noqa: F811
+def test_a_second_run_on_the_same_out_folder_stops(base_dir, data_file, tmp_path, capsys):
     from llama_adapter_fast.training.run_folder import LOCK, out_folder_lock
 
     out = tmp_path / "o"
@@ -216,7 +216,7 @@ def test_a_second_run_on_the_same_out_folder_stops(base_dir, data_file, tmp_path
     assert (out / "adapter.safetensors").is_file() and not (out / LOCK).exists()
 
 
-def test_an_unusable_out_folder_is_refused_before_loading(base_dir, data_file, tmp_path, capsys,  # noqa: F811
+def test_an_unusable_out_folder_is_refused_before_loading(base_dir, data_file, tmp_path, capsys,
                                                           monkeypatch):
     import llama_adapter_fast.training.recipes as train
 
@@ -239,7 +239,7 @@ def instructions_file(path, long_at: int | None = None, n: int = 3):
     return records
 
 
-def test_generate_skips_an_over_long_record_and_keeps_the_others(base_dir, tmp_path, capsys):  # noqa: F811
+def test_generate_skips_an_over_long_record_and_keeps_the_others(base_dir, tmp_path, capsys):
     data, answers = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
     records = instructions_file(data, long_at=1)
     assert cli.main(["generate", "--base", str(base_dir), "--instructions", str(data), "--output", str(answers),
@@ -257,7 +257,7 @@ def test_generate_skips_an_over_long_record_and_keeps_the_others(base_dir, tmp_p
                           records[1]["input"], "--device", "cpu"], "--prompt", "leaves no room")
 
 
-def test_generate_writes_each_answer_as_it_comes(base_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_generate_writes_each_answer_as_it_comes(base_dir, tmp_path, capsys, monkeypatch):
     import llama_adapter_fast.generation as generation
 
     data, answers = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
@@ -279,7 +279,7 @@ def test_generate_writes_each_answer_as_it_comes(base_dir, tmp_path, capsys, mon
     assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows)  # the first batch is safe
 
 
-def test_generate_checks_the_output_before_loading(base_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_generate_checks_the_output_before_loading(base_dir, tmp_path, capsys, monkeypatch):
     import llama_adapter_fast.training.recipes as train
 
     def no_loading(*args, **kwargs):
@@ -306,7 +306,7 @@ def generate_args(base, adapter, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("damage", ["missing", "folder", "empty", "truncated", "corrupt"])
-def test_damaged_adapter_files(base_dir, trained, tmp_path, capsys, suffix, damage):  # noqa: F811
+def test_damaged_adapter_files(base_dir, trained, tmp_path, capsys, suffix, damage):
     good = trained / "adapter.safetensors"
     if suffix == ".pth":
         from safetensors.torch import load_file
@@ -333,7 +333,7 @@ def test_damaged_adapter_files(base_dir, trained, tmp_path, capsys, suffix, dama
     ('{"adapter_len": 2000000}', "adapter_len"),  # metadata against the tensors, before any allocation
     ('{"adapter_layers": 1}', "adapter_layers"),
 ])
-def test_adapter_metadata_is_checked_against_the_tensors(base_dir, trained, tmp_path, capsys, monkeypatch,  # noqa: F811
+def test_adapter_metadata_is_checked_against_the_tensors(base_dir, trained, tmp_path, capsys, monkeypatch,
                                                          config, fragment):
     from safetensors.torch import load_file, save_file
 
@@ -362,7 +362,7 @@ def original_adapter(trained, path, zero_gates: bool = False):
     torch.save(state, path)
 
 
-def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_path, capsys):  # noqa: F811
+def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_path, capsys):
     assert cli.main(generate_args(base_dir, trained / "adapter.safetensors")) == 0
     ours = capsys.readouterr().out
     original_adapter(trained, tmp_path / "original.pth")
@@ -394,7 +394,7 @@ def test_generate_loads_an_original_llama_adapter_file(base_dir, trained, tmp_pa
                  "attention.gate has shape (7,), this model expects (2,)")
 
 
-def test_runs_that_would_learn_nothing_stop(base_dir, data_file, tmp_path, capsys):  # noqa: F811
+def test_runs_that_would_learn_nothing_stop(base_dir, data_file, tmp_path, capsys):
     out = tmp_path / "nan"
     expect_error(capsys, finetune_args(base_dir, data_file, out, "--lr", "1e30", "--max-steps", "4"),
                  "the loss is nan", "no checkpoint was written")
@@ -405,7 +405,7 @@ def test_runs_that_would_learn_nothing_stop(base_dir, data_file, tmp_path, capsy
     assert not (tmp_path / "short" / "adapter.safetensors").exists()
 
 
-def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsys):  # noqa: F811
+def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsys):
     data = tmp_path / "one.json"
     record = {"instruction": "Give the opposite of the word.", "input": "wet", "output": "dry"}
     data.write_bytes(b"\xef\xbb\xbf" + json.dumps(record, indent=2).encode())
@@ -415,7 +415,7 @@ def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsy
     assert cli.main(finetune_args(base_dir, data, tmp_path / "o", "--max-steps", "1")) == 0
 
 
-def test_the_readme_error_examples_hold(base_dir, data_file, trained, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_the_readme_error_examples_hold(base_dir, data_file, trained, tmp_path, capsys, monkeypatch):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     prefix = "    llama-adapter-fast finetune: error:"
     # (the multi-modal adapter's example, about a picture, is checked in test_multimodal.py)

@@ -19,12 +19,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import litgpt.adapter  # noqa: E402
-import litgpt.adapter_v2  # noqa: E402
+import litgpt.adapter
+import litgpt.adapter_v2
 
-from llama_adapter_fast.bundled import SYNTHETIC_FILES  # noqa: E402
-from llama_adapter_fast.integrations.litgpt import enable_fused_adapter  # noqa: E402
-from llama_adapter_fast.ops.testing import LAUNCH_COUNTS  # noqa: E402
+from llama_adapter_fast.bundled import SYNTHETIC_FILES
+from llama_adapter_fast.integrations.litgpt import enable_fused_adapter
+from llama_adapter_fast.ops.testing import LAUNCH_COUNTS
 
 BACKEND = os.environ.get("LITGPT_FUSED_BACKEND", "triton")
 _OUTCOMES: dict[str, str] = {}

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import (  # noqa: E402
+from transformers import (
     AttentionInterface,
     BertConfig,
     BertForSequenceClassification,
@@ -22,9 +22,9 @@ from transformers import (  # noqa: E402
     ViTConfig,
     ViTForImageClassification,
 )
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llama_adapter_fast.integrations.transformers import (  # noqa: E402
+from llama_adapter_fast.integrations.transformers import (
     ATTENTION_NAME,
     add_llama_adapter,
     llama_adapter_state_dict,
@@ -32,7 +32,7 @@ from llama_adapter_fast.integrations.transformers import (  # noqa: E402
     remove_llama_adapter,
     save_llama_adapter,
 )
-from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error  # noqa: E402
+from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error
 
 VOCAB, PAD, EOS = 40, 1, 39
 B, T, IMAGE = 3, 9, 16

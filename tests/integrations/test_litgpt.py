@@ -8,18 +8,18 @@ import torch
 
 pytest.importorskip("litgpt", reason="litgpt is an optional dependency (pip install llama-adapter-fast[litgpt])")
 
-import litgpt.adapter as lit_adapter  # noqa: E402
-import litgpt.adapter_v2 as lit_adapter_v2  # noqa: E402
-from litgpt.generate.base import generate  # noqa: E402
+import litgpt.adapter as lit_adapter
+import litgpt.adapter_v2 as lit_adapter_v2
+from litgpt.generate.base import generate
 
-from llama_adapter_fast.integrations.litgpt import (  # noqa: E402
+from llama_adapter_fast.integrations.litgpt import (
     FusedAdapterAttention,
     FusedAdapterV2Attention,
     disable_fused_adapter,
     enable_fused_adapter,
     prefix_keys_values,
 )
-from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error  # noqa: E402
+from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error
 
 FLAVOURS = {"adapter": lit_adapter, "adapter_v2": lit_adapter_v2}
 TINY = dict(n_layer=3, n_embd=32, n_head=4, padded_vocab_size=64, block_size=64, adapter_prompt_length=5,

@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from peft import AdaptionPromptConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.adaption_prompt.layer import AdaptedAttention, AdaptedAttentionGPT  # noqa: E402
-from transformers import (  # noqa: E402
+from peft import AdaptionPromptConfig, PeftModel, get_peft_model
+from peft.tuners.adaption_prompt.layer import AdaptedAttention, AdaptedAttentionGPT
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -21,13 +21,13 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from llama_adapter_fast.integrations.peft import (  # noqa: E402
+from llama_adapter_fast.integrations.peft import (
     FusedAdaptedAttention,
     FusedAdaptedAttentionGPT,
     disable_fused_adaption_prompt,
     enable_fused_adaption_prompt,
 )
-from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error  # noqa: E402
+from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error
 
 VOCAB = 61
 B, T = 3, 9

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import (  # noqa: E402
+from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -18,9 +18,9 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-import llama_adapter_fast.integrations.transformers as hf_integration  # noqa: E402
-from llama_adapter_fast import gated_prefix_attention  # noqa: E402
-from llama_adapter_fast.integrations.transformers import (  # noqa: E402
+import llama_adapter_fast.integrations.transformers as hf_integration
+from llama_adapter_fast import gated_prefix_attention
+from llama_adapter_fast.integrations.transformers import (
     ATTENTION_NAME,
     add_llama_adapter,
     llama_adapter_state_dict,
@@ -29,7 +29,7 @@ from llama_adapter_fast.integrations.transformers import (  # noqa: E402
     resolve_attention_mask,
     save_llama_adapter,
 )
-from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error  # noqa: E402
+from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error
 
 VOCAB = 61
 B, T = 3, 9

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from peft import AdaptionPromptConfig, get_peft_model  # noqa: E402
-from transformers import (  # noqa: E402
+from peft import AdaptionPromptConfig, get_peft_model
+from transformers import (
     DataCollatorWithFlattening,
     LlamaConfig,
     LlamaForCausalLM,
@@ -17,14 +17,14 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from llama_adapter_fast.integrations.peft import enable_fused_adaption_prompt  # noqa: E402
-from llama_adapter_fast.integrations.transformers import (  # noqa: E402
+from llama_adapter_fast.integrations.peft import enable_fused_adaption_prompt
+from llama_adapter_fast.integrations.transformers import (
     add_llama_adapter,
     masked_attention,
     packed_sequences,
     resolve_packing,
 )
-from llama_adapter_fast.ops.testing import expect_launches, rel_error  # noqa: E402
+from llama_adapter_fast.ops.testing import expect_launches, rel_error
 
 LENGTHS = (7, 19, 1, 12)
 

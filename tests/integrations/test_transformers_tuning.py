@@ -8,18 +8,18 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from llama_adapter_fast.integrations.transformers import (  # noqa: E402
+from llama_adapter_fast.integrations.transformers import (
     add_llama_adapter,
     llama_adapter_state_dict,
     load_llama_adapter,
     remove_llama_adapter,
     save_llama_adapter,
 )
-from llama_adapter_fast.integrations.transformers.tuning import TunedLinear  # noqa: E402
-from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, tuned_linear_reference  # noqa: E402
-from llama_adapter_fast.ops.testing import rel_error  # noqa: E402
+from llama_adapter_fast.integrations.transformers.tuning import TunedLinear
+from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, tuned_linear_reference
+from llama_adapter_fast.ops.testing import rel_error
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 

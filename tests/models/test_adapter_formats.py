@@ -10,13 +10,13 @@ import torch
 
 pytest.importorskip("peft")
 
-from peft import AdaptionPromptConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from peft import AdaptionPromptConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
 
-from llama_adapter_fast import cli  # noqa: E402
-from llama_adapter_fast.models.adapter_io import read_adapter_config  # noqa: E402
-from llama_adapter_fast.ops.testing import rel_error  # noqa: E402
-from llama_adapter_fast.training.recipes import load_base  # noqa: E402
+from llama_adapter_fast import cli
+from llama_adapter_fast.models.adapter_io import read_adapter_config
+from llama_adapter_fast.ops.testing import rel_error
+from llama_adapter_fast.training.recipes import load_base
 
 
 def tokens() -> torch.Tensor:

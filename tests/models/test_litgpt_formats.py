@@ -8,18 +8,18 @@ import torch
 
 pytest.importorskip("litgpt")
 
-import litgpt.adapter as lit_adapter  # noqa: E402
-import litgpt.adapter_v2 as lit_adapter_v2  # noqa: E402
-from lightning import Fabric  # noqa: E402
-from litgpt.finetune.adapter import save_adapter_checkpoint  # noqa: E402
-from litgpt.finetune.adapter_v2 import save_adapter_v2_checkpoint  # noqa: E402
-from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import litgpt.adapter as lit_adapter
+import litgpt.adapter_v2 as lit_adapter_v2
+from lightning import Fabric
+from litgpt.finetune.adapter import save_adapter_checkpoint
+from litgpt.finetune.adapter_v2 import save_adapter_v2_checkpoint
+from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+from safetensors.torch import load_file
 
-from llama_adapter_fast import cli  # noqa: E402
-from llama_adapter_fast.models import LLaMAAdapter, ModelArgs  # noqa: E402
-from llama_adapter_fast.models.adapter_io import read_adapter_config  # noqa: E402
-from llama_adapter_fast.ops.testing import rel_error  # noqa: E402
+from llama_adapter_fast import cli
+from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+from llama_adapter_fast.models.adapter_io import read_adapter_config
+from llama_adapter_fast.ops.testing import rel_error
 
 FLAVOURS = {"adapter": (lit_adapter, save_adapter_checkpoint),
             "adapter_v2": (lit_adapter_v2, save_adapter_v2_checkpoint)}

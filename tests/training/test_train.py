@@ -82,7 +82,7 @@ def test_resume_after_an_interruption_is_bit_identical(base_dir, data_file, tmp_
     straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(interrupted)
     for name, t in straight.items():
         assert torch.equal(resumed[name], t), name
-    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows(interrupted)] == [r["loss"] for r in rows(tmp_path / "straight")]
     assert [r["step"] for r in rows(interrupted)] == [1, 2, 3, 4, 5, 6]
 
