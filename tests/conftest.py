@@ -96,7 +96,7 @@ def data_file(tmp_path_factory) -> Path:
 @pytest.fixture
 def encoder_dir(tmp_path) -> Path:
     """A tiny CLIP vision tower with its image processor, saved as a Hugging Face folder."""
-    from tiny_clip import tiny_encoder
+    from support.tiny_clip import tiny_encoder
 
     folder = tmp_path / "encoder"
     tiny_encoder().save_pretrained(folder)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_clip import tiny_encoder, tiny_tower, write_picture
 
 from llama_adapter_fast import cli
 from llama_adapter_fast.models.config import ModelArgs
@@ -20,6 +19,8 @@ from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter, load_im
 from llama_adapter_fast.models.vision import ImageEncoder
 from llama_adapter_fast.training.config import TrainConfig
 from llama_adapter_fast.training.recipes import finetune
+
+from support.tiny_clip import tiny_encoder, tiny_tower, write_picture
 
 ROOT = Path(__file__).resolve().parents[2]
 

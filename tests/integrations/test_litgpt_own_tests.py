@@ -3,7 +3,7 @@
 The files are tests/test_adapter.py and tests/test_adapter_v2.py of the installed litgpt's
 source distribution, which `make setup` downloads from the package index and unpacks into
 the virtual environment (litgpt-src/). They run in a separate pytest session with
-litgpt_fused_plugin.py, which fuses every adapter model they build (backend="triton": the
+support/litgpt_fused_plugin.py, which fuses every adapter model they build (backend="triton": the
 kernels under Triton's interpreter without a GPU) and reports each outcome and the kernel
 launches.
 """
@@ -48,10 +48,11 @@ def test_litgpts_adapter_tests_pass_with_the_fused_backend(tmp_path):
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     # One pytest process per file, side by side: the interpreter keeps each on one core.
     runs = []
+    plugin_folder = str(Path(__file__).parents[1] / "support")
     for name in FILES:
         report = tmp_path / f"{Path(name).stem}.json"
         env = {**os.environ, "LITGPT_FUSED_REPORT": str(report), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+               "PYTHONPATH": os.pathsep.join(filter(None, [plugin_folder, os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "litgpt_fused_plugin", "-p", "no:cacheprovider",
                    "-W", "ignore::DeprecationWarning", name, *(f"--deselect={t}" for t in DESELECTED)]
         runs.append((report, subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ from peft import AdaptionPromptConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from llama_adapter_fast import cli
-from llama_adapter_fast.models.adapter_io import read_adapter_config
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.ops.testing import rel_error
 from llama_adapter_fast.training.recipes import load_base
 

@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 from llama_adapter_fast import cli  # noqa: E402
-from llama_adapter_fast.models.gguf import check_gguf, convert_gguf, gguf_base_folder, is_gguf  # noqa: E402
+from llama_adapter_fast.models.formats.gguf import check_gguf, convert_gguf, gguf_base_folder, is_gguf  # noqa: E402
 
 
 def write_gguf(path, arch: str, tensor: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from llama_adapter_fast import cli
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
-from llama_adapter_fast.models.adapter_io import read_adapter_config
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.ops.testing import rel_error
 
 FLAVOURS = {"adapter": (lit_adapter, save_adapter_checkpoint),

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from llama_adapter_fast.models.adapter_io import read_adapter_config
 from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.models.llama import LLaMAAdapter
 from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_clip import tiny_encoder, tiny_tower, write_picture
 
 from llama_adapter_fast.bundled import SHAPES_DIR
 from llama_adapter_fast.generation import generate
@@ -33,6 +32,8 @@ from llama_adapter_fast.models.vision import (
 )
 from llama_adapter_fast.training.multimodal import ImageInstructionDataset
 from llama_adapter_fast.training.tokenizer import Tokenizer
+
+from support.tiny_clip import tiny_encoder, tiny_tower, write_picture
 
 ROOT = Path(__file__).resolve().parents[2]
 

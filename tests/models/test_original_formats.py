@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from llama_adapter_fast import cli
 from llama_adapter_fast.cli.convert import convert_adapter
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
-from llama_adapter_fast.models.adapter_io import read_adapter_config, read_adapter_file
-from llama_adapter_fast.models.original_formats import original_to_ours, write_original_adapter
+from llama_adapter_fast.models.formats.native import read_adapter_config, read_adapter_file
+from llama_adapter_fast.models.formats.original import original_to_ours, write_original_adapter
 from llama_adapter_fast.ops.testing import rel_error
 
 DIM, LAYERS, HEADS, VOCAB, P = 32, 3, 4, 64, 3

@@ -23,7 +23,7 @@ from llama_adapter_fast import cli  # noqa: E402
 from llama_adapter_fast.cli.demos.real import INSTRUCTION, bundled_gguf, date_records  # noqa: E402
 from llama_adapter_fast.generation import generate  # noqa: E402
 from llama_adapter_fast.models import LLaMAAdapter  # noqa: E402
-from llama_adapter_fast.models.gguf import gguf_base_folder  # noqa: E402
+from llama_adapter_fast.models.formats.gguf import gguf_base_folder  # noqa: E402
 from llama_adapter_fast.ops.testing import ALL_KERNELS, expect_launches, rel_error  # noqa: E402
 from llama_adapter_fast.training import recipes  # noqa: E402
 from llama_adapter_fast.training.tokenizer import HFTokenizer  # noqa: E402

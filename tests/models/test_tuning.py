@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
-from llama_adapter_fast.models.adapter_io import read_adapter_config
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.models.tuning import (
     SCALE_PLACEMENTS,
     TUNABLE_LINEARS,

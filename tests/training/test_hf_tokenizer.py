@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tokenizer_files import write_tokenizer
 
 from llama_adapter_fast import cli
 from llama_adapter_fast.bundled import SYNTHETIC_FILES
 from llama_adapter_fast.generation import generate
 from llama_adapter_fast.training.recipes import load_tokenizer
 from llama_adapter_fast.training.tokenizer import HFTokenizer, Tokenizer, open_tokenizer
+
+from support.hf_tokenizer_files import write_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 

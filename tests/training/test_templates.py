@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-from hf_tokenizer_files import write_tokenizer
 from safetensors import safe_open
 
 from llama_adapter_fast import cli
@@ -22,6 +21,8 @@ from llama_adapter_fast.training.templates import (
     tokenizer_fingerprint,
 )
 from llama_adapter_fast.training.tokenizer import HFTokenizer, Tokenizer
+
+from support.hf_tokenizer_files import write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

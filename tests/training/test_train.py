@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from llama_adapter_fast import cli
 from llama_adapter_fast.bundled import SYNTHETIC_FILES
-from llama_adapter_fast.models.adapter_io import read_adapter_config
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.training.config import TrainConfig
 from llama_adapter_fast.training.data import format_prompt, load_instructions
 from llama_adapter_fast.training.recipes import finetune, load_base

@@ -3,7 +3,7 @@
 drives the package's prune with the keyword arguments it really passes, the candidates are
 compiled for sm_90 with ptxas, and only the launches and their timings are pretended.
 
-    python tests/autotune_scenarios.py autotuned|limits|fixed|decode
+    python tests/support/autotune_scenarios.py autotuned|limits|fixed|decode
 """
 
 from __future__ import annotations
