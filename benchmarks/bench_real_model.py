@@ -151,7 +151,7 @@ class RSSPeak:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     from llama_adapter_fast.cli.demos.real import bundled_gguf
-    from llama_adapter_fast.models.gguf import gguf_base_folder
+    from llama_adapter_fast.models.formats.gguf import gguf_base_folder
 
     args = parse_args(argv)
     device = args.device

@@ -3,8 +3,9 @@ its extras'), for ``make test-lowest``: a pip constraints file of the declared f
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]

@@ -38,14 +38,15 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     """Read an adapter in any format this package reads and write it in `to`; a ValueError
     naming what would be lost where the target cannot hold it (nothing is written then).
     `given` (adapter_len, adapter_layers, gate_activation) completes an original file."""
-    from llama_adapter_fast.models.adapter_formats import write_litgpt_adapter, write_peft_adapter
-    from llama_adapter_fast.models.adapter_io import (
+    from llama_adapter_fast.models.formats.litgpt import write_litgpt_adapter
+    from llama_adapter_fast.models.formats.native import (
         read_adapter_config,
         read_adapter_file,
         with_own_names,
         write_adapter_file,
     )
-    from llama_adapter_fast.models.original_formats import write_original_adapter
+    from llama_adapter_fast.models.formats.original import write_original_adapter
+    from llama_adapter_fast.models.formats.peft import write_peft_adapter
 
     if to not in ADAPTER_TARGETS:
         raise ValueError(f"to must be one of {ADAPTER_TARGETS}, got {to!r}")
@@ -67,7 +68,7 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
 
 
 def run(a: argparse.Namespace) -> int:
-    from llama_adapter_fast.models.gguf import convert_gguf, is_gguf
+    from llama_adapter_fast.models.formats.gguf import convert_gguf, is_gguf
 
     if a.source.endswith(".gguf") or is_gguf(a.source):
         print(f"base model: {convert_gguf(a.source, a.out, dtype=a.dtype)}")

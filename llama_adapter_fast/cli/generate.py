@@ -48,7 +48,7 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
     MultiModalLLaMAAdapter when the file is a multi-modal adapter. Without `pictures` to
     answer about, a multi-modal adapter whose encoder is not at hand answers as the text
     adapter it holds (its prompts and gates; a record without a picture gets exactly that)."""
-    from llama_adapter_fast.models.adapter_io import is_original_adapter, read_adapter_config, read_adapter_file
+    from llama_adapter_fast.models.formats.native import is_original_adapter, read_adapter_config, read_adapter_file
     from llama_adapter_fast.models.multimodal import (
         PROJECTION_PREFIX,
         image_encoder_folder,
@@ -110,7 +110,7 @@ def generation_template(a: argparse.Namespace, tokenizer) -> bool | str:
     """The prompt format to answer in: False with --raw, else --template, the one the adapter
     was trained with, or (the base alone) the tokenizer's default. An adapter that recorded
     its tokenizer refuses another one, and its template refuses a different --template."""
-    from llama_adapter_fast.models.adapter_io import read_adapter_metadata
+    from llama_adapter_fast.models.formats.native import read_adapter_metadata
     from llama_adapter_fast.training.templates import resolve_template, tokenizer_fingerprint
 
     if a.raw:

@@ -3,8 +3,9 @@ encoder, the base checkpoint formats and the adapter files.
 
 - `config.py`: `ModelArgs`;
 - `llama.py`: `LLaMAAdapter` and its blocks, `KVCache`;
-- `checkpoints.py`: Hugging Face and Meta base checkpoints, read and written;
-- `adapter_io.py`: adapter files (this package's, training checkpoints, the original release's);
+- `tuning.py`: LLaMA-Adapter V2's bias, scale and norm tuning (`TunedLinear`);
+- `formats/`: every file format, one module each: base checkpoints (Hugging Face, Meta, GGUF)
+  and adapter files (this package's, PEFT, litgpt, the original releases);
 - `multimodal.py`: `MultiModalLLaMAAdapter`, images as per-sample prompts;
 - `vision.py`: the frozen CLIP encoder (transformers' CLIPVisionModel), preprocessing, feature cache.
 """

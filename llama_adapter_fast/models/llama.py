@@ -9,7 +9,7 @@ to it with a softmax of its own, and the result is scaled by a gate that starts 
 That attention is one call of `gated_prefix_attention`, the fused op of this package.
 
 Weight names follow Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...); the
-checkpoint formats are in `checkpoints.py`, the adapter files in `adapter_io.py`.
+checkpoint formats are in `formats/hf_meta.py`, the adapter files in `formats/native.py`.
 
     model = LLaMAAdapter.from_hf("path/to/llama-hf", adapter_len=10, adapter_layers=30)
     logits = model(tokens)                  # (B, T, vocab)
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_adapter_fast.models import adapter_io, checkpoints
 from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.models.formats import hf_meta, native
 from llama_adapter_fast.models.tuning import TunedLinear
 from llama_adapter_fast.ops import gated_prefix_attention, gated_prefix_attention_varlen
 from llama_adapter_fast.ops.reference import allowed_keys
@@ -333,25 +333,25 @@ class LLaMAAdapter(nn.Module):
         V1 or V2 release's file), a PEFT folder or a litgpt checkpoint."""
         source = str(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "state_dict"
         if isinstance(state_dict_or_path, (str, os.PathLike)):
-            state = adapter_io.read_adapter_file(state_dict_or_path)
+            state = native.read_adapter_file(state_dict_or_path)
         elif isinstance(state_dict_or_path, Mapping):
             state = dict(state_dict_or_path)
         else:
             raise TypeError(f"load_adapter takes a state dict or a path, got {type(state_dict_or_path).__name__}")
-        state = adapter_io.with_own_names(state, self.args.adapter_layers,
+        state = native.with_own_names(state, self.args.adapter_layers,
                                           self.norm.weight if self.args.norm_tuning else None)
         args = self.args
         described = (f"adapter_layers={args.adapter_layers}, adapter_len={args.adapter_len}, scalar_gate="
                      f"{args.scalar_gate}, bias_tuning={list(args.bias_tuning)}, scale_tuning={args.scale_tuning}, "
                      f"norm_tuning={args.norm_tuning}")
-        adapter_io.copy_adapter_state(dict(self.adapter_parameters()), state, source, described, strict)
+        native.copy_adapter_state(dict(self.adapter_parameters()), state, source, described, strict)
 
     def save_adapter(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                      tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the adapter weights (float32) and the adapter config to a .safetensors file,
         atomically. `tensors` replaces the module's own (a state dict gathered from a sharded
         model)."""
-        adapter_io.write_adapter_file(path, tensors if tensors is not None else self.adapter_state_dict(),
+        native.write_adapter_file(path, tensors if tensors is not None else self.adapter_state_dict(),
                                       self.args.adapter_config(), metadata)
 
     # -- forward ------------------------------------------------------------------------
@@ -504,7 +504,7 @@ class LLaMAAdapter(nn.Module):
         model.safetensors.index.json). Keyword arguments set the adapter fields of
         ModelArgs (adapter_len, adapter_layers, gate_activation, scalar_gate,
         attention_backend, max_seq_len); adapter_layers defaults to min(30, n_layers)."""
-        args, state, source = checkpoints.read_hf(model_or_folder, **adapter)
+        args, state, source = hf_meta.read_hf(model_or_folder, **adapter)
         return cls._from_state_dict(args, state, source, device, dtype)
 
     @classmethod
@@ -512,7 +512,7 @@ class LLaMAAdapter(nn.Module):
                   dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
         """From Meta's format: a folder with params.json and consolidated.*.pth (one file per
         model-parallel shard; several are merged). Keyword arguments as in `from_hf`."""
-        args, state, source = checkpoints.read_meta(ckpt_dir, **adapter)
+        args, state, source = hf_meta.read_meta(ckpt_dir, **adapter)
         return cls._from_state_dict(args, state, source, device, dtype)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
@@ -523,8 +523,8 @@ class LLaMAAdapter(nn.Module):
     def save_hf(self, folder: str | os.PathLike) -> None:
         """Write the base model as a Hugging Face LLaMA folder (config.json + model.safetensors)
         that transformers' LlamaForCausalLM.from_pretrained and `from_hf` read."""
-        checkpoints.write_hf(folder, self.base_state_dict(), self.args, self.tok_embeddings.weight.dtype)
+        hf_meta.write_hf(folder, self.base_state_dict(), self.args, self.tok_embeddings.weight.dtype)
 
     def save_meta(self, folder: str | os.PathLike) -> None:
         """Write the base model in Meta's format (params.json + consolidated.00.pth)."""
-        checkpoints.write_meta(folder, self.base_state_dict(), self.args)
+        hf_meta.write_meta(folder, self.base_state_dict(), self.args)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_adapter_fast.models.adapter_io import read_adapter_file, write_adapter_file
+from llama_adapter_fast.models.formats.native import read_adapter_file, write_adapter_file
 from llama_adapter_fast.models.llama import LLaMAAdapter
 from llama_adapter_fast.models.vision import ImageEncoder, encode_image_files
 

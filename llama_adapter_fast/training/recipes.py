@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
-from llama_adapter_fast.models.adapter_io import read_adapter_config
-from llama_adapter_fast.models.gguf import check_gguf, gguf_base_folder, is_gguf
+from llama_adapter_fast.models.formats.gguf import check_gguf, gguf_base_folder, is_gguf
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.training.config import DTYPES, TrainConfig
 from llama_adapter_fast.training.data import InstructionDataset, TextDataset
 from llama_adapter_fast.training.distributed import Dist, init_distributed
@@ -106,8 +106,9 @@ def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: 
 def is_adapter_source(path: Path) -> bool:
     """An adapter in a format `load_adapter` reads (this package's .safetensors, an original
     V1 or V2 .pth, a PEFT folder, a litgpt checkpoint) rather than a training checkpoint."""
-    from llama_adapter_fast.models.adapter_formats import is_peft_folder, litgpt_state
-    from llama_adapter_fast.models.original_formats import original_state
+    from llama_adapter_fast.models.formats.litgpt import litgpt_state
+    from llama_adapter_fast.models.formats.original import original_state
+    from llama_adapter_fast.models.formats.peft import is_peft_folder
 
     if is_peft_folder(path) or path.suffix == ".safetensors":
         return True

@@ -1,6 +1,6 @@
 """Adapter files: this package's .safetensors (the prompts and gates, with the adapter's
 settings in its metadata), .pt/.pth dicts and training checkpoints; other formats through
-adapter_formats.py (PEFT, litgpt) and original_formats.py (the original V1 and V2 releases).
+peft.py, litgpt.py and original.py (the original V1 and V2 releases).
 Reading checks the settings against the tensors' shapes before anything is allocated."""
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.files import atomic_write, first_line
-from llama_adapter_fast.models.adapter_formats import (
-    is_peft_folder,
-    litgpt_state,
-    read_litgpt_adapter,
-    read_peft_adapter,
-    read_peft_config,
-)
 from llama_adapter_fast.models.config import ADAPTER_FIELDS, PREFIX_PROJECTIONS
-from llama_adapter_fast.models.original_formats import QUERY_KEY, original_config, original_state, original_to_ours
+from llama_adapter_fast.models.formats.litgpt import litgpt_state, read_litgpt_adapter
+from llama_adapter_fast.models.formats.original import QUERY_KEY, original_config, original_state, original_to_ours
+from llama_adapter_fast.models.formats.peft import is_peft_folder, read_peft_adapter, read_peft_config
 from llama_adapter_fast.models.tuning import SCALE_PLACEMENTS, TUNABLE_LINEARS
 from llama_adapter_fast.ops import GATE_ACTIVATIONS
 

@@ -20,7 +20,7 @@ wk and wv (with their bias and scale), without norm or rotary embedding, and sca
 prefix attention by tanh(gate), one gate per head (V1's first inference script, example.py,
 applies the gate without tanh: read such a file with gate_activation "identity"). Meta's wq
 and wk rotate interleaved pairs and this package's model stores them in the rotate-half
-order (models/checkpoints.py), so the biases of wq and wk are permuted like their rows.
+order (formats/hf_meta.py), so the biases of wq and wk are permuted like their rows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.files import atomic_write
-from llama_adapter_fast.models.checkpoints import _permute_hf_to_meta, _permute_meta_to_hf
+from llama_adapter_fast.models.formats.hf_meta import _permute_hf_to_meta, _permute_meta_to_hf
 from llama_adapter_fast.models.tuning import TUNABLE_LINEARS
 
 QUERY_KEY = "adapter_query.weight"
