@@ -160,21 +160,55 @@ def test_greedy_generation_matches_peft(name, op_calls):
     assert len(op_calls) == 2 * 6  # prefill and 5 decoding steps over the cache, 2 adapted layers
 
 
+def draws_of_gradients(model, inputs: dict, seeds) -> dict[str, list[torch.Tensor]]:
+    """The gradients of every adaption tensor for several random linear functions of the
+    logits, one per seed."""
+    draws: dict[str, list[torch.Tensor]] = {}
+    for seed in seeds:
+        out = model(**inputs, use_cache=False).logits.float()
+        valid = inputs["attention_mask"].bool()
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+        params = adaption_parameters(model)
+        grads = torch.autograd.grad((out * weights)[valid].sum(), list(params.values()))
+        for n, g in zip(params, grads, strict=True):
+            draws.setdefault(n, []).append(g.float())
+    return draws
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
 def test_low_precision(arch, dtype, floor):
     """In float16 and bfloat16 the fused path is no further from PEFT's float32 result than
-    twice PEFT's own low-precision error (or a small floor)."""
+    twice PEFT's own low-precision error (or a small floor).
+
+    A gate's gradient is one sum over every token, and for some draws of the loss it nearly
+    cancels: with the weights of seed 11 the top gate's gradient of this model is a fiftieth
+    of its usual size, and its relative error then measures the cancellation, not the
+    implementation (in float16, PEFT's own error is 6% there and ours 15%; over other draws
+    both are about 0.1%, and which is larger changes with the draw and with the CPU's SDPA
+    kernels: that draw alone failed on AVX2 machines and passed elsewhere). So each gradient
+    is compared over 12 draws, its error taken relative to the gradient's typical size (the
+    RMS of its norm over the draws) and summed as an RMS over the draws, which no single
+    cancellation decides."""
     model32 = peft_model(arch)
     inputs = batch()
-    ref_logits, ref_grads = logits_and_grads(model32, inputs)
+    ref_logits, _ = logits_and_grads(model32, inputs)
     model = copy.deepcopy(model32).to(dtype)
-    peft_logits, peft_grads = logits_and_grads(model, inputs)
-    enable_fused_adaption_prompt(model, backend="sdpa")
-    logits, grads = logits_and_grads(model, inputs)
+    peft_logits, _ = logits_and_grads(model, inputs)
+    fused = copy.deepcopy(model)
+    enable_fused_adaption_prompt(fused, backend="sdpa")
+    logits, _ = logits_and_grads(fused, inputs)
     assert rel_error(logits, ref_logits) <= max(2 * rel_error(peft_logits, ref_logits), floor)
-    for n in ref_grads:
-        err, peft_err = rel_error(grads[n], ref_grads[n]), rel_error(peft_grads[n], ref_grads[n])
+    seeds = range(11, 23)
+    ref, peft, ours = (draws_of_gradients(m, inputs, seeds) for m in (model32, model, fused))
+    for n in ref:
+        size = torch.stack([g.double().norm() for g in ref[n]]).square().mean().sqrt()
+
+        def error(draws, n=n, size=size):
+            diffs = torch.stack([(g.double() - r.double()).norm() for g, r in zip(draws[n], ref[n], strict=True)])
+            return (diffs.square().mean().sqrt() / size).item()
+
+        err, peft_err = error(ours), error(peft)
         assert err <= max(2 * peft_err, floor), f"{n}: {err:.3g} vs PEFT's {peft_err:.3g}"
 
 
