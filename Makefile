@@ -21,7 +21,7 @@ FLOORS := torch transformers peft
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo demo-mm demo-real demo-op test test-latest test-lowest lock bench compile-report lint clean
+.PHONY: setup demo demo-mm demo-real demo-op test test-latest test-lowest lock bench compile-report lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -85,5 +85,9 @@ compile-report: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# The manual (docs/, MkDocs with Material) built strictly into site/: a broken link fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) $(LATEST) $(LOWEST) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST) $(LOWEST) build dist site *.egg-info

@@ -1,4 +1,4 @@
-"""Backward kernels of gated prefix attention (DESIGN.md section 4).
+"""Backward kernels of gated prefix attention (docs/design.md, "The backward").
 
 Two launches, both deterministic (every program writes only what it owns; cross-program
 sums happen afterwards in PyTorch over per-program partials):

@@ -1,7 +1,7 @@
 """Correctness tooling shared by the tests and the GPU check: random problems, the float64
 oracle, the error measure, and launch counts that prove the Triton kernels ran.
 
-The oracle (`oracle_attention`, `packed_oracle`) is written here from DESIGN.md's formula
+The oracle (`oracle_attention`, `packed_oracle`) is written here from the formula of docs/design.md
 and shares no code with the package: its masks, head mapping, softmax and gate activation
 are its own, so a bug in `ops.reference` (which the sdpa backend and the integrations use)
 cannot hide by being in both the answer and the check. `eager_attention` stays as the
@@ -109,7 +109,7 @@ def oracle_attention(
     softmax_scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DESIGN.md's formula, literally: for each query, a softmax over the word keys it may
+    """docs/design.md's formula, literally: for each query, a softmax over the word keys it may
     see (bottom-right causal, padding) and one over the prefix, summed with act(gate)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -13,6 +13,8 @@ import torch
 
 from llama_adapter_fast import cli
 
+from support.manual import manual_text
+
 
 def expect_error(capsys, argv: list[str], *fragments: str) -> str:
     """Run the command line in this process (an exception escaping main fails the test) and
@@ -415,8 +417,8 @@ def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsy
     assert cli.main(finetune_args(base_dir, data, tmp_path / "o", "--max-steps", "1")) == 0
 
 
-def test_the_readme_error_examples_hold(base_dir, data_file, trained, tmp_path, capsys, monkeypatch):
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_the_manuals_error_examples_hold(base_dir, data_file, trained, tmp_path, capsys, monkeypatch):
+    readme = manual_text()
     prefix = "    llama-adapter-fast finetune: error:"
     # (the multi-modal adapter's example, about a picture, is checked in test_multimodal.py)
     examples = [line.strip() for line in readme.splitlines() if line.startswith(prefix) and ": image " not in line]

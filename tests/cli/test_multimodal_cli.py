@@ -20,6 +20,7 @@ from llama_adapter_fast.models.vision import ImageEncoder
 from llama_adapter_fast.training.config import TrainConfig
 from llama_adapter_fast.training.recipes import finetune
 
+from support.manual import manual_text
 from support.tiny_clip import tiny_encoder, tiny_tower, write_picture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,8 +99,8 @@ def test_resume_refuses_other_pictures_or_encoder_weights(tmp_path, base_dir, en
         finetune(dataclasses.replace(cfg, max_steps=3, resume=True))
 
 
-def test_the_readme_picture_error_holds(tmp_path, base_dir, encoder_dir, capsys, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
+def test_the_manuals_picture_error_holds(tmp_path, base_dir, encoder_dir, capsys, monkeypatch):
+    readme = manual_text()
     example = next(line.strip() for line in readme.splitlines()
                    if line.startswith("    llama-adapter-fast finetune: error:") and ": image " in line)
     monkeypatch.chdir(tmp_path)

@@ -1,5 +1,5 @@
 """The fused Triton kernels against the float64 eager oracle: forward and all six
-gradients over the features of DESIGN.md (float32 inputs, IEEE products)."""
+gradients over the features of docs/design.md (float32 inputs, IEEE products)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError or TypeError naming the argument (DESIGN.md section 3)."""
+"""Bad input raises ValueError or TypeError naming the argument (docs/design.md, "The public API")."""
 
 import pytest
 import torch

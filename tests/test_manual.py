@@ -1,0 +1,29 @@
+"""The manual's Python examples that run on a CPU run as written, from a folder that is not
+the repository (so they cannot lean on relative paths)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from support.manual import python_block
+
+
+def _run(block: str, folder) -> None:
+    result = subprocess.run([sys.executable, "-c", block], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_readme_op_example_runs(tmp_path):
+    _run(python_block("out.sum().backward()  "), tmp_path)
+
+
+@pytest.mark.parametrize("marker", ["MultiModalLLaMAAdapter(llama, encoder)", "# 5,136: the only trainable tensors"])
+def test_python_example_runs_from_another_folder(marker, tmp_path):
+    pytest.importorskip("transformers")
+    _run(python_block(marker), tmp_path)
+
+
+def test_litgpt_example_runs_from_another_folder(tmp_path):
+    pytest.importorskip("litgpt")
+    _run(python_block("enable_fused_adapter(model)  # backend="), tmp_path)
