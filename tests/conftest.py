@@ -46,7 +46,7 @@ def op_calls(monkeypatch) -> OpCalls:
     import importlib
 
     calls = OpCalls()
-    for name in ("transformers.masks", "peft"):
+    for name in ("masked_attention", "peft"):
         try:
             module = importlib.import_module(f"llama_adapter_fast.integrations.{name}")
         except ImportError:  # the optional library is not installed

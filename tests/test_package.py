@@ -145,3 +145,17 @@ def test_no_module_over_about_500_lines_outside_the_kernels():
     long = {str(p.relative_to(ROOT)): n for p in ROOT.glob("llama_adapter_fast/**/*.py")
             if (n := len(p.read_text().splitlines())) > 530}
     assert not long, long
+
+
+def test_no_private_name_is_imported_across_the_packages_modules():
+    """A module's underscored names are its own: another module of the package that needs
+    one gets a public name instead."""
+    found = []
+    for path in [*ROOT.glob("llama_adapter_fast/**/*.py"), *ROOT.glob("kernels/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level or (node.module or "").startswith("llama_adapter_fast"):
+                found += [f"{path.relative_to(ROOT)}: {alias.name} from {node.module}"
+                          for alias in node.names if alias.name.startswith("_")]
+    assert not found, found

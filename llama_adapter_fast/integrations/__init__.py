@@ -8,6 +8,9 @@
 - `llama_adapter_fast.integrations.litgpt`: `enable_fused_adapter` runs litgpt's adapter and
   adapter_v2 models (``litgpt.adapter.GPT``, ``litgpt.adapter_v2.GPT``) through the fused op.
 
+- `llama_adapter_fast.integrations.masked_attention`: what the three share, a library's
+  attention call under its mask (and packed batches) into the op.
+
 The submodules import transformers and peft, or litgpt, which are optional dependencies
 (``pip install llama-adapter-fast[hf]``, ``[litgpt]``), so nothing is imported here.
 """

@@ -34,7 +34,7 @@ from litgpt.adapter_v2 import CausalSelfAttention as AdapterV2Attention
 from litgpt.model import CausalSelfAttention as BaseAttention
 from torch import nn
 
-from llama_adapter_fast.integrations.transformers.masks import masked_gated_prefix_attention
+from llama_adapter_fast.integrations.masked_attention import masked_gated_prefix_attention
 from llama_adapter_fast.ops.attention import BACKENDS
 
 __all__ = [

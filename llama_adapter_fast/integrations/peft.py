@@ -36,9 +36,12 @@ except ImportError:  # older peft wraps Llama-style attention only
     _BaseAdaptedAttention = AdaptedAttention
     AdaptedAttentionGPT = None
 
+from llama_adapter_fast.integrations.masked_attention import (
+    check_sliding_window,
+    masked_gated_prefix_attention,
+    resolve_packing,
+)
 from llama_adapter_fast.integrations.transformers.attention import prefix_keys_values
-from llama_adapter_fast.integrations.transformers.masks import check_sliding_window, masked_gated_prefix_attention
-from llama_adapter_fast.integrations.transformers.packing import resolve_packing
 from llama_adapter_fast.ops.attention import BACKENDS, gated_prefix_attention
 
 __all__ = [

@@ -28,7 +28,7 @@ from llama_adapter_fast.ops.attention import (
     kernel_gate,
     resolve_backend,
 )
-from llama_adapter_fast.ops.reference import _gated_sum, _softmax_attend, accumulation_dtype
+from llama_adapter_fast.ops.reference import accumulation_dtype, gated_sum, softmax_attend
 
 
 def cache_allowed(T: int, S: int, cache_lengths: torch.Tensor | None, cache_starts: torch.Tensor | None,
@@ -62,14 +62,14 @@ def _masked_reference(q, k, v, prefix_k, prefix_v, gate, allowed, gate_activatio
     if eager:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         pk, pv = pk.repeat_interleave(group, dim=1), pv.repeat_interleave(group, dim=1)
-        o1 = _softmax_attend((q @ k.transpose(-1, -2)).to(acc) * scale, allowed, v)
-        o2 = _softmax_attend((q @ pk.transpose(-1, -2)).to(acc) * scale, None, pv)
-        return _gated_sum(o1, o2, gate, gate_activation).to(q.dtype)
+        o1 = softmax_attend((q @ k.transpose(-1, -2)).to(acc) * scale, allowed, v)
+        o2 = softmax_attend((q @ pk.transpose(-1, -2)).to(acc) * scale, None, pv)
+        return gated_sum(o1, o2, gate, gate_activation).to(q.dtype)
     has_key = allowed.any(dim=-1, keepdim=True)
     o1 = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scale,
                                         enable_gqa=group > 1).masked_fill(~has_key, 0.0)
     o2 = F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=group > 1)
-    return _gated_sum(o1.to(acc), o2.to(acc), gate, gate_activation).to(q.dtype)
+    return gated_sum(o1.to(acc), o2.to(acc), gate, gate_activation).to(q.dtype)
 
 
 def _check_cache_vector(name: str, x: object, B: int, device: torch.device) -> torch.Tensor | None:

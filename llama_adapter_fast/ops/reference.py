@@ -41,16 +41,17 @@ def allowed_keys(
     return allowed
 
 
-def _batched_prefix(prefix: torch.Tensor, batch: int) -> torch.Tensor:
+def batched_prefix(prefix: torch.Tensor, batch: int) -> torch.Tensor:
     """(Hkv, P, D) shared prefix viewed as (B, Hkv, P, D) without copying."""
     return prefix.unsqueeze(0).expand(batch, *prefix.shape) if prefix.dim() == 3 else prefix
 
 
-def _per_query_head(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def per_query_head(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, Hkv, ..., D) repeated to num_heads heads, each kv head for its group of query heads."""
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
-def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+def softmax_attend(scores: torch.Tensor, allowed: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     """softmax(scores) @ v with masked keys; a row with no allowed key gives 0, not NaN."""
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -60,7 +61,8 @@ def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor | None, v: torch
     return (probs.to(v.dtype) @ v).to(scores.dtype)
 
 
-def _gated_sum(o1: torch.Tensor, o2: torch.Tensor, gate: torch.Tensor, gate_activation: str) -> torch.Tensor:
+def gated_sum(o1: torch.Tensor, o2: torch.Tensor, gate: torch.Tensor, gate_activation: str) -> torch.Tensor:
+    """o1 + act(gate) * o2 in o1's dtype, the gate one per query head (or one for all)."""
     a = activate_gate(gate.to(o1.dtype), gate_activation).reshape(-1, 1, 1)
     return o1 + a * o2
 
@@ -87,13 +89,13 @@ def eager_attention(
     S = k.shape[2]
     scale = softmax_scale if softmax_scale is not None else D**-0.5
     acc = accumulation_dtype(q.dtype)
-    k, v = _per_query_head(k, H), _per_query_head(v, H)
-    pk = _per_query_head(_batched_prefix(prefix_k, B), H)
-    pv = _per_query_head(_batched_prefix(prefix_v, B), H)
+    k, v = per_query_head(k, H), per_query_head(v, H)
+    pk = per_query_head(batched_prefix(prefix_k, B), H)
+    pv = per_query_head(batched_prefix(prefix_v, B), H)
     allowed = allowed_keys(T, S, causal, key_padding_mask, q.device)
-    o1 = _softmax_attend((q @ k.transpose(-1, -2)).to(acc) * scale, allowed, v)
-    o2 = _softmax_attend((q @ pk.transpose(-1, -2)).to(acc) * scale, None, pv)
-    return _gated_sum(o1, o2, gate, gate_activation).to(q.dtype)
+    o1 = softmax_attend((q @ k.transpose(-1, -2)).to(acc) * scale, allowed, v)
+    o2 = softmax_attend((q @ pk.transpose(-1, -2)).to(acc) * scale, None, pv)
+    return gated_sum(o1, o2, gate, gate_activation).to(q.dtype)
 
 
 def concat_attention(
@@ -116,9 +118,9 @@ def concat_attention(
     S, P = k.shape[2], prefix_k.shape[-2]
     scale = softmax_scale if softmax_scale is not None else D**-0.5
     acc = accumulation_dtype(q.dtype)
-    keys = torch.cat([_batched_prefix(prefix_k, B), k], dim=2)
-    values = torch.cat([_batched_prefix(prefix_v, B), v], dim=2)
-    keys, values = _per_query_head(keys, H), _per_query_head(values, H)
+    keys = torch.cat([batched_prefix(prefix_k, B), k], dim=2)
+    values = torch.cat([batched_prefix(prefix_v, B), v], dim=2)
+    keys, values = per_query_head(keys, H), per_query_head(values, H)
     scores = (q @ keys.transpose(-1, -2)).to(acc) * scale
     prefix_probs = torch.softmax(scores[..., :P], dim=-1)
     word_scores = scores[..., P:]
@@ -168,7 +170,7 @@ def sdpa_attention(
             q, k, v, attn_mask=allowed | ~has_key, scale=scale, enable_gqa=gqa
         )
         o1 = o1.masked_fill(~has_key, 0.0)
-    pk, pv = _batched_prefix(prefix_k, B), _batched_prefix(prefix_v, B)
+    pk, pv = batched_prefix(prefix_k, B), batched_prefix(prefix_v, B)
     o2 = F.scaled_dot_product_attention(q, pk, pv, scale=scale, enable_gqa=gqa)
     acc = accumulation_dtype(q.dtype)
-    return _gated_sum(o1.to(acc), o2.to(acc), gate, gate_activation).to(q.dtype)
+    return gated_sum(o1.to(acc), o2.to(acc), gate, gate_activation).to(q.dtype)

@@ -23,12 +23,12 @@ from llama_adapter_fast.ops.attention import (
     resolve_backend,
 )
 from llama_adapter_fast.ops.reference import (
-    _gated_sum,
-    _per_query_head,
-    _softmax_attend,
     accumulation_dtype,
     eager_attention,
+    gated_sum,
+    per_query_head,
     sdpa_attention,
+    softmax_attend,
 )
 
 
@@ -133,8 +133,8 @@ def _masked_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate
     acc = accumulation_dtype(q.dtype)
     qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, D)
     if materialize:
-        kb, vb = _per_query_head(kb, H), _per_query_head(vb, H)
-        o1 = _softmax_attend((qb @ kb.transpose(-1, -2)).to(acc) * scale, allowed[None, None], vb)
+        kb, vb = per_query_head(kb, H), per_query_head(vb, H)
+        o1 = softmax_attend((qb @ kb.transpose(-1, -2)).to(acc) * scale, allowed[None, None], vb)
     else:
         has_key = allowed.any(dim=-1, keepdim=True)
         o1 = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=(allowed | ~has_key)[None, None], scale=scale,
@@ -147,7 +147,7 @@ def _masked_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate
     scores = torch.einsum("hld,hlpd->hlp", qb[0], pk.expand(H, total_q, *pk.shape[2:])).to(acc) * scale
     o2 = torch.einsum("hlp,hlpd->hld", torch.softmax(scores, dim=-1).to(pv.dtype),
                       pv.expand(H, total_q, *pv.shape[2:])).to(acc)
-    out = _gated_sum(o1.to(acc), o2[None], gate, gate_activation).to(q.dtype)
+    out = gated_sum(o1.to(acc), o2[None], gate, gate_activation).to(q.dtype)
     return out[0].transpose(0, 1)
 
 

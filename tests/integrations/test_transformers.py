@@ -18,15 +18,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import llama_adapter_fast.integrations.transformers as hf_integration
 from llama_adapter_fast import gated_prefix_attention
+from llama_adapter_fast.integrations.masked_attention import masked_gated_prefix_attention, resolve_attention_mask
 from llama_adapter_fast.integrations.transformers import (
     ATTENTION_NAME,
     add_llama_adapter,
     llama_adapter_state_dict,
     load_llama_adapter,
     remove_llama_adapter,
-    resolve_attention_mask,
     save_llama_adapter,
 )
 from llama_adapter_fast.ops.testing import DEVICE, expect_launches, rel_error
@@ -315,7 +314,7 @@ def test_a_masked_fallback_is_exact():
     gate = torch.tensor([0.3, -0.2, 0.5, 0.1])
     packed = causal_padding_mask(torch.ones(1, 6, dtype=torch.bool), 6).clone()
     packed[..., 3:, :3] = False
-    out = hf_integration.masked_gated_prefix_attention(q, k, v, pk, pv, gate, attention_mask=packed)
+    out = masked_gated_prefix_attention(q, k, v, pk, pv, gate, attention_mask=packed)
     for sl in (slice(0, 3), slice(3, 6)):
         ref = gated_prefix_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], pk, pv, gate,
                                      backend="eager")

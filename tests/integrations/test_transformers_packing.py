@@ -17,13 +17,9 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from llama_adapter_fast.integrations.masked_attention import masked_attention, packed_sequences, resolve_packing
 from llama_adapter_fast.integrations.peft import enable_fused_adaption_prompt
-from llama_adapter_fast.integrations.transformers import (
-    add_llama_adapter,
-    masked_attention,
-    packed_sequences,
-    resolve_packing,
-)
+from llama_adapter_fast.integrations.transformers import add_llama_adapter
 from llama_adapter_fast.ops.testing import expect_launches, rel_error
 
 LENGTHS = (7, 19, 1, 12)

@@ -11,9 +11,10 @@ padding mask instead of a 4-d mask, for causal and bidirectional masks alike.
 
 - `adapter.py`: add, remove, save and load the adapter;
 - `attention.py`: the attention function and its mask function, registered with transformers;
-- `masks.py`: transformers' masks read as causal attention plus key padding (shared with
-  the PEFT integration), and masked SDPA where a mask is something else;
-- `packing.py`: packed batches (DataCollatorWithFlattening) read as the packed op's cu_seqlens.
+- `tuning.py`: LLaMA-Adapter V2's bias, scale and norm tuning on the model's own layers.
+
+Masks and packed batches are read by `llama_adapter_fast.integrations.masked_attention`,
+which the PEFT and litgpt integrations share.
 """
 
 from llama_adapter_fast.integrations.transformers.adapter import (
@@ -30,13 +31,6 @@ from llama_adapter_fast.integrations.transformers.attention import (
     prefix_keys_values,
     register_attention,
 )
-from llama_adapter_fast.integrations.transformers.masks import (
-    check_sliding_window,
-    masked_attention,
-    masked_gated_prefix_attention,
-    resolve_attention_mask,
-)
-from llama_adapter_fast.integrations.transformers.packing import packed_sequences, packing_mask, resolve_packing
 
 __all__ = [
     "ATTENTION_NAME",
@@ -49,11 +43,4 @@ __all__ = [
     "llama_adapter_attention",
     "llama_adapter_mask",
     "prefix_keys_values",
-    "masked_gated_prefix_attention",
-    "masked_attention",
-    "check_sliding_window",
-    "resolve_attention_mask",
-    "packed_sequences",
-    "packing_mask",
-    "resolve_packing",
 ]

@@ -9,12 +9,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llama_adapter_fast.integrations.transformers.masks import (
+from llama_adapter_fast.integrations.masked_attention import (
     check_sliding_window,
     masked_attention,
     masked_gated_prefix_attention,
+    resolve_packing,
 )
-from llama_adapter_fast.integrations.transformers.packing import resolve_packing
 
 ATTENTION_NAME = "llama_adapter_fast"
 PROMPT_NAME = "adaption_prompt"

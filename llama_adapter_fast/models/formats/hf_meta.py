@@ -62,9 +62,9 @@ def read_meta(ckpt_dir: str | os.PathLike, **adapter: Any) -> tuple[ModelArgs, d
     args = args_from_meta_params(params, vocab_size=state["tok_embeddings.weight"].shape[0], **adapter)
     for name in list(state):
         if name.endswith("attention.wq.weight"):
-            state[name] = _permute_meta_to_hf(state[name], args.n_heads)
+            state[name] = permute_meta_to_hf(state[name], args.n_heads)
         elif name.endswith("attention.wk.weight"):
-            state[name] = _permute_meta_to_hf(state[name], args.n_kv_heads)
+            state[name] = permute_meta_to_hf(state[name], args.n_kv_heads)
     return args, state, str(folder)
 
 
@@ -90,9 +90,9 @@ def write_meta(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], arg
     out = {}
     for name, t in state.items():
         if name.endswith("attention.wq.weight"):
-            t = _permute_hf_to_meta(t, a.n_heads)
+            t = permute_hf_to_meta(t, a.n_heads)
         elif name.endswith("attention.wk.weight"):
-            t = _permute_hf_to_meta(t, a.n_kv_heads)
+            t = permute_hf_to_meta(t, a.n_kv_heads)
         out[name] = t.cpu().contiguous()
     if a.tie_word_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
@@ -249,7 +249,7 @@ def meta_to_hf_names(state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict
     return out
 
 
-def _permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta rotates interleaved pairs (0,1), (2,3)...; the rotate-half convention rotates
     (i, i + D/2). Reordering each head's rows maps one onto the other (what transformers'
     conversion script does)."""
@@ -257,7 +257,7 @@ def _permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.files import atomic_write
-from llama_adapter_fast.models.formats.hf_meta import _permute_hf_to_meta, _permute_meta_to_hf
+from llama_adapter_fast.models.formats.hf_meta import permute_hf_to_meta, permute_meta_to_hf
 from llama_adapter_fast.models.tuning import TUNABLE_LINEARS
 
 QUERY_KEY = "adapter_query.weight"
@@ -153,7 +153,7 @@ def original_to_ours(state: Mapping[str, torch.Tensor], adapter_layers: int) -> 
             if kind == "bias" and linear in ("wq", "wk"):
                 if t.dim() != 1 or t.numel() % head_dim:
                     raise ValueError(f"{key} has shape {tuple(t.shape)}: not a bias of whole heads of {head_dim}")
-                t = _permute_meta_to_hf(t[:, None], t.numel() // head_dim)[:, 0]
+                t = permute_meta_to_hf(t[:, None], t.numel() // head_dim)[:, 0]
             out[f"layers.{layer}.{block}.{linear}.tuned_{kind}"] = t
         elif _NORM.match(key):
             out[key] = t
@@ -203,7 +203,7 @@ def write_original_adapter(path: str | os.PathLike, state: Mapping[str, torch.Te
         if ".tuned_" in key:
             module, kind = key.rsplit(".", 1)
             if kind == "tuned_bias" and module.endswith(("wq", "wk")):
-                t = _permute_hf_to_meta(t[:, None], t.numel() // head_dim)[:, 0]
+                t = permute_hf_to_meta(t[:, None], t.numel() // head_dim)[:, 0]
             out[f"{module}_{kind.removeprefix('tuned_')}"] = t
         elif key.endswith("norm.weight"):
             out[key] = t

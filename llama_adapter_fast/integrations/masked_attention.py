@@ -1,10 +1,15 @@
-"""transformers' attention masks read as causal attention plus key padding where they are
-one, and attention under any other mask computed exactly by masked SDPA calls.
+"""The seam the integrations share (transformers, PEFT, litgpt): a library's attention call,
+under the library's mask, into the op.
 
-None, a 2-d padding mask, or a 4-d boolean or additive mask: where it is causal (or
-bidirectional) attention plus key padding, the op gets the padding as its key_padding_mask;
-where it is not (a sliding window that bites, a custom mask), two masked
-scaled_dot_product_attention calls compute the same thing without the fused op.
+- Masks: None, a 2-d padding mask, or a 4-d boolean or additive mask. Where it is causal (or
+  bidirectional) attention plus key padding, the op gets the padding as its
+  key_padding_mask; where it is not (a sliding window that bites, a custom mask), two masked
+  scaled_dot_product_attention calls compute the same thing without the fused op.
+- Packing: one row holding several sequences end to end, as transformers'
+  DataCollatorWithFlattening makes it (position_ids that restart at 0, or the
+  flash-attention kwargs cu_seq_lens_q and friends), read as the packed op's cu_seqlens, or,
+  where a sliding window bites inside a sequence (the packed op has no window), as a 4-d
+  mask that holds both the packing and the window.
 """
 
 from __future__ import annotations
@@ -14,10 +19,85 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from llama_adapter_fast.integrations.transformers.packing import Packing, as_packed
 from llama_adapter_fast.ops import gated_prefix_attention, gated_prefix_attention_varlen
-from llama_adapter_fast.ops.reference import activate_gate, allowed_keys
-from llama_adapter_fast.ops.varlen import varlen_attention
+from llama_adapter_fast.ops.reference import accumulation_dtype, allowed_keys, batched_prefix, gated_sum
+from llama_adapter_fast.ops.varlen import packed_allowed, packed_positions, varlen_attention
+
+Packing = tuple[torch.Tensor, torch.Tensor, int, int]  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+
+
+def packed_sequences(
+    kwargs: dict, batch: int, q_len: int, kv_len: int, causal: bool = True
+) -> Packing | None:
+    """The packing of a batch of one row holding several sequences, as transformers'
+    DataCollatorWithFlattening makes it: from the flash-attention kwargs transformers passes
+    along (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k), or else, in causal
+    layers, from position_ids that restart at 0 inside the row (0, 1, ..., 0, 1, ...). None
+    for any other batch. Encoders attend across the whole row whatever their position_ids
+    (transformers builds their masks without them), so their position_ids are no packing.
+    Reading position_ids reads data, so under torch.compile only the kwargs count."""
+    if kwargs.get("cu_seq_lens_q") is None and not causal:
+        return None
+    return _read_packing(kwargs, batch, q_len, kv_len)
+
+
+def packing_mask(packing: Packing, q_len: int, kv_len: int, causal: bool = True,
+                 sliding_window: int | None = None) -> torch.Tensor:
+    """The boolean (1, 1, T, S) mask of a packing: a query sees the keys of its own sequence
+    only, causally (bottom-right aligned in each sequence) and, with a sliding window, the
+    last `sliding_window` of them, as transformers' masks do."""
+    allowed, _ = packed_allowed(packing[0], packing[1], q_len, kv_len, causal, sliding_window)
+    return allowed[None, None]
+
+
+def resolve_packing(kwargs: dict, attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, *,
+                    causal: bool = True, sliding_window: int | None = None
+                    ) -> tuple[Packing | None, torch.Tensor | None]:
+    """(packing, attention_mask) for an attention call. A packed batch goes to the packed op
+    unless a sliding window bites inside one of its sequences: then the packing and the
+    window become one 4-d mask (and'ed with the model's own mask, which, with a cache,
+    carries the window but not the packing), which the masked path honours exactly, so
+    the sequences never see each other."""
+    packing = packed_sequences(kwargs, batch, q_len, kv_len, causal)
+    if packing is None or sliding_window is None or max(packing[2], packing[3]) <= sliding_window:
+        return packing, attention_mask
+    allowed = packing_mask(packing, q_len, kv_len, causal, sliding_window)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        given = attention_mask[..., :kv_len]
+        allowed = allowed & (given if given.dtype == torch.bool else given > torch.finfo(given.dtype).min / 2)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        allowed = allowed & attention_mask[:, None, None, -kv_len:].to(torch.bool)
+    return None, allowed
+
+
+def _read_packing(kwargs: dict, batch: int, q_len: int, kv_len: int) -> Packing | None:
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None:
+        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
+        max_q = kwargs.get("max_length_q")
+        max_k = kwargs.get("max_length_k", max_q)
+        if max_q is None:
+            raise ValueError("cu_seq_lens_q needs max_length_q (the flash-attention kwargs come together)")
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    positions = kwargs.get("position_ids")
+    # One row of q_len positions only: (1, L) text positions, not multi-axis (rope-section) ones.
+    if (positions is None or batch != 1 or q_len != kv_len or q_len < 2 or positions.numel() != q_len
+            or torch.compiler.is_compiling()):
+        return None
+    positions = positions.reshape(-1)
+    starts = (positions == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([q_len])]).to(torch.int32)
+    if not torch.equal(positions, packed_positions(cu, q_len)):
+        return None  # not sequences laid end to end
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, longest, longest
+
+
+def as_packed(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, L, D) as the packed op's (L, H, D), a view."""
+    return x[0].transpose(0, 1)
 
 
 class _LastMask:
@@ -133,10 +213,6 @@ def resolve_attention_mask(
     return (key_padding, None) if representable else (None, allowed)
 
 
-def _batched(prefix: torch.Tensor, batch: int) -> torch.Tensor:
-    return prefix.unsqueeze(0).expand(batch, *prefix.shape) if prefix.dim() == 3 else prefix
-
-
 def _masked_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, is_causal: bool,
     scale: float | None, dropout: float = 0.0,
@@ -226,12 +302,10 @@ def masked_gated_prefix_attention(
         )
     B = q.shape[0]
     word = _masked_sdpa(q, k, v, allowed, False, softmax_scale)
-    prefix = _masked_sdpa(q, _batched(prefix_k, B).to(q.dtype), _batched(prefix_v, B).to(q.dtype), None, False,
-                          softmax_scale)
-    # At least float32 for the sum (float64 stays float64).
-    acc = torch.promote_types(q.dtype, torch.float32)
-    a = activate_gate(gate.to(acc), gate_activation).reshape(-1, 1, 1)
-    return (word.to(acc) + a * prefix.to(acc)).to(q.dtype)
+    prefix = _masked_sdpa(q, batched_prefix(prefix_k, B).to(q.dtype), batched_prefix(prefix_v, B).to(q.dtype), None,
+                          False, softmax_scale)
+    acc = accumulation_dtype(q.dtype)
+    return gated_sum(word.to(acc), prefix.to(acc), gate, gate_activation).to(q.dtype)
 
 
 def _is_4d(attention_mask: object) -> bool:
