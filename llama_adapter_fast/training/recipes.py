@@ -21,10 +21,13 @@ from llama_adapter_fast.training.data import InstructionDataset, TextDataset
 from llama_adapter_fast.training.distributed import Dist, init_distributed
 from llama_adapter_fast.training.run_folder import (
     ADAPTER,
+    METRICS,
+    PLOT,
     check_fresh_out,
     out_folder_lock,
     read_checkpoint,
     resolve_resume,
+    write_loss_plot,
 )
 from llama_adapter_fast.training.templates import resolve_template, tokenizer_fingerprint
 from llama_adapter_fast.training.tokenizer import HFTokenizer, Tokenizer, open_tokenizer
@@ -195,7 +198,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
 
     def save_adapter() -> Path | None:
         # Every process takes part in gathering a sharded adapter; the first one writes.
-        state = trainer._trainable_state() if cfg.strategy == "fsdp" and info.enabled else None
+        state = trainer.trainable_state() if cfg.strategy == "fsdp" and info.enabled else None
         path = out / ADAPTER
         if info.main:
             # The prompt format and the tokenizer, which generation must use as training did.
@@ -206,7 +209,8 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
             return path
         return None
 
-    return trainer.run(resume=resume, save_final=save_adapter, callback=callback)
+    result = trainer.run(resume=resume, save_final=save_adapter, callback=callback)
+    return _with_loss_plot(result, cfg, info, "LLaMA-Adapter fine-tuning", "cross-entropy on response tokens")
 
 
 def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
@@ -222,9 +226,8 @@ def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
     model = LLaMAAdapter(dataclasses.replace(args, adapter_layers=0))
     dataset = TextDataset(text_path, tokenizer, max_seq_len=cfg.max_seq_len)
     # Pretraining blocks are already full (documents are joined into one stream): no packing.
-    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="all",
-                      title="base model pretraining", ylabel="cross-entropy", bar_label="base", data_file=text_path,
-                      pack=False)
+    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="all", bar_label="base",
+                      data_file=text_path, pack=False)
     out = Path(cfg.out_dir)
 
     def save_base() -> Path | None:
@@ -237,4 +240,13 @@ def pretrain(cfg: TrainConfig, args: ModelArgs, text_path: str | os.PathLike, *,
     with out_folder_lock(cfg.out_dir) if info.main else contextlib.nullcontext():
         result = trainer.run(resume=resolve_resume(cfg), save_final=save_base)
     model.freeze_base()
-    return model, result
+    return model, _with_loss_plot(result, cfg, info, "base model pretraining", "cross-entropy")
+
+
+def _with_loss_plot(result: TrainResult, cfg: TrainConfig, info: Dist, title: str, ylabel: str) -> TrainResult:
+    """The run's result, with the loss plot of its metrics written beside them (cfg.plot)."""
+    metrics = result.out_dir / METRICS
+    if not (cfg.plot and info.main and metrics.exists()):
+        return result
+    return dataclasses.replace(result, plot_path=write_loss_plot(metrics, result.out_dir / PLOT, title=title,
+                                                                 ylabel=ylabel))

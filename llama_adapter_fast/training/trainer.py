@@ -56,7 +56,6 @@ from llama_adapter_fast.training.run_folder import (
     rng_state,
     set_rng_state,
     sigint_deferred,
-    write_loss_plot,
 )
 from llama_adapter_fast.training.schedule import Schedule, param_groups, step_indices
 from llama_adapter_fast.training.tokenizer import Tokenizer
@@ -138,15 +137,13 @@ class Trainer:
     is the file the dataset was read from: a resumed run must read the same bytes."""
 
     def __init__(self, cfg: TrainConfig, model: LLaMAAdapter, dataset, tokenizer: Tokenizer, info: Dist,
-                 device: torch.device, trainable: str = "adapter", title: str = "LLaMA-Adapter fine-tuning",
-                 ylabel: str = "cross-entropy on response tokens", bar_label: str = "adapter",
+                 device: torch.device, trainable: str = "adapter", bar_label: str = "adapter",
                  data_file: str | os.PathLike | None = None, pack: bool | None = None):
-        cfg.validate(info.world_size)
         # Packed micro-batches hold the same records as padded ones, without the padding.
         self.pack = cfg.pack if pack is None else pack
         self.pack_tokens = cfg.pack_tokens or cfg.batch_size * cfg.max_seq_len
         self.cfg, self.dataset, self.tokenizer, self.info, self.device = cfg, dataset, tokenizer, info, device
-        self.title, self.ylabel, self.bar_label = title, ylabel, bar_label
+        self.bar_label = bar_label
         self.out = Path(cfg.out_dir)
         self.module = model  # the unwrapped model
         if trainable == "all":
@@ -214,7 +211,9 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors on the CPU, whole (gathered from every process under FSDP,
+        which every process must call together)."""
         if self.cfg.strategy == "fsdp" and self.info.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -232,7 +231,7 @@ class Trainer:
 
     def save_checkpoint(self, rng: list[dict]) -> None:
         """Everything a bit-identical resume needs, in one file written atomically."""
-        trainable = self._trainable_state()
+        trainable = self.trainable_state()
         optim = self._optimizer_state()
         if not self.info.main:
             return
@@ -351,11 +350,16 @@ class Trainer:
         return [{k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                 for b in batches]
 
-    def train_step(self, callback: Callable[[str, int], None] | None = None) -> dict[str, float]:
-        """One optimizer step over one global batch; returns its metrics."""
+    def train_step(self, callback: Callable[[str, int], None] | None = None,
+                   record: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """One optimizer step over one global batch; returns its metrics. The update and
+        `record(metrics)` form one unit that a Ctrl-C waits for (sigint_deferred), so that a
+        checkpoint never pairs one step's counter with another step's weights or metrics."""
         stats = self._compute_gradients(callback)
         with sigint_deferred():
             self._apply_update(callback)
+            if record is not None:
+                record(stats)
         return stats
 
     def _compute_gradients(self, callback: Callable[[str, int], None] | None) -> dict[str, float]:
@@ -457,42 +461,42 @@ class Trainer:
             atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(kept))
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and info.main),
-                   desc=self.bar_label, dynamic_ncols=True,
-                   leave=True)
+                   desc=self.bar_label, dynamic_ncols=True, leave=True)
         history: list[dict] = []
         start_time = time.perf_counter()
-        window_tokens, window_start = 0.0, time.perf_counter()
+        window = {"tokens": 0.0, "start": time.perf_counter(), "tokens_per_s": 0.0}
         total_tokens = 0.0
         rng_at_step = self._gather_rng() if not info.enabled else None
+
+        def record(stats: dict[str, float]) -> None:
+            # The step's metrics row and the random state after it, with the update.
+            nonlocal total_tokens, rng_at_step
+            window["tokens"] += stats["real_tokens"]  # real tokens: padding not counted
+            total_tokens += stats["real_tokens"]
+            now = time.perf_counter()
+            window["tokens_per_s"] = window["tokens"] / max(now - window["start"], 1e-9)
+            row = {"step": self.step, "epoch": self.step * self.global_batch / len(self.dataset),
+                   "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                   "tokens": int(stats["real_tokens"]), "padding": round(stats["padding"], 4),
+                   "tokens_per_s": round(window["tokens_per_s"], 1), "elapsed_s": round(now - start_time, 3)}
+            gate = self._gate_summary()
+            if gate is not None:
+                row["gate_abs_mean"] = gate
+            history.append(row)
+            if info.main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            if not info.enabled:
+                rng_at_step = self._gather_rng()
+
         try:
             while self.step < self.total_steps:
-                stats = self._compute_gradients(callback)
-                # The update, its step number, its metrics row and the random state after it
-                # form one unit: a Ctrl-C inside waits for the unit to end.
-                with sigint_deferred():
-                    self._apply_update(callback)
-                    # Real tokens: what the records hold, padding not counted.
-                    window_tokens += stats["real_tokens"]
-                    total_tokens += stats["real_tokens"]
-                    now = time.perf_counter()
-                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                    row = {"step": self.step, "epoch": self.step * self.global_batch / len(self.dataset),
-                           "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                           "tokens": int(stats["real_tokens"]), "padding": round(stats["padding"], 4),
-                           "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(now - start_time, 3)}
-                    gate = self._gate_summary()
-                    if gate is not None:
-                        row["gate_abs_mean"] = gate
-                    history.append(row)
-                    if info.main:
-                        with open(metrics_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(row) + "\n")
-                    if not info.enabled:
-                        rng_at_step = self._gather_rng()
+                stats = self.train_step(callback, record)
+                tokens_per_s = window["tokens_per_s"]
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}",
                                     pad=f"{stats['padding']:.0%}", refresh=False)
-                    window_tokens, window_start = 0.0, now
+                    window["tokens"], window["start"] = 0.0, time.perf_counter()
                 bar.update(1)
                 if cfg.print_every and info.main and (self.step % cfg.print_every == 0 or self.step == 1
                                                       or self.step == self.total_steps):
@@ -517,10 +521,7 @@ class Trainer:
             bar.close()
         seconds = time.perf_counter() - start_time
         adapter_path = save_final() if save_final is not None else None
-        plot_path = None
-        if cfg.plot and info.main and metrics_path.exists():
-            plot_path = write_loss_plot(metrics_path, self.out / PLOT, title=self.title, ylabel=self.ylabel)
         losses = [r["loss"] for r in history] or [float("nan")]
         return TrainResult(steps=self.step, final_loss=losses[-1], first_loss=losses[0], out_dir=self.out,
-                           adapter_path=adapter_path, plot_path=plot_path, seconds=seconds,
+                           adapter_path=adapter_path, plot_path=None, seconds=seconds,
                            tokens_per_s=total_tokens / max(seconds, 1e-9), history=history)
