@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from support.manual import python_block
+from support.manual import ROOT, python_block, python_blocks
 
 
 def _run(block: str, folder) -> None:
@@ -16,6 +16,13 @@ def _run(block: str, folder) -> None:
 
 def test_readme_op_example_runs(tmp_path):
     _run(python_block("out.sum().backward()  "), tmp_path)
+
+
+def test_the_op_pages_examples_run_in_order(tmp_path):
+    """As a reader runs them: each block of docs/op.md after the ones above it, in one
+    interpreter (the decoding block uses the first block's prefix and gate)."""
+    pytest.importorskip("transformers")
+    _run("\n".join(python_blocks(ROOT / "docs" / "op.md")), tmp_path)
 
 
 @pytest.mark.parametrize("marker", ["MultiModalLLaMAAdapter(llama, encoder)", "# 5,136: the only trainable tensors"])
