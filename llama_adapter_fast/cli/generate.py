@@ -146,7 +146,7 @@ def run(a: argparse.Namespace) -> int:
 
     from llama_adapter_fast.generation import iter_answers, prompt_ids
     from llama_adapter_fast.training.data import load_instructions
-    from llama_adapter_fast.training.recipes import base_format, load_tokenizer
+    from llama_adapter_fast.training.recipes import base_format, check_vocabulary, load_tokenizer
 
     _check_generate_options(a)
     base_format(a.base)
@@ -168,6 +168,7 @@ def run(a: argparse.Namespace) -> int:
         # A multi-modal adapter answers through its LLaMA with one prompt offset per record.
         offset = model.answer_offsets(records, images=pictures) if hasattr(model, "image_encoder") else None
         llama = model.llama if hasattr(model, "image_encoder") else model
+        check_vocabulary(tokenizer, llama.args.vocab_size)
         context = llama.args.max_seq_len
         n_prompt = len(prompt_ids(tokenizer, records[0], template))
         if not a.instructions and n_prompt >= context:

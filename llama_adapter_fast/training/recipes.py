@@ -79,6 +79,13 @@ def load_tokenizer(path: str | None, base: str | None) -> Tokenizer | HFTokenize
     return open_tokenizer(folder)
 
 
+def check_vocabulary(tokenizer: Tokenizer | HFTokenizer, vocab_size: int) -> None:
+    """A tokenizer whose ids the model's embedding cannot hold is the wrong one for the base."""
+    if tokenizer.n_words > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.n_words} tokens, more than the model's "
+                         f"vocab_size {vocab_size}: wrong tokenizer for this base?")
+
+
 def finetune(cfg: TrainConfig, *, model: LLaMAAdapter | None = None, tokenizer: Tokenizer | None = None,
              callback: Callable[[str, int], None] | None = None) -> TrainResult:
     """Fine-tune the adapter of `model` (or of the base at cfg.base) on cfg.data.
@@ -170,9 +177,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         model = load_base(cfg.base, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, **adapter)
         if start_from is not None:
             model.load_adapter(start_from)
-    if tokenizer.n_words > model.args.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.n_words} tokens, more than the model's "
-                         f"vocab_size {model.args.vocab_size}: wrong tokenizer for this base?")
+    check_vocabulary(tokenizer, model.args.vocab_size)
     if cfg.data is None:
         raise ValueError("data: an instruction file is required")
     if cfg.max_seq_len > model.args.max_seq_len and info.main:

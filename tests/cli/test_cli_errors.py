@@ -456,3 +456,17 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_named(data_file, tmp_path, capsys):
+    """generate used to end in an IndexError traceback where finetune named the tokenizer."""
+    from llama_adapter_fast.bundled import TOKENIZER
+    from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+
+    base = tmp_path / "small-vocab"
+    LLaMAAdapter(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=96,
+                           adapter_layers=0)).save_hf(base)
+    expect_error(capsys, ["generate", "--base", str(base), "--tokenizer", str(TOKENIZER), "--prompt", "hi",
+                          "--device", "cpu"], "vocab_size 64", "wrong tokenizer")
+    expect_error(capsys, finetune_args(base, data_file, tmp_path / "o", "--tokenizer", str(TOKENIZER)),
+                 "vocab_size 64", "wrong tokenizer")
