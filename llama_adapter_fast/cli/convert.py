@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="a GGUF base: dtype of the written weights (default float32)")
     p.add_argument("--base-model", default=None, help="--to peft: the base_model_name_or_path PEFT records")
+    p.add_argument("--overwrite", action="store_true",
+                   help="an adapter conversion: replace an existing --out (never the source itself)")
     g = p.add_argument_group("an original LLaMA-Adapter .pth",
                              "it records neither length nor layers: read from its gates unless given")
     g.add_argument("--adapter-len", type=int, default=None)
@@ -33,11 +35,22 @@ def add_parser(sub) -> None:
     g.add_argument("--gate-activation", default=None, choices=["tanh", "identity"])
 
 
+def check_out(source: str, out: str, overwrite: bool) -> None:
+    """A conversion writes neither onto its source (or inside a source folder) nor over an
+    existing file or folder unless asked to (overwrite)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"--out {out} is the source {source}: a conversion never writes onto its input")
+    if dst.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: choose another path, or pass --overwrite to replace it")
+
+
 def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_model: str | None = None,
-                    **given) -> Path:
+                    overwrite: bool = False, **given) -> Path:
     """Read an adapter in any format this package reads and write it in `to`; a ValueError
-    naming what would be lost where the target cannot hold it (nothing is written then).
-    `given` (adapter_len, adapter_layers, gate_activation) completes an original file."""
+    naming what would be lost where the target cannot hold it (nothing is written then), or
+    where `out` is the source or exists (unless `overwrite`). `given` (adapter_len,
+    adapter_layers, gate_activation) completes an original file."""
     from llama_adapter_fast.models.formats.litgpt import write_litgpt_adapter
     from llama_adapter_fast.models.formats.native import (
         read_adapter_config,
@@ -50,6 +63,7 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
 
     if to not in ADAPTER_TARGETS:
         raise ValueError(f"to must be one of {ADAPTER_TARGETS}, got {to!r}")
+    check_out(source, out, overwrite)
     settings = read_adapter_config(source, **given)
     state = with_own_names(read_adapter_file(source), settings["adapter_layers"])
     if to == "peft":
@@ -74,5 +88,6 @@ def run(a: argparse.Namespace) -> int:
         print(f"base model: {convert_gguf(a.source, a.out, dtype=a.dtype)}")
         return 0
     given = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers, "gate_activation": a.gate_activation}
-    print(f"adapter: {convert_adapter(a.source, a.out, a.to, a.base_model, **given)} ({a.to} format)")
+    path = convert_adapter(a.source, a.out, a.to, a.base_model, overwrite=a.overwrite, **given)
+    print(f"adapter: {path} ({a.to} format)")
     return 0

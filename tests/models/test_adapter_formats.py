@@ -142,3 +142,26 @@ def test_finetune_resume_starts_a_new_run_from_an_adapter_of_any_format(base_dir
     a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("from-peft", "from-ours"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_adapter_config(tmp_path / "from-peft" / "adapter.safetensors")["gate_activation"] == "identity"
+
+
+def test_convert_writes_over_nothing_without_consent(base_dir, tmp_path, capsys):
+    """convert used to overwrite an existing --out, the source itself included."""
+    model = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1)
+    source = tmp_path / "a.safetensors"
+    model.save_adapter(source)
+    before = source.read_bytes()
+    assert cli.main(["convert", str(source), "--out", str(source)]) == 2
+    assert "is the source" in capsys.readouterr().err
+    assert cli.main(["convert", str(source), "--out", str(source), "--overwrite"]) == 2
+    assert source.read_bytes() == before
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"mine")
+    assert cli.main(["convert", str(source), "--out", str(taken)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and taken.read_bytes() == b"mine"
+    for to, out in (("peft", tmp_path / "peft"), ("original", tmp_path / "a.pth")):
+        assert cli.main(["convert", str(source), "--out", str(out), "--to", to]) == 0
+        assert cli.main(["convert", str(source), "--out", str(out), "--to", to]) == 2
+        assert cli.main(["convert", str(source), "--out", str(out), "--to", to, "--overwrite"]) == 0
+    assert cli.main(["convert", str(tmp_path / "peft"), "--out", str(tmp_path / "peft" / "x.safetensors")]) == 2
+    assert cli.main(["convert", str(source), "--out", str(taken), "--overwrite"]) == 0
+    assert read_adapter_config(taken) == read_adapter_config(source)
