@@ -78,6 +78,12 @@ def test_an_adapter_written_as_peft_loads_in_peft_with_the_same_logits(base_dir,
     assert loaded.peft_config["default"].adapter_len == 4
     with torch.no_grad():
         assert rel_error(loaded(input_ids=tokens()).logits, ours) < 1e-5
+    # and this package reads back the folder it wrote (it used to refuse target_modules null)
+    assert cli.main(["convert", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors")]) == 0
+    back = load_base(base_dir, attention_backend="sdpa", **read_adapter_config(tmp_path / "back.safetensors"))
+    back.load_adapter(tmp_path / "back.safetensors")
+    with torch.no_grad():
+        assert rel_error(back(tokens()), ours) < 1e-5
 
 
 def test_what_peft_cannot_hold_is_refused_and_nothing_is_written(base_dir, tmp_path, capsys):

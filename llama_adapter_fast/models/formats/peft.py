@@ -54,7 +54,8 @@ def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise ValueError(f"{folder}: a PEFT adapter of peft_type {kind!r}; only ADAPTION_PROMPT (LLaMA-Adapter) "
                          f"adapters convert")
-    if config.get("target_modules", "self_attn") != "self_attn":
+    # None: PEFT fills it from the model type when it loads the adapter (self_attn for Llama).
+    if config.get("target_modules") not in (None, "self_attn"):
         raise ValueError(f"{folder}: adaption prompts on {config['target_modules']!r}; this package's model has "
                          f"Llama's self_attn")
     for key in ("adapter_len", "adapter_layers"):
@@ -147,7 +148,8 @@ def write_peft_adapter(folder: str | os.PathLike, state: Mapping[str, torch.Tens
             raise ValueError(f"the adapter cannot be written in PEFT's format: {name} has no place in it")
     folder.mkdir(parents=True, exist_ok=True)
     config = AdaptionPromptConfig(adapter_len=settings["adapter_len"], adapter_layers=settings["adapter_layers"],
-                                  task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                                  target_modules="self_attn", task_type="CAUSAL_LM",
+                                  base_model_name_or_path=base_model)
     config.save_pretrained(str(folder))
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     atomic_write(folder / PEFT_WEIGHTS[0], lambda tmp: save_file(tensors, tmp))
