@@ -5,6 +5,7 @@ the original V1 and V2 releases' .pth)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 ADAPTER_TARGETS = ("llama-adapter-fast", "peft", "litgpt", "original")
@@ -53,8 +54,10 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     adapter_layers, gate_activation) completes an original file."""
     from llama_adapter_fast.models.formats.litgpt import write_litgpt_adapter
     from llama_adapter_fast.models.formats.native import (
+        RECORDED_FIELDS,
         read_adapter_config,
         read_adapter_file,
+        read_adapter_metadata,
         with_own_names,
         write_adapter_file,
     )
@@ -77,7 +80,9 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     config = dict(settings)
     if "bias_tuning" in config:
         config["bias_tuning"] = list(config["bias_tuning"])
-    write_adapter_file(out, state, config, {"converted_from": str(source)})
+    # What training recorded (template, tokenizer) stays with the adapter.
+    recorded = {k: v for k, v in read_adapter_metadata(source).items() if k in RECORDED_FIELDS}
+    write_adapter_file(out, state, config, {**recorded, "converted_from": str(source)})
     return Path(out)
 
 
@@ -90,4 +95,13 @@ def run(a: argparse.Namespace) -> int:
     given = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers, "gate_activation": a.gate_activation}
     path = convert_adapter(a.source, a.out, a.to, a.base_model, overwrite=a.overwrite, **given)
     print(f"adapter: {path} ({a.to} format)")
+    if a.to != "llama-adapter-fast":
+        from llama_adapter_fast.models.formats.native import read_adapter_metadata
+
+        metadata = read_adapter_metadata(a.source)
+        recorded = {k: metadata[k] for k in ("template", "tokenizer_sha256") if metadata.get(k)}
+        if recorded:
+            shown = ", ".join(f"{k} {v[:16]}" for k, v in recorded.items())
+            print(f"note: the {a.to} format cannot hold what training recorded ({shown}): generate with the same "
+                  f"--template and tokenizer", file=sys.stderr)
     return 0

@@ -198,7 +198,12 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
     if dataset.num_without_response and info.main:
         print(f"warning: {dataset.num_without_response} of {len(dataset)} records have no response token "
               f"within max_seq_len={cfg.max_seq_len}")
-    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="adapter", data_file=cfg.data)
+    # The prompt format and the tokenizer, which generation must use as training did.
+    metadata = {"base": str(cfg.base), "template": cfg.template}
+    if getattr(tokenizer, "path", None):
+        metadata["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
+    trainer = Trainer(cfg, model, dataset, tokenizer, info, device, trainable="adapter", data_file=cfg.data,
+                      metadata=metadata)
     out = Path(cfg.out_dir)
 
     def save_adapter() -> Path | None:
@@ -206,11 +211,7 @@ def _finetune(cfg: TrainConfig, info: Dist, device: torch.device, model: LLaMAAd
         state = trainer.trainable_state() if cfg.strategy == "fsdp" and info.enabled else None
         path = out / ADAPTER
         if info.main:
-            # The prompt format and the tokenizer, which generation must use as training did.
-            meta = {"base": str(cfg.base), "step": str(trainer.step), "template": cfg.template}
-            if getattr(tokenizer, "path", None):
-                meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
-            trainer.module.save_adapter(path, metadata=meta, tensors=state)
+            trainer.module.save_adapter(path, metadata={**metadata, "step": str(trainer.step)}, tensors=state)
             return path
         return None
 

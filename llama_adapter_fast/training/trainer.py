@@ -134,16 +134,20 @@ class TrainResult:
 class Trainer:
     """The shared loop. `trainable` selects the parameters that learn ("adapter" or "all");
     `save_final` writes the result (the adapter file, or the base model folder). `data_file`
-    is the file the dataset was read from: a resumed run must read the same bytes."""
+    is the file the dataset was read from: a resumed run must read the same bytes. `metadata`
+    is what the run's adapter records (its template and tokenizer), which every checkpoint
+    records too, so that generation from a checkpoint follows it as it follows the adapter."""
 
     def __init__(self, cfg: TrainConfig, model: LLaMAAdapter, dataset, tokenizer: Tokenizer, info: Dist,
                  device: torch.device, trainable: str = "adapter", bar_label: str = "adapter",
-                 data_file: str | os.PathLike | None = None, pack: bool | None = None):
+                 data_file: str | os.PathLike | None = None, pack: bool | None = None,
+                 metadata: dict[str, str] | None = None):
         # Packed micro-batches hold the same records as padded ones, without the padding.
         self.pack = cfg.pack if pack is None else pack
         self.pack_tokens = cfg.pack_tokens or cfg.batch_size * cfg.max_seq_len
         self.cfg, self.dataset, self.tokenizer, self.info, self.device = cfg, dataset, tokenizer, info, device
         self.bar_label = bar_label
+        self.metadata = dict(metadata or {})
         self.out = Path(cfg.out_dir)
         self.module = model  # the unwrapped model
         if trainable == "all":
@@ -243,7 +247,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rng, "world_size": self.info.world_size,
             "global_batch": self.global_batch, "samples_seen": self.step * self.global_batch,
             "config": dataclasses.asdict(self.cfg), "adapter": self.module.args.adapter_config(),
-            "fingerprints": self.fingerprints,
+            "fingerprints": self.fingerprints, "metadata": {**self.metadata, "step": str(self.step)},
         }
         atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
         self.saved_step = self.step

@@ -470,3 +470,26 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_named(data_file, tmp_p
                           "--device", "cpu"], "vocab_size 64", "wrong tokenizer")
     expect_error(capsys, finetune_args(base, data_file, tmp_path / "o", "--tokenizer", str(TOKENIZER)),
                  "vocab_size 64", "wrong tokenizer")
+
+
+def test_a_checkpoint_and_its_conversion_record_what_the_adapter_records(base_dir, trained, tmp_path, capsys):
+    """generate --adapter checkpoint.pt used to accept any tokenizer and template, and convert
+    into this package's format dropped the record."""
+    from llama_adapter_fast.models.formats.native import read_adapter_metadata
+
+    from support.hf_tokenizer_files import write_tokenizer
+
+    adapter = read_adapter_metadata(trained / "adapter.safetensors")
+    assert adapter["template"] == "alpaca" and adapter["tokenizer_sha256"]
+    checkpoint = trained / "checkpoint.pt"
+    converted = tmp_path / "converted.safetensors"
+    assert cli.main(["convert", str(checkpoint), "--out", str(converted)]) == 0
+    other = write_tokenizer(tmp_path / "other", start_token=False)
+    for source in (checkpoint, converted):
+        recorded = read_adapter_metadata(source)
+        assert {k: recorded[k] for k in ("template", "tokenizer_sha256")} == \
+            {k: adapter[k] for k in ("template", "tokenizer_sha256")}
+        expect_error(capsys, ["generate", "--base", str(base_dir), "--adapter", str(source), "--tokenizer",
+                              str(other), "--prompt", "hi", "--device", "cpu"], "--tokenizer", "is not the tokenizer")
+    assert cli.main(["convert", str(checkpoint), "--out", str(tmp_path / "a.pth"), "--to", "original"]) == 0
+    assert "cannot hold what training recorded (template alpaca" in capsys.readouterr().err

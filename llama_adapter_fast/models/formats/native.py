@@ -100,15 +100,26 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap_pt(raw, path)
 
 
+# What an adapter records of its training beside its settings, and a conversion carries.
+RECORDED_FIELDS = ("base", "template", "tokenizer_sha256")
+
+
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a .safetensors adapter (what training recorded: the base, the step, the
-    prompt template, the tokenizer's SHA-256); {} for other files, which record none."""
+    """What training recorded with an adapter (the base, the step, the prompt template, the
+    tokenizer's SHA-256): a .safetensors file's metadata, or a training checkpoint's record;
+    {} for files that record none (PEFT, litgpt, the original releases)."""
     path = Path(path)
     if is_peft_folder(path):
         return {}
     _check_adapter_path(path)
     if path.suffix != ".safetensors":
-        return {}
+        raw = _load_pt(path)
+        recorded = raw.get("metadata") if isinstance(raw, dict) else None
+        if isinstance(recorded, dict):
+            return {str(k): str(v) for k, v in recorded.items()}
+        # A checkpoint written before checkpoints recorded metadata: its configuration's template.
+        template = raw.get("config", {}).get("template") if isinstance(raw, dict) and "trainable" in raw else None
+        return {"template": template} if isinstance(template, str) else {}
     from safetensors import safe_open
 
     try:
