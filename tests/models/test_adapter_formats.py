@@ -171,3 +171,26 @@ def test_convert_writes_over_nothing_without_consent(base_dir, tmp_path, capsys)
     assert cli.main(["convert", str(tmp_path / "peft"), "--out", str(tmp_path / "peft" / "x.safetensors")]) == 2
     assert cli.main(["convert", str(source), "--out", str(taken), "--overwrite"]) == 0
     assert read_adapter_config(taken) == read_adapter_config(source)
+
+
+def test_load_adapter_refuses_a_file_of_other_settings(base_dir, tmp_path):
+    """load_adapter used to check shapes only: a PEFT folder (identity gate) or a litgpt-
+    projection adapter loaded into a model built with the defaults and computed another model."""
+    peft_style = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1,
+                           gate_activation="identity", scalar_gate=True)
+    peft_style.save_adapter(tmp_path / "identity.safetensors")
+    lit_style = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1,
+                          prefix_projection="litgpt")
+    lit_style.save_adapter(tmp_path / "litgpt.safetensors")
+    default_scalar = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1, scalar_gate=True)
+    default = load_base(base_dir, attention_backend="sdpa", adapter_len=3, adapter_layers=1)
+    before = {k: v.clone() for k, v in default_scalar.adapter_state_dict().items()}
+    with pytest.raises(ValueError, match="gate_activation 'identity', the model has 'tanh'"):
+        default_scalar.load_adapter(tmp_path / "identity.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in default_scalar.adapter_state_dict().items())
+    with pytest.raises(ValueError, match="prefix_projection 'litgpt', the model has 'own'"):
+        default.load_adapter(tmp_path / "litgpt.safetensors")
+    # built from the file's own settings, each loads
+    for name in ("identity", "litgpt"):
+        path = tmp_path / f"{name}.safetensors"
+        load_base(base_dir, attention_backend="sdpa", **read_adapter_config(path)).load_adapter(path)

@@ -254,6 +254,33 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
     return config
 
 
+# Settings that change what an adapter computes without changing its tensors' shapes, with
+# the value a file that does not record one means.
+_SHAPELESS_SETTINGS = {"gate_activation": None, "prefix_projection": "own", "scale_tuning": None}
+
+
+def check_recorded_settings(path: str | os.PathLike, model_config: Mapping[str, Any]) -> None:
+    """A ValueError naming the setting where the adapter at `path` records a gate activation,
+    prefix projection or scale placement other than the model's (`model_config`, as
+    `ModelArgs.adapter_config` gives it): its tensors would load, and compute another model.
+    Shapes (length, layers, gates, V2's tensors) are checked when the tensors are copied.
+    An original release's file records no gate activation (its scripts applied tanh, V1's
+    first one the gate as it is), so there the model's stands."""
+    original = is_original_adapter(path)
+    # An original file's length and layers are the model's where its gates do not tell them.
+    shape = {k: model_config[k] for k in ("adapter_len", "adapter_layers")} if original else {}
+    recorded = read_adapter_config(path, **shape)
+    if original:
+        recorded.pop("gate_activation", None)
+    for name, unrecorded in _SHAPELESS_SETTINGS.items():
+        # adapter_config leaves out what a file leaves out, so both default alike.
+        theirs, ours = recorded.get(name, unrecorded), model_config.get(name, unrecorded)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(f"load_adapter: {path} records {name} {theirs!r}, the model has {ours!r}: it "
+                             f"would compute another model; build the model with the adapter's settings "
+                             f"(read_adapter_config({str(path)!r}))")
+
+
 def copy_adapter_state(own: Mapping[str, torch.Tensor], state: Mapping[str, Any], source: str, described: str,
                        strict: bool = True) -> None:
     """Copy `state` into a model's adapter parameters `own` after checking every name, shape
