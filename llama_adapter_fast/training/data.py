@@ -41,11 +41,11 @@ def _check_messages(messages: object, where: str, require_answer: bool) -> list[
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
     out = []
     for j, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content', got {message!r}")
         if message["role"] not in ROLES:
             raise DataError(f"{where}: messages[{j}] has role {message['role']!r}; roles are {', '.join(ROLES)}")
-        content = message.get("content", "")
+        content = message["content"]
         if not isinstance(content, str):
             raise DataError(f"{where}: messages[{j}] 'content' must be a string, got {type(content).__name__}")
         out.append({"role": message["role"], "content": content})
@@ -53,6 +53,10 @@ def _check_messages(messages: object, where: str, require_answer: bool) -> list[
         raise DataError(f"{where}: no assistant message, so nothing to learn")
     if all(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no user message")
+    if next(m["role"] for m in out if m["role"] != "system") == "assistant":
+        # A chat template renders an assistant turn after the prompt of a user turn.
+        raise DataError(f"{where}: the conversation starts with an assistant message; it must start with a user "
+                        f"message (after any system message)")
     return out
 
 
@@ -152,6 +156,10 @@ def load_instructions(path: str | os.PathLike, require_output: bool = True) -> l
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if not records and line.strip() == "[":
+                    raise DataError(f"{path}: a .jsonl file holds one JSON object a line, and this one holds a "
+                                    f"JSON list over several lines: name it .json, or write one record a line"
+                                    ) from exc
                 raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
             records.append(_check_record(record, where, require_output))
     if not records:

@@ -184,3 +184,30 @@ def test_a_single_object_and_a_byte_order_mark_load(tmp_path):
     broken.write_text('{\n  "instruction": "a",\n  "output": \n}\n')
     with pytest.raises(DataError, match="broken.json"):
         load_instructions(broken)
+
+
+def test_a_pretty_printed_list_in_a_jsonl_file_says_why(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}], indent=2))
+    with pytest.raises(DataError, match="one JSON object a line, and this one holds a JSON list"):
+        load_instructions(path)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user"}, {"role": "assistant", "content": "b"}], r"messages\[0\] must be an object with 'role' and"),
+    ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"},
+      {"role": "assistant", "content": "b"}], "starts with an assistant message; it must start with a user"),
+])
+def test_chat_records_are_checked_where_they_are_read(tmp_path, messages, message):
+    """A message without content was read as empty text (null was refused), and a conversation
+    opening with the assistant failed later in the chat template with no file or record."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}: record 0 \(line 1\).*{message}"):
+        load_instructions(path)
+
+
+def test_the_op_demo_answers_help_without_running():
+    run = subprocess.run([sys.executable, "-m", "llama_adapter_fast.cli.demos.op", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "usage:" in run.stdout and "relative error" not in run.stdout

@@ -1,8 +1,8 @@
-"""`make demo`: run gated_prefix_attention on one random batch through every available
+"""`make demo-op`: run gated_prefix_attention on one random batch through every available
 backend, and print how closely each agrees with the float64 oracle and how long it took.
 
 On a machine without a GPU the Triton kernels run under Triton's interpreter (slow, but the
-same kernels) when TRITON_INTERPRET=1 is set before Python starts, as `make demo` does.
+same kernels) when TRITON_INTERPRET=1 is set before Python starts, as `make demo-op` does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ def _timed(fn, repeats: int) -> tuple[torch.Tensor, float]:
     return out, sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            prog="python -m llama_adapter_fast.cli.demos.op").parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     B, Hq, Hkv, T, D, P = (4, 32, 8, 1024, 128, 10) if device.type == "cuda" else (2, 8, 2, 64, 64, 10)
