@@ -79,8 +79,9 @@ class ModelArgs:
         if (self.dim // self.n_heads) % 2 != 0:
             raise ValueError(f"the head dim dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
         if not 0 <= self.adapter_layers <= self.n_layers:
-            raise ValueError(f"ModelArgs.adapter_layers must be in [0, n_layers = {self.n_layers}], "
-                             f"got {self.adapter_layers}")
+            # Named as the command line and the Python API both spell it: a user meets it as either.
+            raise ValueError(f"adapter_layers (--adapter-layers) must be in [0, n_layers = {self.n_layers}] for "
+                             f"this base, got {self.adapter_layers}")
         if self.adapter_layers > 0 and self.adapter_len < 1:
             raise ValueError(f"ModelArgs.adapter_len must be >= 1 when adapter_layers > 0, got {self.adapter_len}")
         if self.gate_activation not in GATE_ACTIVATIONS:

@@ -493,3 +493,9 @@ def test_a_checkpoint_and_its_conversion_record_what_the_adapter_records(base_di
                               str(other), "--prompt", "hi", "--device", "cpu"], "--tokenizer", "is not the tokenizer")
     assert cli.main(["convert", str(checkpoint), "--out", str(tmp_path / "a.pth"), "--to", "original"]) == 0
     assert "cannot hold what training recorded (template alpaca" in capsys.readouterr().err
+
+
+def test_more_adapter_layers_than_the_base_has_names_the_option(base_dir, data_file, tmp_path, capsys):
+    """The message used to name the internal ModelArgs.adapter_layers."""
+    expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--adapter-layers", "3"),
+                 "--adapter-layers", "n_layers = 2", "got 3")
