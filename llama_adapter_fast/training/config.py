@@ -129,6 +129,7 @@ def option_name(field: str) -> str:
 RESUME_FIXED = {
     "seed": "the data order and the initial prompts follow it",
     "max_seq_len": "the records would be truncated differently",
+    "template": "the records were tokenized in this prompt format, which the adapter learns to answer in",
     "image_encoder": "the trained image projection reads this encoder's features",
     "image_layers": "the trained image projection reads these layers' features",
     "projection_hidden": "the trained image projection has this shape",

@@ -331,3 +331,18 @@ def test_a_run_without_any_response_token_stops(base_dir, data_file, tmp_path):
     with pytest.raises(ValueError, match="no record keeps a response token.*--max-seq-len 8"):
         finetune(config(base_dir, data_file, tmp_path, max_seq_len=8))
     assert not (tmp_path / "adapter.safetensors").exists() and not (tmp_path / CHECKPOINT).exists()
+
+
+def test_resume_with_another_template_names_the_template(tmp_path):
+    """Another --template makes the records tokenize differently, which used to be blamed on
+    --tokenizer."""
+    import dataclasses
+
+    from llama_adapter_fast.training.run_folder import check_resume_settings
+
+    cfg = TrainConfig(out_dir=str(tmp_path), template="alpaca")
+    adapter = {"adapter_len": 2, "adapter_layers": 2, "gate_activation": "tanh", "scalar_gate": False}
+    state = {"config": dataclasses.asdict(cfg), "global_batch": 2, "adapter": adapter, "fingerprints": {"tokens": "a"}}
+    with pytest.raises(ValueError, match="resume: --template was 'alpaca' .* this run has 'chat'"):
+        check_resume_settings(state, tmp_path / CHECKPOINT, dataclasses.replace(cfg, template="chat"), 2, adapter,
+                              {"tokens": "b"})
