@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", default=None, help="also write the answers as JSON Lines, each as it comes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--adapter-len", type=int, default=None,
                    help="for an original LLaMA-Adapter .pth, which does not record it (default: from its gates)")
     p.add_argument("--adapter-layers", type=int, default=None, help="likewise (default: from its gates)")
@@ -131,9 +132,14 @@ def generation_template(a: argparse.Namespace, tokenizer) -> bool | str:
     return resolve_template(a.template or trained or ("alpaca" if a.adapter else None), tokenizer)
 
 
-def _open_output(path: str):
-    """The --output file, opened for appending (so that an existing file stays as it is until
-    the model has loaded), or a ValueError naming it: checked before anything loads."""
+def _open_output(path: str, overwrite: bool, instructions: str | None):
+    """The --output file, opened for appending (so that an existing file, replaced only with
+    --overwrite, stays as it is until the model has loaded), or a ValueError naming it:
+    checked before anything loads. The instructions file is never written over."""
+    if instructions is not None and Path(path).resolve() == Path(instructions).resolve():
+        raise ValueError(f"--output {path} is the --instructions file: the answers would write over the questions")
+    if Path(path).is_file() and not overwrite:
+        raise ValueError(f"--output {path} exists: choose another file, or pass --overwrite to replace it")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return open(path, "a", encoding="utf-8")
@@ -156,7 +162,7 @@ def run(a: argparse.Namespace) -> int:
         records = load_instructions(a.instructions, require_output=False)
     else:
         records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
-    output = _open_output(a.output) if a.output else None
+    output = _open_output(a.output, a.overwrite, a.instructions) if a.output else None
     try:
         settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
                     "gate_activation": a.gate_activation}

@@ -293,12 +293,21 @@ def test_generate_checks_the_output_before_loading(base_dir, tmp_path, capsys, m
     for output in (a_file / "answers.jsonl", tmp_path):
         expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(output),
                               "--device", "cpu"], f"--output {output}")
-    # An existing answers file stays as it was when loading fails.
+    # An existing answers file is replaced only with --overwrite, and stays as it was when
+    # loading fails; the instructions file is never written over.
     answers = tmp_path / "answers.jsonl"
     answers.write_text("earlier answers\n")
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(answers),
+                          "--device", "cpu"], f"--output {answers} exists", "--overwrite")
     with pytest.raises(AssertionError, match="was loaded"):
-        cli.main(["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(answers), "--device", "cpu"])
+        cli.main(["generate", "--base", str(base_dir), "--prompt", "hi", "--output", str(answers), "--device", "cpu",
+                  "--overwrite"])
     assert answers.read_text() == "earlier answers\n"
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"instruction": "hi"}) + "\n")
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--instructions", str(questions), "--output",
+                          str(questions), "--overwrite", "--device", "cpu"], "is the --instructions file")
+    assert json.loads(questions.read_text()) == {"instruction": "hi"}
 
 
 def generate_args(base, adapter, *extra: str) -> list[str]:
