@@ -49,3 +49,29 @@ def test_files_that_are_no_llama_gguf_are_refused(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert cli.main(["convert", str(gpt2), "--out", str(tmp_path / "taken")]) == 2
     assert "exists: choose a new folder" in capsys.readouterr().err
+
+
+def test_another_transformers_or_gguf_converts_again(tmp_path, monkeypatch):
+    """The conversion's output depends on the readers (transformers 5.0 wrote another vocabulary
+    size and other stop ids for SmolLM2's file than 5.25), so the cache is keyed by their
+    versions as well as by the file: a cache made by another version is never read."""
+    from llama_adapter_fast.models.formats import gguf as formats_gguf
+
+    model = tmp_path / "model.gguf"
+    write_gguf(model, "llama", np.zeros((4, 4), dtype=np.float32))
+    monkeypatch.setenv("LLAMA_ADAPTER_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(formats_gguf, "check_gguf", lambda path, what="base": str(path))
+    converted = []
+
+    def convert(path, out, dtype="float32"):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        converted.append(out)
+        return out
+
+    monkeypatch.setattr(formats_gguf, "convert_gguf", convert)
+    first = formats_gguf.gguf_base_folder(model)
+    assert formats_gguf.gguf_base_folder(model) == first and converted == [first]
+    monkeypatch.setattr(formats_gguf, "_reader_versions", lambda: "transformers 0.0, gguf 0.0")
+    second = formats_gguf.gguf_base_folder(model)
+    assert second != first and converted == [first, second]

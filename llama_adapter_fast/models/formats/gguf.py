@@ -14,6 +14,7 @@ model.gguf` costs the conversion only the first time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -117,7 +118,8 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
         tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes the folder private; give it the usual mode
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": name, "sha256": file_sha256(path), "dtype": dtype}))
+        (tmp / "source.json").write_text(json.dumps({"gguf": name, "sha256": file_sha256(path), "dtype": dtype,
+                                                     "readers": _reader_versions()}))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,13 +131,23 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama_adapter_fast")
 
 
+def _reader_versions() -> str:
+    """The versions of what reads a GGUF file (transformers and gguf), whose conversions differ
+    (transformers 5.0 wrote another vocabulary size and other stop ids for the same file)."""
+    from importlib.metadata import version
+
+    return f"transformers {version('transformers')}, gguf {version('gguf')}"
+
+
 def gguf_base_folder(path: str | os.PathLike) -> Path:
     """The Hugging Face folder of a GGUF file, converted (in float32) the first time into the
-    cache and found there afterwards (by the file's SHA-256, so an edited file converts again)."""
+    cache and found there afterwards, by the file's SHA-256 and the readers' versions (so an
+    edited file, or another transformers or gguf, converts again)."""
     path = Path(path)
     if not is_gguf(path):
         check_gguf(path)  # its error: missing, a folder, not GGUF
-    folder = cache_root() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}"
+    readers = hashlib.sha256(_reader_versions().encode()).hexdigest()[:8]
+    folder = cache_root() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}-{readers}"
     if not (folder / "config.json").is_file():
         # Reading the file's header (its whole vocabulary) takes seconds: only before converting.
         check_gguf(path)
