@@ -328,17 +328,12 @@ class LLaMAAdapter(nn.Module):
 
     def load_adapter(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
                      strict: bool = True) -> None:
-        """Load adapter weights from a dict, a .safetensors file written by `save_adapter`,
-        a .pt/.pth file (our adapter dict, a training checkpoint of this package, an original
-        V1 or V2 release's file), a PEFT folder or a litgpt checkpoint.
-
-        A file's recorded settings must be the model's: one whose gate activation, prefix
-        projection or scale placement differs would load and compute another model, so it is
-        refused (build the model with `read_adapter_config(path)`'s settings)."""
+        """Load adapter weights from a dict or a file (`save_adapter`'s .safetensors, a .pt/.pth dict or training
+        checkpoint of ours, an original V1 or V2 release's file, a PEFT folder, a litgpt checkpoint); a file
+        that records another gate activation, prefix projection or scale placement is refused."""
         source = str(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "state_dict"
         if isinstance(state_dict_or_path, (str, os.PathLike)):
-            native.check_recorded_settings(state_dict_or_path, self.args.adapter_config())
-            state = native.read_adapter_file(state_dict_or_path)
+            state = native.read_adapter_file(state_dict_or_path, model_config=self.args.adapter_config())
         elif isinstance(state_dict_or_path, Mapping):
             state = dict(state_dict_or_path)
         else:

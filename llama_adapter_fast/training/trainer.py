@@ -356,9 +356,8 @@ class Trainer:
 
     def train_step(self, callback: Callable[[str, int], None] | None = None,
                    record: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
-        """One optimizer step over one global batch; returns its metrics. The update and
-        `record(metrics)` form one unit that a Ctrl-C waits for (sigint_deferred), so that a
-        checkpoint never pairs one step's counter with another step's weights or metrics."""
+        """One optimizer step over one global batch; returns its metrics. The update and `record(metrics)` form
+        one unit that a Ctrl-C waits for, so a checkpoint never pairs one step's counter with another's weights."""
         stats = self._compute_gradients(callback)
         with sigint_deferred():
             self._apply_update(callback)

@@ -77,10 +77,15 @@ def _unwrap_pt(raw: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_adapter_file(path: str | os.PathLike,
+                      model_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Adapter tensors from a .safetensors file or a .pt/.pth file (a training checkpoint of
     this package is accepted too: its adapter tensors are taken). A missing, empty,
-    truncated or corrupt file is a ValueError naming it."""
+    truncated or corrupt file is a ValueError naming it; so is, given the model's
+    `model_config`, a file whose settings would compute another model (see
+    `check_recorded_settings`)."""
+    if model_config is not None:
+        check_recorded_settings(path, model_config)
     path = Path(path)
     if is_peft_folder(path):
         return read_peft_adapter(path)
