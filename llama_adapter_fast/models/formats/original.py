@@ -75,19 +75,20 @@ def _n_layers(state: Mapping[str, torch.Tensor]) -> int:
     return 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layers.")), default=-1)
 
 
-def _layers_told_by_gates(state: Mapping[str, torch.Tensor], rows: int) -> int | None:
-    """The adapted layers an original file's gates tell, or None: where only some layers keep
-    a gate (V2), those; where every layer does (V1), the top ones whose gates trained away
-    from zero."""
+def _layers_told_by_gates(state: Mapping[str, torch.Tensor], rows: int) -> tuple[int | None, bool]:
+    """The adapted layers an original file's gates tell, and whether exactly: where only some
+    layers keep a gate (V2), those, exactly; where every layer does (V1), the top ones whose
+    gates trained away from zero, at least (an adapted layer's gate may still be zero).
+    (None, False) where the gates tell nothing."""
     gates = {int(m[1]): v for k, v in state.items() if (m := _GATE.match(k))}
     n = _n_layers(state)
     present = sorted(gates)
     if present and len(present) < n and present == list(range(n - len(present), n)):
-        return len(present) if rows % len(present) == 0 else None
+        return (len(present), True) if rows % len(present) == 0 else (None, False)
     trained = [i for i in present if bool(gates[i].abs().sum() > 0)]
     if not trained or trained != list(range(n - len(trained), n)) or rows % len(trained):
-        return None
-    return len(trained)
+        return None, False
+    return len(trained), False
 
 
 def original_config(state: Mapping[str, torch.Tensor], source: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,19 +106,21 @@ def original_config(state: Mapping[str, torch.Tensor], source: str, given: Mappi
             raise ValueError(f"{option} must be an int >= 1, got {value!r}")
     if layers is None and length is not None and rows % length == 0:
         layers = rows // length
-    told = _layers_told_by_gates(state, rows)
+    told, exactly = _layers_told_by_gates(state, rows)
     if layers is None:
         if told is None:
             raise ValueError(f"{source}: an original LLaMA-Adapter file records neither adapter_len nor "
                              f"adapter_layers, and its gates do not tell them: pass --adapter-len and "
                              f"--adapter-layers (their product is its {rows} prompt vectors)")
         layers = told
-    elif told is not None and layers != told:
-        # Another split of the prompt vectors would drop trained gates or train untrained ones.
+    elif told is not None and (layers != told if exactly else layers < told):
+        # Another split of the prompt vectors would drop trained gates (or, where the file keeps
+        # gates only in its adapted layers, adapt layers it never trained).
         option = "--adapter-layers" if given.get("adapter_layers") is not None else "--adapter-len"
+        where = "in" if exactly else "trained in"
         raise ValueError(f"{option} {given.get('adapter_layers') or given.get('adapter_len')} disagrees with "
-                         f"{source}: its gates are in its top {told} layers, so it holds {told} layers of "
-                         f"{rows // told} prompt vectors")
+                         f"{source}: its gates are {where} its top {told} layers, so it holds "
+                         f"{'' if exactly else 'at least '}{told} layers of prompt vectors")
     if length is None:
         if rows % layers:
             raise ValueError(f"--adapter-layers {layers} does not fit {source}: its {QUERY_KEY} holds {rows} = "
