@@ -7,9 +7,10 @@ returns is a quantization-tagged model that refuses `save_pretrained`, so the we
 into a plain `LlamaForCausalLM` built from the same config, which is saved with the file's
 tokenizer (tokenizer.json, its special tokens and chat template) and generation config.
 
-`gguf_base_folder` converts a file once into a cache folder named by the file's SHA-256
-(`$LLAMA_ADAPTER_FAST_CACHE`, default `~/.cache/llama_adapter_fast`), so that `--base
-model.gguf` costs the conversion only the first time.
+`gguf_base_folder` converts a file once into a cache folder named by the file's SHA-256 and
+the versions of transformers and gguf (`$LLAMA_ADAPTER_FAST_CACHE`, default
+`~/.cache/llama_adapter_fast`), so that `--base model.gguf` costs the conversion only the
+first time with the same readers.
 """
 
 from __future__ import annotations
