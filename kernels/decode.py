@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import decode_block_m, decode_sm_count, launch
-from .forward import add_prefix, load_tile, prefix_stats
+from .forward import add_prefix, key_reads, load_tile, prefix_stats
 from .utils import LOG2E, block_d, dot_precision, prefix_strides, strides
 
 # Sizes a GPU must not specialize (see utils.SIZES_AND_SMALL_STRIDES): T = 1 or a group of 1
@@ -104,16 +104,15 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, n_valid, d_valid, True, EVEN_D)
-        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, n_valid, d_valid, True, EVEN_D)
+        # Only the keys the sequence holds are loaded (others load as 0: a masked
+        # probability is 0, but 0 * NaN is NaN, and a cache's unused memory may hold anything).
+        read = key_reads(MASK + b * stride_mb, offs_n, hi, stride_ms, HAS_MASK) & (offs_n >= first)
+        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, read, d_valid, True, EVEN_D)
+        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, read, d_valid, True, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        allowed = (n_valid & (offs_n >= first))[None, :]
+        allowed = read[None, :]
         if CAUSAL:
             allowed = allowed & (offs_n[None, :] <= (length - T + t)[:, None])
-        if HAS_MASK:
-            key_ok = tl.load(MASK + b * stride_mb + offs_n.to(tl.int64) * stride_ms, mask=n_valid, other=0) != 0
-            allowed = allowed & key_ok[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet

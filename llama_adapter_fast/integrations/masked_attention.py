@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_adapter_fast.ops import gated_prefix_attention, gated_prefix_attention_varlen
-from llama_adapter_fast.ops.reference import accumulation_dtype, allowed_keys, batched_prefix, gated_sum
+from llama_adapter_fast.ops.reference import accumulation_dtype, allowed_keys, batched_prefix, gated_sum, zero_unread
 from llama_adapter_fast.ops.varlen import packed_allowed, packed_positions, varlen_attention
 
 Packing = tuple[torch.Tensor, torch.Tensor, int, int]  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
@@ -217,11 +217,14 @@ def _masked_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, is_causal: bool,
     scale: float | None, dropout: float = 0.0,
 ) -> torch.Tensor:
-    """SDPA whose rows without any allowed key give 0, not NaN."""
+    """SDPA whose rows without any allowed key give 0, not NaN, and in which a key no query
+    may read (padding) cannot change the result, NaN included."""
     gqa = q.shape[1] != k.shape[1]
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal, scale=scale,
                                               enable_gqa=gqa)
+    readable = allowed.any(dim=2).any(dim=1)
+    k, v = zero_unread(k, readable), zero_unread(v, readable)
     has_key = allowed.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, dropout_p=dropout, scale=scale,
                                          enable_gqa=gqa)

@@ -28,26 +28,32 @@ from llama_adapter_fast.ops.attention import (
     kernel_gate,
     resolve_backend,
 )
-from llama_adapter_fast.ops.reference import accumulation_dtype, gated_sum, softmax_attend
+from llama_adapter_fast.ops.reference import accumulation_dtype, gated_sum, softmax_attend, zero_unread
+
+
+def cache_keys(S: int, cache_lengths: torch.Tensor | None, cache_starts: torch.Tensor | None,
+               key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(B or 1, S) bool: the cached keys sequence b holds, cache_starts[b] .. cache_lengths[b] - 1
+    (less the key padding mask's holes)."""
+    keys = torch.arange(S, device=device)[None, :]
+    held = keys < (cache_lengths.long()[:, None] if cache_lengths is not None else S)
+    if cache_starts is not None:
+        held = held & (keys >= cache_starts.long()[:, None])
+    if key_padding_mask is not None:
+        held = held & key_padding_mask
+    return held
 
 
 def cache_allowed(T: int, S: int, cache_lengths: torch.Tensor | None, cache_starts: torch.Tensor | None,
                   causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """(B or 1, 1, T, S) bool: the cached keys each new query may attend. Sequence b holds
     keys cache_starts[b] .. cache_lengths[b] - 1 and its T queries are its last T positions."""
-    keys = torch.arange(S, device=device)
-    if cache_lengths is not None:
-        length = cache_lengths.long().clamp(0, S)[:, None]
-    else:
-        length = torch.tensor([[S]], device=device)
-    allowed = (keys[None, :] < length)[:, None, None, :]
-    if cache_starts is not None:
-        allowed = allowed & (keys[None, :] >= cache_starts.long()[:, None])[:, None, None, :]
+    allowed = cache_keys(S, cache_lengths, cache_starts, key_padding_mask, device)[:, None, None, :]
     if causal:
-        query_pos = length[:, :, None] - T + torch.arange(T, device=device)[None, :, None]  # (B, T, 1)
-        allowed = allowed & (keys[None, None, :] <= query_pos)[:, None]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
+        length = cache_lengths.long().clamp(0, S)[:, None] if cache_lengths is not None else S
+        keys = torch.arange(S, device=device)
+        query_pos = length - T + torch.arange(T, device=device)[None, :]  # (B or 1, T)
+        allowed = allowed & (keys[None, None, :] <= query_pos[:, :, None])[:, None]
     return allowed
 
 
@@ -159,7 +165,10 @@ def gated_prefix_attention_decode(
     if max_cache_len is not None:
         k_cache, v_cache = k_cache[:, :, :max_cache_len], v_cache[:, :, :max_cache_len]
     if backend in ("sdpa", "eager"):
-        allowed = cache_allowed(T, k_cache.shape[2], cache_lengths, cache_starts, causal, None, q.device)
+        S = k_cache.shape[2]
+        held = cache_keys(S, cache_lengths, cache_starts, None, q.device)
+        k_cache, v_cache = zero_unread(k_cache, held), zero_unread(v_cache, held)
+        allowed = cache_allowed(T, S, cache_lengths, cache_starts, causal, None, q.device)
         return _masked_reference(q, k_cache, v_cache, prefix_k, prefix_v, gate, allowed, gate_activation,
                                  softmax_scale, eager=backend == "eager")
     scale = float(softmax_scale) if softmax_scale is not None else D**-0.5
@@ -167,4 +176,4 @@ def gated_prefix_attention_decode(
                                  None, cache_lengths, cache_starts, causal, scale)
 
 
-__all__ = ["gated_prefix_attention_decode", "cache_allowed"]
+__all__ = ["gated_prefix_attention_decode", "cache_allowed", "cache_keys"]

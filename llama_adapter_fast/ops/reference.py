@@ -51,6 +51,16 @@ def per_query_head(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
+def zero_unread(x: torch.Tensor, readable: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, S, D) with the keys no query may read set to 0; readable is (B or 1, S) bool
+    or None for all. A masked key's probability is 0, but 0 * NaN and 0 * inf are NaN: memory
+    a sequence does not hold (padding, a cache's unused tail) must not enter any product,
+    of the forward or of the backward. The gradient of an unread key is 0."""
+    if readable is None:
+        return x
+    return torch.where(readable[:, None, :, None], x, 0.0)
+
+
 def softmax_attend(scores: torch.Tensor, allowed: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     """softmax(scores) @ v with masked keys; a row with no allowed key gives 0, not NaN."""
     if allowed is not None:
@@ -89,6 +99,7 @@ def eager_attention(
     S = k.shape[2]
     scale = softmax_scale if softmax_scale is not None else D**-0.5
     acc = accumulation_dtype(q.dtype)
+    k, v = zero_unread(k, key_padding_mask), zero_unread(v, key_padding_mask)
     k, v = per_query_head(k, H), per_query_head(v, H)
     pk = per_query_head(batched_prefix(prefix_k, B), H)
     pv = per_query_head(batched_prefix(prefix_v, B), H)
@@ -118,6 +129,7 @@ def concat_attention(
     S, P = k.shape[2], prefix_k.shape[-2]
     scale = softmax_scale if softmax_scale is not None else D**-0.5
     acc = accumulation_dtype(q.dtype)
+    k, v = zero_unread(k, key_padding_mask), zero_unread(v, key_padding_mask)
     keys = torch.cat([batched_prefix(prefix_k, B), k], dim=2)
     values = torch.cat([batched_prefix(prefix_v, B), v], dim=2)
     keys, values = per_query_head(keys, H), per_query_head(values, H)
@@ -164,6 +176,7 @@ def sdpa_attention(
     else:
         allowed = allowed_keys(T, S, causal, key_padding_mask, q.device)
         has_key = allowed.any(dim=-1, keepdim=True)
+        k, v = zero_unread(k, key_padding_mask), zero_unread(v, key_padding_mask)
         # SDPA gives NaN for a row with nothing allowed: let such rows see every key, then
         # zero them (their gradients are then zero as well).
         o1 = F.scaled_dot_product_attention(

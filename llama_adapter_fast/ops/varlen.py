@@ -23,12 +23,8 @@ from llama_adapter_fast.ops.attention import (
     resolve_backend,
 )
 from llama_adapter_fast.ops.reference import (
-    accumulation_dtype,
     eager_attention,
-    gated_sum,
-    per_query_head,
     sdpa_attention,
-    softmax_attend,
 )
 
 
@@ -121,34 +117,39 @@ def packed_allowed(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
     return allowed, seq_q
 
 
-def _masked_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate, *, causal, gate_activation,
-                   softmax_scale, materialize: bool):
-    """The packed op as one masked attention over the whole packed row, what torch.compile
-    traces for the eager and sdpa backends: their loop over the sequences reads the
-    sequence lengths, data a graph cannot hold. `materialize`: the eager backend's
-    materialized softmax, else one masked scaled_dot_product_attention call."""
-    total_q, H, D = q.shape
-    allowed, seq_q = packed_allowed(cu_seqlens_q, cu_seqlens_k, total_q, k.shape[0], causal)
-    scale = softmax_scale if softmax_scale is not None else D**-0.5
-    acc = accumulation_dtype(q.dtype)
-    qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, D)
-    if materialize:
-        kb, vb = per_query_head(kb, H), per_query_head(vb, H)
-        o1 = softmax_attend((qb @ kb.transpose(-1, -2)).to(acc) * scale, allowed[None, None], vb)
-    else:
-        has_key = allowed.any(dim=-1, keepdim=True)
-        o1 = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=(allowed | ~has_key)[None, None], scale=scale,
-                                            enable_gqa=H != kb.shape[1]).masked_fill(~has_key, 0.0)
-    # Each query row's own prefix: (Hq, L, P, D) from a shared (Hkv, P, D) or per-sequence one.
-    group = H // k.shape[1]
-    pk = prefix_k[:, None] if prefix_k.dim() == 3 else prefix_k[seq_q].transpose(0, 1)
-    pv = prefix_v[:, None] if prefix_v.dim() == 3 else prefix_v[seq_q].transpose(0, 1)
-    pk, pv = pk.repeat_interleave(group, dim=0), pv.repeat_interleave(group, dim=0)
-    scores = torch.einsum("hld,hlpd->hlp", qb[0], pk.expand(H, total_q, *pk.shape[2:])).to(acc) * scale
-    o2 = torch.einsum("hlp,hlpd->hld", torch.softmax(scores, dim=-1).to(pv.dtype),
-                      pv.expand(H, total_q, *pv.shape[2:])).to(acc)
-    out = gated_sum(o1.to(acc), o2[None], gate, gate_activation).to(q.dtype)
-    return out[0].transpose(0, 1)
+def _right_aligned(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (total, H, D) as a padded batch (N, H, width, D), each sequence in the
+    last columns of its row, and the (N, width) mask of the columns that hold it. Padding
+    columns are 0, never another sequence's rows. Built from comparisons and a gather only:
+    no value of cu_seqlens is read on the host."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    position = torch.arange(width, device=x.device)[None, :] - (width - lengths)[:, None]  # within the sequence
+    held = position >= 0
+    rows = (cu[:-1, None] + position).clamp(0, max(x.shape[0] - 1, 0))
+    padded = torch.where(held[:, :, None, None], x[rows], 0.0)
+    return padded.transpose(1, 2), held
+
+
+def _padded_varlen(attention: Callable[..., torch.Tensor], q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                   max_seqlen_k: int, prefix_k, prefix_v, gate, **options) -> torch.Tensor:
+    """The packed op as the padded `attention` (eager or sdpa) on a batch of its N sequences,
+    what torch.compile traces for those backends (the loop of `varlen_reference` reads the
+    sequence lengths, data a graph cannot hold). Each sequence sits right-aligned in
+    max_seqlen_q query rows and max_seqlen_k key columns, so the batch's bottom-right causal
+    alignment is each sequence's own; padding columns are masked and hold zeros, so no
+    sequence reads another's memory."""
+    total_q = q.shape[0]
+    if total_q == 0 or max_seqlen_q == 0:
+        return q.new_zeros(q.shape)
+    qp, held_q = _right_aligned(q, cu_seqlens_q, max_seqlen_q)
+    kp, held_k = _right_aligned(k, cu_seqlens_k, max_seqlen_k)
+    vp, _ = _right_aligned(v, cu_seqlens_k, max_seqlen_k)
+    out = attention(qp, kp, vp, prefix_k, prefix_v, gate, key_padding_mask=held_k, **options)  # (N, H, Tq, D)
+    # Packed query row r is column (max_seqlen_q - its sequence's length) + its position.
+    seq_q = torch.searchsorted(cu_seqlens_q[1:].long(), torch.arange(total_q, device=q.device), right=True)
+    column = packed_positions(cu_seqlens_q, total_q) + max_seqlen_q - held_q.sum(dim=1)[seq_q]
+    return out.transpose(1, 2)[seq_q, column]
 
 
 def varlen_reference(
@@ -233,10 +234,10 @@ def gated_prefix_attention_varlen(
     backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
     if backend in ("eager", "sdpa"):
         options = dict(causal=causal, gate_activation=gate_activation, softmax_scale=softmax_scale)
-        if torch.compiler.is_compiling():
-            return _masked_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate,
-                                  materialize=backend == "eager", **options)
         attention = eager_attention if backend == "eager" else sdpa_attention
+        if torch.compiler.is_compiling():
+            return _padded_varlen(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, prefix_k, prefix_v,
+                                  gate, **options)
         return varlen_reference(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate, **options)
     gate_act = kernel_gate(gate, gate_activation, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -258,19 +259,18 @@ def varlen_attention(
     """Plain attention (no prefix) of packed sequences, q (L, Hq, D) and k, v (L, Hkv, D)
     with the same cu_seqlens: what the layers without an adapter run. Where the fused
     kernels run it is the packed op with a zero gate (its prefix part then weighs nothing);
-    elsewhere, one scaled_dot_product_attention call per sequence."""
+    elsewhere, one scaled_dot_product_attention call per sequence (under torch.compile, one
+    call over the sequences padded)."""
+    prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
+    gate = q.new_zeros((), dtype=torch.float32)
     if resolve_backend(backend, q) == "triton":
-        prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
-        gate = q.new_zeros((), dtype=torch.float32)
         return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix, prefix,
                                              gate, causal=causal, gate_activation="identity",
                                              softmax_scale=softmax_scale, backend="triton")
+    if torch.compiler.is_compiling():  # the loop below reads the lengths
+        return _padded_varlen(sdpa_attention, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix,
+                              prefix, gate, causal=causal, gate_activation="identity", softmax_scale=softmax_scale)
     gqa = q.shape[1] != k.shape[1]
-    if torch.compiler.is_compiling():  # one masked call: the loop below reads the lengths
-        allowed, _ = packed_allowed(cu_seqlens, cu_seqlens, q.shape[0], k.shape[0], causal)
-        out = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)),
-                                             attn_mask=allowed[None, None], scale=softmax_scale, enable_gqa=gqa)
-        return out[0].transpose(0, 1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     # split (not one slice per sequence): its backward is one concatenation of the pieces.
     outs = [F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in pieces), is_causal=causal,
