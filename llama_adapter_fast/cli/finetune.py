@@ -70,6 +70,19 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     add_image_training_options(p)
+    # An option not given parses as NotGiven (holding TrainConfig's default), so that a
+    # resumed run can tell it from one given with the default's value.
+    p.set_defaults(**{f.name: NotGiven(f.default) for f in dataclasses.fields(TrainConfig)})
+
+
+class NotGiven:
+    """The parsed value of an option the command line did not give; shown as its default."""
+
+    def __init__(self, default: object) -> None:
+        self.default = default
+
+    def __str__(self) -> str:
+        return str(self.default)
 
 
 def _layer_names(text: str) -> list[str]:
@@ -86,13 +99,17 @@ def _layer_names(text: str) -> list[str]:
 def run(a: argparse.Namespace) -> int:
     from llama_adapter_fast.training.recipes import finetune
 
+    # The options not given (NotGiven) take TrainConfig's defaults, or on resume the
+    # checkpoint's settings.
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
-    result = finetune(cfg)
+    given = {k: v for k, v in vars(a).items() if k in fields and not isinstance(v, NotGiven)}
+    result = finetune(TrainConfig(**given), given=set(given))
     if result.adapter_path is not None:
         print(f"adapter: {result.adapter_path}")
         if result.history:
-            print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} in {result.steps} steps, "
+            ran = result.steps - result.resumed_at  # this process's steps, not the checkpoint's too
+            resumed = f", resumed at step {result.resumed_at}" if result.resumed_at else ""
+            print(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} in {ran} step{'s' * (ran != 1)}{resumed}, "
                   f"{result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s")
         else:
             print(f"nothing to train: the checkpoint is at step {result.steps}, the last of this run")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_adapter_fast.ops.attention import triton_device_problem, triton_dtype_problem
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 MAX_LR = 1e37  # AdamW's bias correction divides the rate by 1 - beta1 = 0.1 in float32 (max 3.4e38)
@@ -137,3 +139,20 @@ RESUME_FIXED = {
     "early_layers": "the trained prompts of each layer were trained with or without the image",
 }
 RESUME_UNREPORTED = ("resume", "overwrite", "progress", "plot")
+
+
+def check_attention_backend(backend: str, device: torch.device, dtype: torch.dtype | None, option: str) -> None:
+    """Refuse, before anything loads or trains, --attention-backend triton where the kernels
+    cannot run (no CUDA device and no interpreter) or where they cannot compute `dtype`
+    correctly (bfloat16 under Triton's interpreter); `option` names what chose the dtype."""
+    if backend != "triton":
+        return
+    problem = triton_device_problem(device)
+    if problem is not None:
+        raise ValueError(f"--attention-backend triton cannot run on {device}: {problem}; use --attention-backend "
+                         f"sdpa or auto there")
+    if dtype is None or triton_dtype_problem(device, dtype) is None:
+        return
+    raise ValueError(f"{option} with --attention-backend triton cannot run on {device}: Triton's interpreter has "
+                     f"no {str(dtype).removeprefix('torch.')} arithmetic (the results would be wrong); use "
+                     f"--attention-backend sdpa there, or float32")

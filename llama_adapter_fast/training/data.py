@@ -196,6 +196,8 @@ class InstructionDataset(torch.utils.data.Dataset):
                 raise DataError(f"record {i}: {exc}") from None
         # Records whose prompt fills max_seq_len keep no response token and teach nothing.
         self.num_without_response = sum(all(y == IGNORE_INDEX for y in lab) for _, lab in self.examples)
+        # Records with an empty answer teach the model to end its turn at once.
+        self.empty_answers = [i for i, r in enumerate(self.records) if _has_empty_answer(r)]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -203,6 +205,12 @@ class InstructionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens, labels = self.examples[index]
         return {"tokens": torch.tensor(tokens, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def _has_empty_answer(record: dict) -> bool:
+    if "messages" in record:
+        return any(m["role"] == "assistant" and not m["content"].strip() for m in record["messages"])
+    return not record.get("output", "").strip()
 
 
 class TextDataset(torch.utils.data.Dataset):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.files import atomic_write, first_line
-from llama_adapter_fast.training.config import RESUME_FIXED, RESUME_UNREPORTED, TrainConfig, option_name
+from llama_adapter_fast.training.config import RESUME_FIXED, TrainConfig, option_name
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter.safetensors"
@@ -32,19 +32,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A training checkpoint of this package, or a ValueError naming the file (missing,
     empty, truncated, corrupt, or something else)."""
     path = Path(path)
+    if not path.is_file():
+        return checkpoint_state(path, None)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return checkpoint_state(path, exc)
+    return checkpoint_state(path, loaded)
+
+
+def checkpoint_state(path: Path, loaded: object) -> dict[str, Any]:
+    """What torch.load gave for `path` (or the exception it raised; None where `path` is
+    no file) as a training checkpoint, or a ValueError naming the file."""
     if path.is_dir():
         raise ValueError(f"resume: {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise ValueError(f"resume: checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"resume: {path} cannot be read ({first_line(exc)}): an empty, truncated or corrupt "
-                         f"checkpoint (start again with --overwrite)") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if isinstance(loaded, Exception):
+        raise ValueError(f"resume: {path} cannot be read ({first_line(loaded)}): an empty, truncated or corrupt "
+                         f"checkpoint (start again with --overwrite)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in loaded] if isinstance(loaded, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise ValueError(f"resume: {path} is not a training checkpoint of llama-adapter-fast (no {missing[0]!r})")
-    return state
+    return loaded
 
 
 def check_fresh_out(cfg: TrainConfig) -> None:
@@ -64,14 +74,10 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def _shown(value: Any) -> str:
-    return "default" if value is None else str(value)
-
-
 def check_resume_settings(state: dict, path: Path, cfg: TrainConfig, global_batch: int,
-                          adapter_now: dict[str, Any], fingerprints_now: dict[str, str]) -> list[str]:
-    """Refuse a resumed run whose settings cannot continue the checkpoint `state` (read from
-    `path`); return the changed settings that it honours (as "--option old -> new")."""
+                          adapter_now: dict[str, Any], fingerprints_now: dict[str, str]) -> None:
+    """Refuse a resumed run whose settings, model or data cannot continue the checkpoint
+    `state` (read from `path`)."""
     saved, now = state["config"], dataclasses.asdict(cfg)
 
     def refuse(option: str, old: Any, new: Any, why: str) -> ValueError:
@@ -102,13 +108,6 @@ def check_resume_settings(state: dict, path: Path, cfg: TrainConfig, global_batc
         if name in fingerprints and name in fingerprints_now and fingerprints[name] != fingerprints_now[name]:
             raise ValueError("resume: " + why.format(path=path, data=cfg.data) + "; a resumed run must see "
                              "what the checkpoint saw (start a new run: another --out, or --overwrite)")
-    honoured = []
-    for name, value in now.items():
-        if name in RESUME_UNREPORTED or name in RESUME_FIXED or name in adapter_now or name not in saved:
-            continue
-        if saved[name] != value:
-            honoured.append(f"{option_name(name)} {_shown(saved[name])} -> {_shown(value)}")
-    return honoured
 
 
 def _with_v2_fields(adapter: dict[str, Any]) -> dict[str, Any]:

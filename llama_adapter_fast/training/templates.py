@@ -98,8 +98,12 @@ def _encode_chat(record: dict, tokenizer) -> list[tuple[list[int], bool]]:
         if not (prefix.startswith(rendered) and full.startswith(prefix)):
             raise ValueError(f"the chat template of {tokenizer.path} does not render a conversation as the "
                              f"continuation of its beginning, so the loss cannot be put on assistant turn {i} alone")
-        pieces += [(tokenizer.encode(prefix[len(rendered):], bos=False), False),
-                   (tokenizer.encode(full[len(prefix):], bos=False), True)]
+        answer = tokenizer.encode(full[len(prefix):], bos=False)
+        # The loss ends with the end-of-turn token: what a template renders after it (the
+        # newline after ChatML's <|im_end|>) is formatting, not something the model says.
+        end = next((j + 1 for j, token in enumerate(answer) if token in tokenizer.stop_ids), len(answer))
+        pieces += [(tokenizer.encode(prefix[len(rendered):], bos=False), False), (answer[:end], True),
+                   (answer[end:], False)]
         rendered = full
     return pieces
 

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from llama_adapter_fast.files import atomic_write, file_sha256
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
 from llama_adapter_fast.models.config import ADAPTER_FIELDS
-from llama_adapter_fast.ops.attention import triton_dtype_problem
-from llama_adapter_fast.training.config import TrainConfig
+from llama_adapter_fast.training.config import TrainConfig, check_attention_backend
 from llama_adapter_fast.training.data import IGNORE_INDEX, collate, collate_packed, pack_records
 from llama_adapter_fast.training.distributed import Dist, all_reduce_max, all_reduce_sum
 from llama_adapter_fast.training.run_folder import (
@@ -68,16 +67,6 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def check_attention_dtype(backend: str, device: torch.device, dtype: torch.dtype | None, option: str) -> None:
-    """Refuse, before anything loads or trains, a dtype that --attention-backend triton
-    cannot compute correctly on this device (bfloat16 under Triton's interpreter)."""
-    if backend != "triton" or dtype is None or triton_dtype_problem(device, dtype) is None:
-        return
-    raise ValueError(f"{option} with --attention-backend triton cannot run on {device}: Triton's interpreter has "
-                     f"no {str(dtype).removeprefix('torch.')} arithmetic (the results would be wrong); use "
-                     f"--attention-backend sdpa there, or float32")
 
 
 def _real_tokens(items: list[dict[str, torch.Tensor]]) -> int:
@@ -120,6 +109,9 @@ def describe_trainable(named: list[tuple[str, torch.nn.Parameter]], total: int) 
 
 @dataclass
 class TrainResult:
+    """A run's outcome: `steps` is the last step, `resumed_at` the step this process started
+    from (0 for a new run), `history` the metrics rows of the steps this process ran."""
+
     steps: int
     final_loss: float
     first_loss: float
@@ -129,6 +121,7 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     history: list[dict] = dataclasses.field(default_factory=list)
+    resumed_at: int = 0
 
 
 class Trainer:
@@ -174,7 +167,7 @@ class Trainer:
             weights = model.tok_embeddings.weight.dtype
             name = str(weights).removeprefix("torch.")
             option = f"--precision {cfg.precision}" if self.amp_dtype else f"a {name} base (--dtype)"
-            check_attention_dtype(model.args.attention_backend, device, self.amp_dtype or weights, option)
+            check_attention_backend(model.args.attention_backend, device, self.amp_dtype or weights, option)
         self.model = self._wrap(model)
         trainable_now = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(trainable_now, cfg.weight_decay), lr=self.peak_lr,
@@ -257,12 +250,11 @@ class Trainer:
             return "no checkpoint was written, and no adapter"
         return f"the last good checkpoint (step {self.saved_step}) stays in {self.out / CHECKPOINT}"
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = read_checkpoint(path)
-        honoured = check_resume_settings(state, path, self.cfg, self.global_batch,
-                                         self.module.args.adapter_config(), self.fingerprints)
-        if honoured and self.info.main:
-            print(f"resume: honouring changed settings: {', '.join(honoured)}")
+    def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
+        """Continue the checkpoint at `path` (its `state` where the caller has read it)."""
+        state = state if state is not None else read_checkpoint(path)
+        check_resume_settings(state, path, self.cfg, self.global_batch, self.module.args.adapter_config(),
+                              self.fingerprints)
         if self.cfg.strategy == "fsdp" and self.info.enabled:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -443,19 +435,22 @@ class Trainer:
         return float(torch.stack([g.detach().float().abs().mean() for g in gates]).mean())
 
     def run(self, resume: Path | None = None, save_final: Callable[[], Path | None] | None = None,
-            callback: Callable[[str, int], None] | None = None) -> TrainResult:
+            callback: Callable[[str, int], None] | None = None, checkpoint: dict | None = None) -> TrainResult:
+        """Train to the last step; `resume`: a checkpoint to continue (`checkpoint`: its
+        contents, where the caller has read them)."""
         from tqdm.auto import tqdm
 
         cfg, info = self.cfg, self.info
         metrics_path = self.out / METRICS
         if resume is not None:
-            self.load_checkpoint(resume)
+            self.load_checkpoint(resume, checkpoint)
         elif info.main:
             check_fresh_out(cfg)
             self.out.mkdir(parents=True, exist_ok=True)
             for name in (METRICS, CHECKPOINT, PLOT, ADAPTER):  # nothing of an earlier run stays
                 (self.out / name).unlink(missing_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        resumed_at = self.step
         if info.enabled:
             dist.barrier()
         if resume is not None and info.main and metrics_path.exists():
@@ -525,6 +520,7 @@ class Trainer:
         seconds = time.perf_counter() - start_time
         adapter_path = save_final() if save_final is not None else None
         losses = [r["loss"] for r in history] or [float("nan")]
-        return TrainResult(steps=self.step, final_loss=losses[-1], first_loss=losses[0], out_dir=self.out,
+        return TrainResult(steps=self.step, resumed_at=resumed_at, final_loss=losses[-1], first_loss=losses[0],
+                           out_dir=self.out,
                            adapter_path=adapter_path, plot_path=None, seconds=seconds,
                            tokens_per_s=total_tokens / max(seconds, 1e-9), history=history)

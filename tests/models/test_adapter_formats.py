@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 from llama_adapter_fast import cli
 from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.ops.testing import rel_error
-from llama_adapter_fast.training.recipes import load_base
+from llama_adapter_fast.training.bases import load_base
 
 
 def tokens() -> torch.Tensor:

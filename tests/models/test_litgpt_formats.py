@@ -127,12 +127,16 @@ def test_finetune_resume_from_a_litgpt_checkpoint_keeps_litgpts_projection(base,
     """A new run from a litgpt checkpoint takes its settings, litgpt's prefix projection
     included (without it the same tensors would load into another model)."""
     from llama_adapter_fast.training.config import TrainConfig
-    from llama_adapter_fast.training.recipes import _with_adapter_settings, is_adapter_source
+    from llama_adapter_fast.training.distributed import init_distributed
+    from llama_adapter_fast.training.preflight import plan_finetune, read_resume_source
+    from llama_adapter_fast.training.tokenizer import Tokenizer
 
     model = litgpt_model(base, "adapter")
     save_adapter_checkpoint(Fabric(accelerator="cpu", devices=1), model, tmp_path / "lit.pth")
-    assert is_adapter_source(tmp_path / "lit.pth")
-    cfg = _with_adapter_settings(TrainConfig(base=str(base[0]), resume=str(tmp_path / "lit.pth")),
-                                 tmp_path / "lit.pth", main=False)
-    assert (cfg.prefix_projection, cfg.gate_activation, cfg.adapter_layers, cfg.resume) == ("litgpt", "identity", 2,
-                                                                                            False)
+    assert read_resume_source(tmp_path / "lit.pth") == ("adapter", None)
+    cfg = TrainConfig(base=str(base[0]), data="unread.json", out_dir=str(tmp_path / "run"),
+                      resume=str(tmp_path / "lit.pth"), template="alpaca")
+    plan = plan_finetune(cfg, *init_distributed("cpu"), tokenizer=Tokenizer())
+    assert plan.start_from == tmp_path / "lit.pth" and plan.checkpoint is None
+    assert (plan.cfg.prefix_projection, plan.cfg.gate_activation, plan.cfg.adapter_layers, plan.cfg.resume) == (
+        "litgpt", "identity", 2, False)

@@ -276,8 +276,9 @@ def test_writing_needs_prompts_and_gates(tmp_path):
 def test_finetune_resume_and_generate_take_an_original_v2_file(base_dir, data_file, tmp_path, capsys):
     """A V2 adapter as the original 65B release holds it: generate answers as with the same
     adapter in this package's file, and --resume starts the same new run from either."""
+    from llama_adapter_fast.training.bases import load_base
     from llama_adapter_fast.training.config import TrainConfig
-    from llama_adapter_fast.training.recipes import finetune, load_base
+    from llama_adapter_fast.training.recipes import finetune
 
     v2 = load_base(base_dir, adapter_len=P, adapter_layers=1, bias_tuning=("wq", "wk", "wv", "wo", "w1", "w2", "w3"),
                    scale_tuning="input", norm_tuning=True)

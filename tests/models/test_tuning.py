@@ -182,8 +182,9 @@ def test_finetune_with_v2_tuning_prints_counts_and_resumes_exactly(base_dir, dat
     from safetensors.torch import load_file
 
     from llama_adapter_fast import cli
+    from llama_adapter_fast.training.bases import load_base
     from llama_adapter_fast.training.config import TrainConfig
-    from llama_adapter_fast.training.recipes import finetune, load_base
+    from llama_adapter_fast.training.recipes import finetune
 
     def config(out, **kw):
         return TrainConfig(base=str(base_dir), data=str(data_file), out_dir=str(out), adapter_len=3, adapter_layers=1,

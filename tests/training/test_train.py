@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from llama_adapter_fast import cli
 from llama_adapter_fast.bundled import SYNTHETIC_FILES
 from llama_adapter_fast.models.formats.native import read_adapter_config
+from llama_adapter_fast.training.bases import load_base
 from llama_adapter_fast.training.config import TrainConfig
 from llama_adapter_fast.training.data import format_prompt, load_instructions
-from llama_adapter_fast.training.recipes import finetune, load_base
+from llama_adapter_fast.training.recipes import finetune
 from llama_adapter_fast.training.run_folder import CHECKPOINT
 from llama_adapter_fast.training.schedule import lr_at, step_indices
 
@@ -185,12 +186,12 @@ def test_cli_end_to_end(tmp_path, capsys):
                      "--instructions", str(SYNTHETIC_FILES["heldout"]), "--max-new-tokens", "4",
                      "--output", str(answers), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("### Response:") == len(SYNTHETIC_FILES["heldout"].read_text().splitlines())
+    assert printed.count("\nanswer: ") == len(SYNTHETIC_FILES["heldout"].read_text().splitlines())
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
     assert all("response" in r for r in rows)
     assert cli.main(["generate", "--base", str(base), "--prompt", "What colour is this?", "--input", "sky",
                      "--max-new-tokens", "3", "--temperature", "0.7", "--device", "cpu"]) == 0
-    assert "### Input: sky" in capsys.readouterr().out
+    assert "\ninput: sky\n" in capsys.readouterr().out
 
 
 def test_cli_bad_data_files_give_clear_errors(base_dir, tmp_path, capsys):

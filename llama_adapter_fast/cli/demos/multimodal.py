@@ -157,8 +157,9 @@ def run(a) -> int:
     from llama_adapter_fast.generation import answer
     from llama_adapter_fast.models.config import ModelArgs
     from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
+    from llama_adapter_fast.training.bases import load_base
     from llama_adapter_fast.training.config import TrainConfig
-    from llama_adapter_fast.training.recipes import finetune, load_base, pretrain
+    from llama_adapter_fast.training.recipes import finetune, pretrain
     from llama_adapter_fast.training.tokenizer import Tokenizer
 
     t0 = time.perf_counter()

@@ -78,9 +78,10 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     from llama_adapter_fast.generation import answer
     from llama_adapter_fast.models.formats.gguf import gguf_base_folder
+    from llama_adapter_fast.training.bases import load_base, load_tokenizer
     from llama_adapter_fast.training.config import TrainConfig
     from llama_adapter_fast.training.distributed import resolve_device
-    from llama_adapter_fast.training.recipes import finetune, load_base, load_tokenizer
+    from llama_adapter_fast.training.recipes import finetune
 
     t0 = time.perf_counter()
     out = Path(a.out)

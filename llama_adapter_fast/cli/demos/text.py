@@ -41,10 +41,11 @@ def run(a: argparse.Namespace) -> int:
     from llama_adapter_fast.generation import answer
     from llama_adapter_fast.models.config import ModelArgs
     from llama_adapter_fast.models.llama import LLaMAAdapter
+    from llama_adapter_fast.training.bases import load_base
     from llama_adapter_fast.training.config import TrainConfig
     from llama_adapter_fast.training.data import load_instructions
     from llama_adapter_fast.training.distributed import resolve_device
-    from llama_adapter_fast.training.recipes import finetune, load_base, pretrain
+    from llama_adapter_fast.training.recipes import finetune, pretrain
     from llama_adapter_fast.training.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
