@@ -9,6 +9,7 @@ and values are computed once per call (when the cache is made), not at every ste
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,10 @@ import torch
 from llama_adapter_fast.models.llama import KVCache, LLaMAAdapter
 from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
 from llama_adapter_fast.training.templates import prompt_ids
+
+
+class ContextLimitWarning(UserWarning):
+    """An answer stopped at the end of the model's context, not at an end of turn."""
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -168,7 +173,8 @@ def iter_answers(
     """(index, answer) for each instruction, in order, as soon as its batch is done: see
     `answer`. A prompt that leaves no room in the model's context raises a ValueError naming
     it before anything is generated, or with skip_too_long=True comes as (index, None) while
-    the others are answered (and batched without it)."""
+    the others are answered (and batched without it). An answer cut short by the end of the
+    context (before max_new_tokens and an end of turn) comes with a ContextLimitWarning."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     context = model.args.max_seq_len
@@ -187,10 +193,14 @@ def iter_answers(
         new = generate(model, [prompts[i] for i in batch], max_new_tokens=caps, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator,
                        prompt_offset=None if prompt_offset is None else prompt_offset[batch])
-        for i, ids in zip(batch, new, strict=True):
+        for i, ids, cap in zip(batch, new, caps, strict=True):
             while done < i:  # skipped prompts before this one
                 yield done, None
                 done += 1
+            if len(ids) == cap < max_new_tokens:
+                warnings.warn(f"instructions[{i}]: the answer stops at the end of the model's context of {context} "
+                              f"tokens (its prompt has {len(prompts[i])}), before an end of turn",
+                              ContextLimitWarning, stacklevel=2)
             yield i, tokenizer.decode(ids).strip()
             done += 1
     for i in range(done, len(prompts)):

@@ -3,10 +3,12 @@ different lengths, EOS, sampling, and the prefix computed once per call."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from llama_adapter_fast.generation import answer, generate, sample_next
+from llama_adapter_fast.generation import ContextLimitWarning, answer, generate, sample_next
 from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.llama import LLaMAAdapter
 from llama_adapter_fast.ops import attention
@@ -136,6 +138,7 @@ def test_bad_arguments():
         generate(m, [[1, 2], []])
 
 
+@pytest.mark.filterwarnings("ignore::llama_adapter_fast.generation.ContextLimitWarning")  # answers fill the context
 def test_a_short_prompt_beside_a_long_one_keeps_its_own_room():
     """The cap on new tokens is per sequence: the room a prompt leaves in the context, not
     the room the longest prompt of its batch leaves."""
@@ -168,3 +171,23 @@ def test_generation_through_the_decode_kernels_is_unchanged(monkeypatch):
     with expect_launches("forward", "decode", times={"forward": 12, "decode": 0}):
         trained_path = generate(fused, PROMPTS, max_new_tokens=6)
     assert decoded == trained_path == generate(model(dtype=torch.float32), PROMPTS, max_new_tokens=6)
+
+
+def test_an_answer_cut_at_the_end_of_the_context_is_announced():
+    """An answer that runs into the end of the context (before max_new_tokens, with no end of
+    turn) comes with a ContextLimitWarning; one that ends at max_new_tokens does not."""
+
+    class NeverStops(Tokenizer):
+        stop_ids = ()  # so that only the caps end an answer
+
+    tok = NeverStops()
+    m = model(dtype=torch.float32, vocab_size=tok.n_words, max_seq_len=40)
+    short, long = "the capital of peru is", " ".join(["red green blue"] * 8)
+    n_long = len(tok.encode(long, bos=True, eos=False))
+    with pytest.warns(ContextLimitWarning, match=rf"instructions\[1\]: .* context of 40 tokens \(its prompt has "
+                                                 rf"{n_long}\)") as caught:
+        answers = answer(m, tok, [short, long], max_new_tokens=40 - n_long + 1, template=False)
+    assert len(caught) == 1 and all(answers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContextLimitWarning)
+        answer(m, tok, [short, long], max_new_tokens=40 - n_long, template=False)

@@ -56,14 +56,12 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
         load_image_adapter,
         read_image_adapter_record,
     )
-    from llama_adapter_fast.training.config import DTYPES
+    from llama_adapter_fast.training.bases import load_base
+    from llama_adapter_fast.training.config import DTYPES, check_attention_backend
     from llama_adapter_fast.training.distributed import resolve_device
-    from llama_adapter_fast.training.recipes import load_base
-    from llama_adapter_fast.training.trainer import check_attention_dtype
 
     dev = resolve_device(device)
-    if dtype is not None:
-        check_attention_dtype(attention_backend, dev, DTYPES[dtype], f"--dtype {dtype}")
+    check_attention_backend(attention_backend, dev, DTYPES[dtype] if dtype is not None else None, f"--dtype {dtype}")
     kwargs = {"attention_backend": attention_backend}
     if adapter is not None:
         settings = read_adapter_config(adapter, **(adapter_settings or {}))
@@ -81,7 +79,7 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
         image_encoder_folder(adapter, image_encoder, record)  # a missing encoder is named before the base loads
     model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
     weights = model.tok_embeddings.weight.dtype
-    check_attention_dtype(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
+    check_attention_backend(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
     if record is not None:
         source = record.get("source")
         if pictures or image_encoder is not None or (source and Path(source).is_dir()):
@@ -151,8 +149,8 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from llama_adapter_fast.generation import iter_answers, prompt_ids
+    from llama_adapter_fast.training.bases import base_format, check_vocabulary, load_tokenizer
     from llama_adapter_fast.training.data import load_instructions
-    from llama_adapter_fast.training.recipes import base_format, check_vocabulary, load_tokenizer
 
     _check_generate_options(a)
     base_format(a.base)
@@ -186,7 +184,8 @@ def run(a: argparse.Namespace) -> int:
         answers = iter_answers(llama, tokenizer, records, max_new_tokens=a.max_new_tokens,
                                temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
                                template=template, generator=generator, skip_too_long=True, prompt_offset=offset)
-        for i, text in answers:
+        print(f"template: {template or 'none (--raw)'}")
+        for i, text in _warning_answers(answers, a.instructions or "--prompt"):
             record = records[i]
             if text is None:
                 n = len(prompt_ids(tokenizer, record, template))
@@ -195,12 +194,13 @@ def run(a: argparse.Namespace) -> int:
                       file=sys.stderr)
                 row = {**record, "response": None, "skipped": reason}
             else:
-                print(f"### Instruction: {record['instruction']}")
+                # Labels of no template: the prompt itself is in the template printed above.
+                print(f"instruction: {record['instruction']}")
                 if record.get("image"):
-                    print(f"### Image: {record['image']}")
+                    print(f"image: {record['image']}")
                 if record.get("input"):
-                    print(f"### Input: {record['input']}")
-                print(f"### Response: {text}")
+                    print(f"input: {record['input']}")
+                print(f"answer: {text}")
                 if record.get("output"):
                     mark = "correct" if text.strip() == record["output"].strip() else "expected"
                     print(f"    ({mark}: {record['output']})")
@@ -215,6 +215,22 @@ def run(a: argparse.Namespace) -> int:
     if a.output:
         print(f"answers written to {a.output}")
     return 0
+
+
+def _warning_answers(answers, source: str):
+    """The answers, each preceded on stderr by the warnings its generation gave (an answer cut
+    at the end of the context), as the command's own warning lines."""
+    import warnings
+
+    from llama_adapter_fast.generation import ContextLimitWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ContextLimitWarning)
+        for i, text in answers:
+            for warning in caught:
+                print(f"llama-adapter-fast generate: warning: {source}: {warning.message}", file=sys.stderr)
+            caught.clear()
+            yield i, text
 
 
 def _pictures(a: argparse.Namespace, records: list[dict]) -> list[str | None]:

@@ -134,13 +134,21 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
     return gate
 
 
-def _triton_unavailable_reason(q: torch.Tensor, autocast: bool = False) -> str | None:
-    """Why the fused kernels cannot take q, or None when they can."""
+def triton_device_problem(device: torch.device) -> str | None:
+    """Why the fused kernels cannot run on `device` at all, or None when they can."""
     if not custom_ops.TRITON_AVAILABLE:
         return "triton is not installed"
-    if not custom_ops.can_run_on(q.device):
+    if not custom_ops.can_run_on(torch.device(device)):
         return (f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-                f"before triton is imported), got a tensor on {q.device}")
+                f"before triton is imported), got a tensor on {device}")
+    return None
+
+
+def _triton_unavailable_reason(q: torch.Tensor, autocast: bool = False) -> str | None:
+    """Why the fused kernels cannot take q, or None when they can."""
+    problem = triton_device_problem(q.device)
+    if problem is not None:
+        return problem
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         return f"the Triton kernels support head dims up to {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}"
     return triton_dtype_problem(q.device, q.dtype, autocast)

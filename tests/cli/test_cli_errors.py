@@ -30,6 +30,17 @@ def expect_error(capsys, argv: list[str], *fragments: str) -> str:
     return lines[0]
 
 
+def forbid_loading(monkeypatch, why: str) -> None:
+    """Make loading a base fail the test: what is checked must be checked before it."""
+    from llama_adapter_fast.training import bases, recipes
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(bases, "load_base", no_loading)
+    monkeypatch.setattr(recipes, "load_base", no_loading)
+
+
 def finetune_args(base, data, out, *extra: str) -> list[str]:
     return ["finetune", "--base", str(base), "--data", str(data), "--out", str(out), "--adapter-len", "2",
             "--adapter-layers", "2", "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "80",
@@ -47,6 +58,22 @@ def test_bf16_through_triton_on_the_cpu_stops_before_training(base_dir, data_fil
                                        "--dtype", "bfloat16"), "--dtype bfloat16", "--attention-backend triton")
     expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--device", "cpu",
                           "--attention-backend", "triton", "--dtype", "bfloat16"], "--dtype bfloat16")
+
+
+def test_triton_where_it_cannot_run_stops_before_the_base_loads(base_dir, data_file, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Without a GPU and without Triton's interpreter, --attention-backend triton is refused
+    before minutes go into loading the base, by finetune and by generate."""
+    from llama_adapter_fast.ops import custom_ops
+
+    monkeypatch.setattr(custom_ops, "can_run_on", lambda device: False)
+    forbid_loading(monkeypatch, "the base was loaded before the backend was checked")
+    out = tmp_path / "out"
+    expect_error(capsys, finetune_args(base_dir, data_file, out, "--attention-backend", "triton"),
+                 "--attention-backend triton cannot run on cpu", "TRITON_INTERPRET=1")
+    assert not out.exists()
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--prompt", "hi", "--device", "cpu",
+                          "--attention-backend", "triton"], "--attention-backend triton cannot run on cpu")
 
 
 def test_unknown_or_missing_devices(base_dir, data_file, tmp_path, capsys):
@@ -147,12 +174,7 @@ def test_resume_from_a_damaged_checkpoint(base_dir, data_file, trained, tmp_path
 
 def test_a_missing_resume_checkpoint_stops_before_loading(base_dir, data_file, tmp_path, capsys,
                                                            monkeypatch):
-    import llama_adapter_fast.training.recipes as train
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the base was loaded before the checkpoint was looked for")
-
-    monkeypatch.setattr(train, "load_base", no_loading)
+    forbid_loading(monkeypatch, "the base was loaded before the checkpoint was looked for")
     missing = tmp_path / "nowhere" / "checkpoint.pt"
     expect_error(capsys, finetune_args(base_dir, data_file, tmp_path / "o", "--resume", str(missing)),
                  f"resume: checkpoint {missing} does not exist")
@@ -168,6 +190,25 @@ def test_resume_of_a_finished_run(base_dir, data_file, trained, tmp_path, capsys
     assert "nothing to train: the checkpoint is at step 2" in capsys.readouterr().out
     expect_error(capsys, finetune_args(base_dir, data_file, out, "--max-steps", "1", "--resume"),
                  "is at step 2, past the 1 steps of this run")
+
+
+def test_resume_keeps_the_options_it_is_not_given(base_dir, data_file, tmp_path, capsys):
+    """A resumed run given only --resume and more steps continues with the settings its
+    checkpoint was trained with (a changed --seed would be refused, another --lr would
+    change the run, a changed --print-every used to be reported as honoured); the summary
+    counts the steps this process ran."""
+    out = tmp_path / "o"
+    assert cli.main(finetune_args(base_dir, data_file, out, "--lr", "0.02", "--seed", "3", "--print-every", "1")) == 0
+    capsys.readouterr()
+    assert cli.main(["finetune", "--base", str(base_dir), "--data", str(data_file), "--out", str(out), "--resume",
+                     "--max-steps", "3", "--device", "cpu", "--no-progress", "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "resume: changed settings, honoured from step 2 on: --max-steps 2 -> 3" in printed
+    assert "--print-every" not in printed and "--seed" not in printed
+    assert "step    3/3" in printed, printed  # --print-every 1 kept
+    assert "in 1 step, resumed at step 2," in printed
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (saved["lr"], saved["seed"], saved["adapter_len"], saved["batch_size"]) == (0.02, 3, 2, 2)
 
 
 def test_resume_over_a_torn_metrics_row(base_dir, data_file, trained, tmp_path, capsys):
@@ -220,12 +261,7 @@ def test_a_second_run_on_the_same_out_folder_stops(base_dir, data_file, tmp_path
 
 def test_an_unusable_out_folder_is_refused_before_loading(base_dir, data_file, tmp_path, capsys,
                                                           monkeypatch):
-    import llama_adapter_fast.training.recipes as train
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the base was loaded before the out folder was checked")
-
-    monkeypatch.setattr(train, "load_base", no_loading)
+    forbid_loading(monkeypatch, "the base was loaded before the out folder was checked")
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     expect_error(capsys, finetune_args(base_dir, data_file, a_file / "out"), f"--out {a_file / 'out'}")
@@ -249,7 +285,7 @@ def test_generate_skips_an_over_long_record_and_keeps_the_others(base_dir, tmp_p
     captured = capsys.readouterr()
     assert f"{data}: record 1: its prompt of" in captured.err and "skipped" in captured.err
     assert "Traceback" not in captured.err and "error:" not in captured.err
-    assert captured.out.count("### Response:") == 2
+    assert captured.out.count("\nanswer: ") == 2
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in records]
     assert isinstance(rows[0]["response"], str) and isinstance(rows[2]["response"], str)
@@ -282,12 +318,7 @@ def test_generate_writes_each_answer_as_it_comes(base_dir, tmp_path, capsys, mon
 
 
 def test_generate_checks_the_output_before_loading(base_dir, tmp_path, capsys, monkeypatch):
-    import llama_adapter_fast.training.recipes as train
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the base was loaded before --output was checked")
-
-    monkeypatch.setattr(train, "load_base", no_loading)
+    forbid_loading(monkeypatch, "the base was loaded before --output was checked")
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     for output in (a_file / "answers.jsonl", tmp_path):
@@ -348,12 +379,7 @@ def test_adapter_metadata_is_checked_against_the_tensors(base_dir, trained, tmp_
                                                          config, fragment):
     from safetensors.torch import load_file, save_file
 
-    import llama_adapter_fast.training.recipes as train
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the base was loaded (and the adapter allocated) before the metadata was checked")
-
-    monkeypatch.setattr(train, "load_base", no_loading)
+    forbid_loading(monkeypatch, "the base was loaded (and the adapter allocated) before the metadata was checked")
     path = tmp_path / "adapter.safetensors"
     save_file(load_file(str(trained / "adapter.safetensors")), str(path),
               metadata={"format": "llama_adapter_fast.adapter/1", "adapter_config": config})
@@ -422,7 +448,7 @@ def test_a_bom_and_a_single_pretty_printed_record_load(base_dir, tmp_path, capsy
     data.write_bytes(b"\xef\xbb\xbf" + json.dumps(record, indent=2).encode())
     assert cli.main(["generate", "--base", str(base_dir), "--instructions", str(data), "--max-new-tokens", "2",
                      "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("### Response:") == 1
+    assert capsys.readouterr().out.count("\nanswer: ") == 1
     assert cli.main(finetune_args(base_dir, data, tmp_path / "o", "--max-steps", "1")) == 0
 
 
@@ -479,6 +505,35 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_named(data_file, tmp_p
                           "--device", "cpu"], "vocab_size 64", "wrong tokenizer")
     expect_error(capsys, finetune_args(base, data_file, tmp_path / "o", "--tokenizer", str(TOKENIZER)),
                  "vocab_size 64", "wrong tokenizer")
+
+
+def test_a_tokenizer_much_smaller_than_the_models_vocabulary_is_warned_about(data_file, tmp_path, capsys):
+    """Its ids would mean other words to the model: most likely not the base's tokenizer."""
+    from llama_adapter_fast.bundled import TOKENIZER
+    from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
+    from llama_adapter_fast.training.tokenizer import Tokenizer
+
+    n_words = Tokenizer().n_words
+    base = tmp_path / "large-vocab"
+    LLaMAAdapter(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=2 * n_words, multiple_of=16, max_seq_len=96,
+                           adapter_layers=0)).save_hf(base)
+    assert cli.main(["generate", "--base", str(base), "--tokenizer", str(TOKENIZER), "--prompt", "hi",
+                     "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    warning = f"warning: tokenizer {TOKENIZER} has {n_words} tokens, far fewer than the model's vocab_size"
+    assert warning in capsys.readouterr().err
+    assert cli.main(finetune_args(base, data_file, tmp_path / "o", "--tokenizer", str(TOKENIZER), "--max-steps",
+                                  "1")) == 0
+    assert warning in capsys.readouterr().err
+
+
+def test_records_with_an_empty_answer_are_warned_about(base_dir, tmp_path, capsys):
+    """They teach the model to end its turn at once, which is rarely what was meant."""
+    data = tmp_path / "data.jsonl"
+    records = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe")]
+    records[1]["output"] = " "
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli.main(finetune_args(base_dir, data, tmp_path / "o", "--max-steps", "1")) == 0
+    assert f"warning: 1 of 3 records of {data} have an empty answer (record 1 first)" in capsys.readouterr().out
 
 
 def test_a_checkpoint_and_its_conversion_record_what_the_adapter_records(base_dir, trained, tmp_path, capsys):

@@ -52,11 +52,11 @@ def test_finetune_then_generate_with_pictures(tmp_path, base_dir, encoder_dir, c
                      "What colour are the shapes?", "--image", str(tmp_path / "data" / "p1.png"),
                      "--max-new-tokens", "3", "--device", "cpu"])
     assert code == 0
-    assert "### Image:" in capsys.readouterr().out
+    assert "\nimage: " in capsys.readouterr().out
     # Records of --instructions carry their pictures, relative to that file.
     code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--instructions", str(data),
                      "--max-new-tokens", "2", "--device", "cpu"])
-    assert code == 0 and capsys.readouterr().out.count("### Image:") == 3
+    assert code == 0 and capsys.readouterr().out.count("\nimage: ") == 3
     questions = tmp_path / "data" / "questions.jsonl"
     questions.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "image": "gone.png"}) + "\n")
     code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter), "--instructions", str(questions),

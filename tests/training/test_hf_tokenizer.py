@@ -14,7 +14,7 @@ import torch
 from llama_adapter_fast import cli
 from llama_adapter_fast.bundled import SYNTHETIC_FILES
 from llama_adapter_fast.generation import generate
-from llama_adapter_fast.training.recipes import load_tokenizer
+from llama_adapter_fast.training.bases import load_tokenizer
 from llama_adapter_fast.training.tokenizer import HFTokenizer, Tokenizer, open_tokenizer
 
 from support.hf_tokenizer_files import write_tokenizer
@@ -118,4 +118,4 @@ def test_finetune_and_generate_from_a_base_with_only_tokenizer_json(base_dir, tm
                      "--no-progress"]) == 0
     assert cli.main(["generate", "--base", str(base), "--adapter", str(out / "adapter.safetensors"),
                      "--prompt", "What colour is the sky?", "--max-new-tokens", "4", "--device", "cpu"]) == 0
-    assert "### Response:" in capsys.readouterr().out
+    assert "\nanswer: " in capsys.readouterr().out

@@ -44,10 +44,12 @@ def test_chat_tokens_are_transformers_own_with_the_loss_on_assistant_turns(folde
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     tok = HFTokenizer(folder)
     inputs, labels = encode_record({"messages": CHAT}, tok, max_seq_len=512, template="chat")
-    assert inputs + [labels[-1]] == _ids(theirs.apply_chat_template(CHAT, tokenize=True))
+    assert inputs == _ids(theirs.apply_chat_template(CHAT, tokenize=True))[:-1]
     learned = [t for t in labels if t != IGNORE_INDEX]
-    # Each answer and its end of turn (what the template writes after the content), nothing else.
-    turn = [tok.encode(f"{a}<|im_end|>\n", bos=False) for a in ("blue", "green")]
+    # Each answer and its end-of-turn token, nothing else: not the newline the template
+    # writes after <|im_end|>, which is formatting and which generation never produces.
+    turn = [tok.encode(f"{a}<|im_end|>", bos=False) for a in ("blue", "green")]
+    assert turn[0][-1] in tok.stop_ids and tok.encode("<|im_end|>\n", bos=False)[-1] not in tok.stop_ids
     assert learned == turn[0] + turn[1]
     assert len(inputs) == len(labels)
     # The prompt of generation is the conversation up to the last answer, with the generation prompt.
@@ -63,7 +65,9 @@ def test_instruction_records_in_the_chat_template(folder):
     conversation = [{"role": "user", "content": "Give the opposite of the word.\n\nwet"},
                     {"role": "assistant", "content": "dry"}]
     inputs, labels = encode_record(record, tok, max_seq_len=512, template="chat")
-    assert inputs + [labels[-1]] == _ids(theirs.apply_chat_template(conversation, tokenize=True))
+    assert inputs == _ids(theirs.apply_chat_template(conversation, tokenize=True))[:-1]
+    learned = [t for t in labels if t != IGNORE_INDEX]
+    assert learned == tok.encode("dry<|im_end|>", bos=False)
     assert prompt_ids(tok, record, "chat") == _ids(theirs.apply_chat_template(conversation[:1], tokenize=True,
                                                                              add_generation_prompt=True))
     short_inputs, short_labels = encode_record(record, tok, max_seq_len=5, template="chat")
@@ -129,7 +133,8 @@ def test_the_adapter_records_template_and_tokenizer_and_generate_checks_them(bas
     assert json.loads((out / "train_config.json").read_text())["template"] == "chat"
     ask = ["generate", "--base", str(base), "--adapter", str(adapter), "--max-new-tokens", "2", *common]
     assert cli.main([*ask, "--instructions", str(data)]) == 0
-    assert "### Response:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "template: chat\n" in printed and "\nanswer: " in printed
     assert cli.main([*ask, "--prompt", "hi", "--template", "alpaca"]) == 2
     assert "was trained in the chat template" in capsys.readouterr().err
     other = write_tokenizer(tmp_path / "other", start_token=True)  # another post-processor: another file
