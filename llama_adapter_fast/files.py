@@ -35,6 +35,33 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def atomic_folder(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_folder) on a temporary folder beside the target, then put it in the
+    target's place (an existing target is moved aside first and removed after): a reader
+    never sees a half-written folder, even if the writer is killed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes the folder private; give it the usual mode
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old / path.name, path)  # the old folder back in place
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()

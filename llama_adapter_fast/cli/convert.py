@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ADAPTER_TARGETS = ("llama-adapter-fast", "peft", "litgpt", "original")
 
@@ -46,18 +47,26 @@ def check_out(source: str, out: str, overwrite: bool) -> None:
         raise ValueError(f"--out {out} exists: choose another path, or pass --overwrite to replace it")
 
 
+class Conversion(NamedTuple):
+    """A written adapter, and what training recorded with its source (template, tokenizer)
+    that its format cannot hold: generation must be told them again."""
+
+    path: Path
+    dropped: dict[str, str]
+
+
 def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_model: str | None = None,
-                    overwrite: bool = False, **given) -> Path:
+                    overwrite: bool = False, **given) -> Conversion:
     """Read an adapter in any format this package reads and write it in `to`; a ValueError
     naming what would be lost where the target cannot hold it (nothing is written then), or
     where `out` is the source or exists (unless `overwrite`). `given` (adapter_len,
-    adapter_layers, gate_activation) completes an original file."""
+    adapter_layers, gate_activation) completes an original file. What training recorded
+    (template, tokenizer) goes with it into this package's format; the others drop it."""
     from llama_adapter_fast.models.formats.litgpt import write_litgpt_adapter
     from llama_adapter_fast.models.formats.native import (
         RECORDED_FIELDS,
-        read_adapter_config,
-        read_adapter_file,
-        read_adapter_metadata,
+        adapter_config,
+        read_adapter,
         with_own_names,
         write_adapter_file,
     )
@@ -67,23 +76,25 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     if to not in ADAPTER_TARGETS:
         raise ValueError(f"to must be one of {ADAPTER_TARGETS}, got {to!r}")
     check_out(source, out, overwrite)
-    settings = read_adapter_config(source, **given)
-    state = with_own_names(read_adapter_file(source), settings["adapter_layers"])
+    adapter = read_adapter(source)  # once: its tensors, settings and record
+    settings = adapter_config(adapter, **given)
+    state = with_own_names(adapter.state, settings["adapter_layers"])
+    recorded = {k: v for k, v in adapter.metadata.items() if k in RECORDED_FIELDS}
     if to == "peft":
-        return write_peft_adapter(out, state, settings, base_model)
-    if to == "litgpt":
-        return write_litgpt_adapter(out, state, settings)
-    if to == "original":
-        return write_original_adapter(out, state, settings)
+        write_peft_adapter(out, state, settings, base_model)
+    elif to == "litgpt":
+        write_litgpt_adapter(out, state, settings)
+    elif to == "original":
+        write_original_adapter(out, state, settings)
+    if to != "llama-adapter-fast":  # these formats hold no record
+        return Conversion(Path(out), {k: v for k, v in recorded.items() if k != "base"})
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: this package's adapter files end in .safetensors")
     config = dict(settings)
     if "bias_tuning" in config:
         config["bias_tuning"] = list(config["bias_tuning"])
-    # What training recorded (template, tokenizer) stays with the adapter.
-    recorded = {k: v for k, v in read_adapter_metadata(source).items() if k in RECORDED_FIELDS}
     write_adapter_file(out, state, config, {**recorded, "converted_from": str(source)})
-    return Path(out)
+    return Conversion(Path(out), {})
 
 
 def run(a: argparse.Namespace) -> int:
@@ -93,15 +104,10 @@ def run(a: argparse.Namespace) -> int:
         print(f"base model: {convert_gguf(a.source, a.out, dtype=a.dtype)}")
         return 0
     given = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers, "gate_activation": a.gate_activation}
-    path = convert_adapter(a.source, a.out, a.to, a.base_model, overwrite=a.overwrite, **given)
+    path, dropped = convert_adapter(a.source, a.out, a.to, a.base_model, overwrite=a.overwrite, **given)
     print(f"adapter: {path} ({a.to} format)")
-    if a.to != "llama-adapter-fast":
-        from llama_adapter_fast.models.formats.native import read_adapter_metadata
-
-        metadata = read_adapter_metadata(a.source)
-        recorded = {k: metadata[k] for k in ("template", "tokenizer_sha256") if metadata.get(k)}
-        if recorded:
-            shown = ", ".join(f"{k} {v[:16]}" for k, v in recorded.items())
-            print(f"note: the {a.to} format cannot hold what training recorded ({shown}): generate with the same "
-                  f"--template and tokenizer", file=sys.stderr)
+    if dropped:
+        shown = ", ".join(f"{k} {v[:16]}" for k, v in dropped.items())
+        print(f"note: the {a.to} format cannot hold what training recorded ({shown}): generate with the same "
+              f"--template and tokenizer", file=sys.stderr)
     return 0

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llama_adapter_fast.cli.options import add_model_options
+
+if TYPE_CHECKING:  # the command line imports the package's modules where a command runs
+    from llama_adapter_fast.models.formats.native import AdapterSource
 
 
 def add_parser(sub) -> None:
@@ -41,7 +46,7 @@ def add_parser(sub) -> None:
     add_model_options(p)
 
 
-def load_for_generation(base: str, adapter: str | None, *, attention_backend: str = "auto", device=None,
+def load_for_generation(base: str, adapter: str | AdapterSource | None, *, attention_backend: str = "auto", device=None,
                         dtype: str | None = None, adapter_settings: dict | None = None,
                         image_encoder: str | None = None, pictures: bool = True):
     """A base model with the adapter of `adapter` (its config read from the file, or from
@@ -49,7 +54,7 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
     MultiModalLLaMAAdapter when the file is a multi-modal adapter. Without `pictures` to
     answer about, a multi-modal adapter whose encoder is not at hand answers as the text
     adapter it holds (its prompts and gates; a record without a picture gets exactly that)."""
-    from llama_adapter_fast.models.formats.native import is_original_adapter, read_adapter_config, read_adapter_file
+    from llama_adapter_fast.models.formats.native import adapter_config, read_adapter
     from llama_adapter_fast.models.multimodal import (
         PROJECTION_PREFIX,
         image_encoder_folder,
@@ -63,10 +68,12 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
     dev = resolve_device(device)
     check_attention_backend(attention_backend, dev, DTYPES[dtype] if dtype is not None else None, f"--dtype {dtype}")
     kwargs = {"attention_backend": attention_backend}
-    if adapter is not None:
-        settings = read_adapter_config(adapter, **(adapter_settings or {}))
+    adapter_file = read_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter  # read once
+    adapter = str(adapter_file.path) if adapter_file is not None else None
+    if adapter_file is not None:
+        settings = adapter_config(adapter_file, **(adapter_settings or {}))
         kwargs.update(settings)
-        if is_original_adapter(adapter):
+        if adapter_file.original:
             print(f"adapter: {adapter} is an original LLaMA-Adapter file, read with adapter_len "
                   f"{settings['adapter_len']} and adapter_layers {settings['adapter_layers']} and gate activation "
                   f"{settings['gate_activation']} (--adapter-len, --adapter-layers and --gate-activation set them)")
@@ -81,16 +88,15 @@ def load_for_generation(base: str, adapter: str | None, *, attention_backend: st
     weights = model.tok_embeddings.weight.dtype
     check_attention_backend(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
     if record is not None:
-        source = record.get("source")
-        if pictures or image_encoder is not None or (source and Path(source).is_dir()):
+        encoder = record.get("source")
+        if pictures or image_encoder is not None or (encoder and Path(encoder).is_dir()):
             return load_image_adapter(model, adapter, image_encoder=image_encoder, device=dev).eval()
-        print(f"adapter: {adapter} is a multi-modal adapter whose image encoder {source} is not here; no record has "
+        print(f"adapter: {adapter} is a multi-modal adapter whose image encoder {encoder} is not here; no record has "
               f"a picture, so it answers as the text adapter it holds (its prompts and gates)", file=sys.stderr)
-        state = read_adapter_file(adapter)
-        model.load_adapter({n: t for n, t in state.items() if not n.startswith(PROJECTION_PREFIX)})
+        model.load_adapter({n: t for n, t in adapter_file.state.items() if not n.startswith(PROJECTION_PREFIX)})
         return model.eval()
-    if adapter is not None:
-        model.load_adapter(adapter)
+    if adapter_file is not None:
+        model.load_adapter(adapter_file)
     return model.eval()
 
 
@@ -105,18 +111,18 @@ def _check_generate_options(a: argparse.Namespace) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
 
 
-def generation_template(a: argparse.Namespace, tokenizer) -> bool | str:
+def generation_template(a: argparse.Namespace, tokenizer, source: AdapterSource | None = None) -> bool | str:
     """The prompt format to answer in: False with --raw, else --template, the one the adapter
-    was trained with, or (the base alone) the tokenizer's default. An adapter that recorded
-    its tokenizer refuses another one, and its template refuses a different --template."""
-    from llama_adapter_fast.models.formats.native import read_adapter_metadata
+    (`source`, a.adapter read) was trained with, or (the base alone) the tokenizer's default.
+    An adapter that recorded its tokenizer refuses another one, and its template refuses a
+    different --template."""
     from llama_adapter_fast.training.templates import resolve_template, tokenizer_fingerprint
 
     if a.raw:
         if a.template is not None:
             raise ValueError("--raw: the text is the prompt as it is, so --template does not apply")
         return False
-    recorded = read_adapter_metadata(a.adapter) if a.adapter else {}
+    recorded = source.metadata if source is not None else {}
     digest = recorded.get("tokenizer_sha256")
     if digest and digest != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"--tokenizer: {tokenizer.path} is not the tokenizer {a.adapter} was trained with (the "
@@ -149,13 +155,15 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from llama_adapter_fast.generation import iter_answers, prompt_ids
+    from llama_adapter_fast.models.formats.native import read_adapter
     from llama_adapter_fast.training.bases import base_format, check_vocabulary, load_tokenizer
     from llama_adapter_fast.training.data import load_instructions
 
     _check_generate_options(a)
     base_format(a.base)
     tokenizer = load_tokenizer(a.tokenizer, a.base)
-    template = generation_template(a, tokenizer)
+    source = read_adapter(a.adapter) if a.adapter else None  # the adapter, read once for all its uses
+    template = generation_template(a, tokenizer, source)
     if a.instructions:
         records = load_instructions(a.instructions, require_output=False)
     else:
@@ -165,7 +173,7 @@ def run(a: argparse.Namespace) -> int:
         settings = {"adapter_len": a.adapter_len, "adapter_layers": a.adapter_layers,
                     "gate_activation": a.gate_activation}
         pictures = _pictures(a, records)
-        model = load_for_generation(a.base, a.adapter, attention_backend=a.attention_backend, device=a.device,
+        model = load_for_generation(a.base, source, attention_backend=a.attention_backend, device=a.device,
                                     dtype=a.dtype, adapter_settings=settings, image_encoder=a.image_encoder,
                                     pictures=any(pictures))
         _check_pictures(a, pictures, model)

@@ -326,13 +326,13 @@ class LLaMAAdapter(nn.Module):
         <linear>.tuned_scale and, with norm_tuning, the norms' weights."""
         return {n: p.detach() for n, p in self.adapter_parameters()}
 
-    def load_adapter(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+    def load_adapter(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike | native.AdapterSource,
                      strict: bool = True) -> None:
-        """Load adapter weights from a dict or a file (`save_adapter`'s .safetensors, a .pt/.pth dict or training
-        checkpoint of ours, an original V1 or V2 release's file, a PEFT folder, a litgpt checkpoint); a file
-        that records another gate activation, prefix projection or scale placement is refused."""
-        source = str(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "state_dict"
-        if isinstance(state_dict_or_path, (str, os.PathLike)):
+        """Load adapter weights from a dict or any adapter source `native.read_adapter` reads (or has read); a
+        file recording another gate activation, prefix projection or scale placement is refused."""
+        source = "state_dict"
+        if isinstance(state_dict_or_path, (str, os.PathLike, native.AdapterSource)):
+            source = str(getattr(state_dict_or_path, "path", state_dict_or_path))
             state = native.read_adapter_file(state_dict_or_path, model_config=self.args.adapter_config())
         elif isinstance(state_dict_or_path, Mapping):
             state = dict(state_dict_or_path)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from llama_adapter_fast.models.formats.litgpt import litgpt_state
-from llama_adapter_fast.models.formats.native import read_adapter_config
+from llama_adapter_fast.models.formats.native import AdapterSource, adapter_config, loaded_adapter, read_adapter
 from llama_adapter_fast.models.formats.original import original_state
 from llama_adapter_fast.models.formats.peft import is_peft_folder
 from llama_adapter_fast.models.multimodal import read_image_adapter_record
@@ -55,7 +55,7 @@ class FinetunePlan:
     base_format: str | None = None
     checkpoint: Path | None = None  # a training checkpoint this run continues
     checkpoint_state: dict[str, Any] | None = None  # its contents, read once
-    start_from: Path | None = None  # an adapter a new run starts from
+    start_from: AdapterSource | None = None  # an adapter a new run starts from, read
 
 
 def plan_finetune(cfg: TrainConfig, info: Dist, device: torch.device, *, given: Collection[str] | None = None,
@@ -66,11 +66,12 @@ def plan_finetune(cfg: TrainConfig, info: Dist, device: torch.device, *, given: 
     source = resolve_resume(cfg)
     state = start_from = None
     if source is not None:
-        kind, state = read_resume_source(source, adapters=not has_model)
+        kind, read = read_resume_source(source, adapters=not has_model)
         if kind == "adapter":
-            start_from, source = source, None
+            start_from, source = read, None
             cfg = _with_adapter_settings(cfg, start_from, info.main)
         else:
+            state = read
             cfg = _inherited_settings(cfg, state, given)
     cfg.validate(info.world_size)
     check_attention_backend(cfg.attention_backend, device, amp_dtype_for(cfg.precision, device),
@@ -98,12 +99,12 @@ def plan_finetune(cfg: TrainConfig, info: Dist, device: torch.device, *, given: 
     return FinetunePlan(cfg, tokenizer, fmt, source, state, start_from)
 
 
-def read_resume_source(path: Path, adapters: bool = True) -> tuple[str, dict[str, Any] | None]:
-    """("checkpoint", its state) for a training checkpoint, ("adapter", None) for an adapter
-    a new run starts from (with `adapters`), or a ValueError naming the file. A file is
-    read once to be told apart."""
+def read_resume_source(path: Path, adapters: bool = True) -> tuple[str, Any]:
+    """("checkpoint", its state) for a training checkpoint, or (with `adapters`) ("adapter",
+    its AdapterSource) for an adapter a new run starts from; a ValueError naming the file
+    otherwise. The file is read once, to be told apart and to be used."""
     if adapters and (is_peft_folder(path) or path.suffix == ".safetensors"):
-        return "adapter", None
+        return "adapter", read_adapter(path)
     if not path.is_file():
         return "checkpoint", checkpoint_state(path, None)  # its error: missing, a folder
     try:
@@ -112,20 +113,20 @@ def read_resume_source(path: Path, adapters: bool = True) -> tuple[str, dict[str
         return "checkpoint", checkpoint_state(path, exc)
     if adapters and isinstance(raw, dict) and (original_state(raw, str(path)) is not None
                                                or litgpt_state(raw) is not None):
-        return "adapter", None
+        return "adapter", loaded_adapter(path, raw)
     return "checkpoint", checkpoint_state(path, raw)
 
 
-def _with_adapter_settings(cfg: TrainConfig, adapter: Path, main: bool) -> TrainConfig:
+def _with_adapter_settings(cfg: TrainConfig, adapter: AdapterSource, main: bool) -> TrainConfig:
     """cfg with the adapter settings of the file or folder a new run starts from."""
-    if read_image_adapter_record(adapter) is not None:
-        raise ValueError(f"resume: {adapter} is a multi-modal adapter: resume its run from its checkpoint.pt")
+    if read_image_adapter_record(adapter.path) is not None:
+        raise ValueError(f"resume: {adapter.path} is a multi-modal adapter: resume its run from its checkpoint.pt")
     given = {"adapter_len": None, "adapter_layers": cfg.adapter_layers, "gate_activation": None}
-    settings = read_adapter_config(adapter, **given)
+    settings = adapter_config(adapter, **given)
     changes = {k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     if main:
         shown = ", ".join(f"{k} {v}" for k, v in changes.items())
-        print(f"resume: a new run from the adapter {adapter} ({shown}), at step 0 with a fresh optimizer")
+        print(f"resume: a new run from the adapter {adapter.path} ({shown}), at step 0 with a fresh optimizer")
     return dataclasses.replace(cfg, **changes, resume=False)
 
 

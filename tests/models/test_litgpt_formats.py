@@ -133,10 +133,11 @@ def test_finetune_resume_from_a_litgpt_checkpoint_keeps_litgpts_projection(base,
 
     model = litgpt_model(base, "adapter")
     save_adapter_checkpoint(Fabric(accelerator="cpu", devices=1), model, tmp_path / "lit.pth")
-    assert read_resume_source(tmp_path / "lit.pth") == ("adapter", None)
+    kind, read = read_resume_source(tmp_path / "lit.pth")
+    assert kind == "adapter" and read.path == tmp_path / "lit.pth"
     cfg = TrainConfig(base=str(base[0]), data="unread.json", out_dir=str(tmp_path / "run"),
                       resume=str(tmp_path / "lit.pth"), template="alpaca")
     plan = plan_finetune(cfg, *init_distributed("cpu"), tokenizer=Tokenizer())
-    assert plan.start_from == tmp_path / "lit.pth" and plan.checkpoint is None
+    assert plan.start_from.path == tmp_path / "lit.pth" and plan.checkpoint is None
     assert (plan.cfg.prefix_projection, plan.cfg.gate_activation, plan.cfg.adapter_layers, plan.cfg.resume) == (
         "litgpt", "identity", 2, False)

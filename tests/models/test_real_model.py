@@ -203,7 +203,7 @@ def test_cli_finetune_on_the_gguf_base_in_its_chat_template_resumes_exactly(smol
             crash.steps = n
 
     crash.steps = 0
-    monkeypatch.setattr(recipes, "finetune", lambda cfg: finetune(cfg, callback=crash))
+    monkeypatch.setattr(recipes, "finetune", lambda cfg, **kw: finetune(cfg, callback=crash, **kw))
     with pytest.raises(RuntimeError, match="simulated crash"):
         cli.main([*run, "--out", str(tmp_path / "resumed")])
     monkeypatch.setattr(recipes, "finetune", finetune)

@@ -18,13 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llama_adapter_fast.files import UMASK, file_sha256, first_line
+from llama_adapter_fast.files import atomic_folder, file_sha256, first_line
 
 # The architectures whose GGUF files are a LLaMA for this package (llama.cpp names).
 ARCHITECTURES = ("llama",)
@@ -113,18 +111,13 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes the folder private; give it the usual mode
+    def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": name, "sha256": file_sha256(path), "dtype": dtype,
                                                      "readers": _reader_versions()}))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(out, write)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,32 +78,79 @@ def _unwrap_pt(raw: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_adapter_file(path: str | os.PathLike,
-                      model_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Adapter tensors from a .safetensors file or a .pt/.pth file (a training checkpoint of
-    this package is accepted too: its adapter tensors are taken). A missing, empty,
-    truncated or corrupt file is a ValueError naming it; so is, given the model's
-    `model_config`, a file whose settings would compute another model (see
-    `check_recorded_settings`)."""
-    if model_config is not None:
-        check_recorded_settings(path, model_config)
+@dataclass(frozen=True)
+class AdapterSource:
+    """An adapter file or folder, read once: everything the readers of it need.
+
+    `state`: its tensors under the file's own names (an original release's included);
+    `recorded`: the settings it records, `complete` when they are all of them (else its
+    tensors' shapes tell the rest); `metadata`: what training recorded with it (the base,
+    the step, the template, the tokenizer's SHA-256), {} for formats that record none;
+    `original`: an original release's file, which records neither length nor layers."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    recorded: dict[str, Any]
+    complete: bool
+    metadata: dict[str, str]
+    original: bool = False
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterSource:
+    """Read an adapter source of any format this package reads (this package's .safetensors,
+    a .pt/.pth dict or training checkpoint of ours, a PEFT folder, a litgpt checkpoint, an
+    original V1 or V2 release), once. A missing, empty, truncated or corrupt file is a
+    ValueError naming it."""
     path = Path(path)
     if is_peft_folder(path):
-        return read_peft_adapter(path)
+        return AdapterSource(path, read_peft_adapter(path), read_peft_config(path), True, {})
     _check_adapter_path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:
             raise _unreadable_adapter(path, exc) from None
-    raw = _load_pt(path)
+        return AdapterSource(path, state, _recorded_config(meta, path), False, meta)
+    return loaded_adapter(path, _load_pt(path))
+
+
+def loaded_adapter(path: Path, raw: Any) -> AdapterSource:
+    """The adapter source of a .pt/.pth file that torch.load has read as `raw`."""
     if (lit := litgpt_state(raw)) is not None:
-        return read_litgpt_adapter(lit, str(path))[0]
+        state, recorded = read_litgpt_adapter(lit, str(path))
+        return AdapterSource(path, state, recorded, True, {})
     if (original := original_state(raw, str(path))) is not None:
-        return original
-    return _unwrap_pt(raw, path)
+        return AdapterSource(path, original, {}, True, {}, original=True)
+    recorded = {}
+    if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
+        recorded = {k: raw["config"][k] for k in ("gate_activation",) if k in raw["config"]}
+        if isinstance(raw.get("adapter"), dict) and "scale_tuning" in raw["adapter"]:
+            recorded["scale_tuning"] = raw["adapter"]["scale_tuning"]
+    return AdapterSource(path, _unwrap_pt(raw, path), recorded, False, _checkpoint_metadata(raw))
+
+
+def _checkpoint_metadata(raw: Any) -> dict[str, str]:
+    recorded = raw.get("metadata") if isinstance(raw, dict) else None
+    if isinstance(recorded, dict):
+        return {str(k): str(v) for k, v in recorded.items()}
+    # A checkpoint written before checkpoints recorded metadata: its configuration's template.
+    template = raw.get("config", {}).get("template") if isinstance(raw, dict) and "trainable" in raw else None
+    return {"template": template} if isinstance(template, str) else {}
+
+
+def read_adapter_file(path: str | os.PathLike | AdapterSource,
+                      model_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors of any adapter source (see `read_adapter`; or one it has read); given
+    the model's `model_config`, a source whose settings would compute another model is a
+    ValueError (see `check_recorded_settings`)."""
+    source = path if isinstance(path, AdapterSource) else read_adapter(path)
+    if model_config is not None:
+        check_recorded_settings(source, model_config)
+    return source.state
 
 
 # What an adapter records of its training beside its settings, and a conversion carries.
@@ -113,31 +161,13 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     """What training recorded with an adapter (the base, the step, the prompt template, the
     tokenizer's SHA-256): a .safetensors file's metadata, or a training checkpoint's record;
     {} for files that record none (PEFT, litgpt, the original releases)."""
-    path = Path(path)
-    if is_peft_folder(path):
-        return {}
-    _check_adapter_path(path)
-    if path.suffix != ".safetensors":
-        raw = _load_pt(path)
-        recorded = raw.get("metadata") if isinstance(raw, dict) else None
-        if isinstance(recorded, dict):
-            return {str(k): str(v) for k, v in recorded.items()}
-        # A checkpoint written before checkpoints recorded metadata: its configuration's template.
-        template = raw.get("config", {}).get("template") if isinstance(raw, dict) and "trainable" in raw else None
-        return {"template": template} if isinstance(template, str) else {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as exc:
-        raise _unreadable_adapter(path, exc) from None
+    return read_adapter(path).metadata
 
 
 def is_original_adapter(path: str | os.PathLike) -> bool:
     """True for an original LLaMA-Adapter release's .pth (one `adapter_query` embedding of
     every prompt), which records neither adapter_len nor adapter_layers."""
-    return Path(path).suffix != ".safetensors" and QUERY_KEY in read_adapter_file(path)
+    return read_adapter(path).original
 
 
 _ADAPTER_FIELD_CHECKS = {
@@ -206,46 +236,26 @@ def _tuning_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]
 
 
 def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]:
-    """The adapter fields (adapter_len, adapter_layers, gate_activation, scalar_gate) of an
-    adapter file, so that a model can be built to match it, checked against the file's
-    tensor shapes before anything is allocated. `given` (the same fields; None means not
-    given) supplies what an original LLaMA-Adapter file does not record, and must agree
-    with what a file does record."""
-    path = Path(path)
-    if not is_peft_folder(path):
-        _check_adapter_path(path)
+    """The adapter fields (adapter_len, adapter_layers, gate_activation, scalar_gate, V2's
+    tuning, the prefix projection) of an adapter source: see `adapter_config`."""
+    return adapter_config(read_adapter(path), **given)
+
+
+def adapter_config(source: AdapterSource, **given: Any) -> dict[str, Any]:
+    """The adapter fields of `source`, so that a model can be built to match it, checked
+    against its tensors' shapes before the model is allocated. `given` (the same fields;
+    None means not given) supplies what an original LLaMA-Adapter file does not record,
+    and must agree with what a source does record."""
+    path = source.path
     given = {k: v for k, v in given.items() if v is not None}
     if "bias_tuning" in given:  # as the file records it: a list in TUNABLE_LINEARS' order
         given["bias_tuning"] = [n for n in TUNABLE_LINEARS if n in given["bias_tuning"]]
     unknown = sorted(set(given) - set(ADAPTER_FIELDS))
     if unknown:
         raise TypeError(f"read_adapter_config got unknown fields {unknown} (known: {ADAPTER_FIELDS})")
-    complete = is_peft_folder(path)  # a format whose settings are all known without the tensors' shapes
-    if complete:  # PEFT's config records every field; its tensors are read when the adapter loads
-        recorded, shapes = read_peft_config(path), {}
-    elif path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as exc:
-            raise _unreadable_adapter(path, exc) from None
-        recorded = _recorded_config(meta, path)
-    elif (lit := litgpt_state(raw := _load_pt(path))) is not None:
-        recorded, shapes, complete = read_litgpt_adapter(lit, str(path))[1], {}, True
-    elif (original := original_state(raw, str(path))) is not None:
-        recorded, shapes, complete = original_config(original, str(path), given), {}, True
-    else:
-        recorded = {}
-        if isinstance(raw, dict) and isinstance(raw.get("config"), dict):  # a training checkpoint
-            recorded = {k: raw["config"][k] for k in ("gate_activation",) if k in raw["config"]}
-            if isinstance(raw.get("adapter"), dict) and "scale_tuning" in raw["adapter"]:
-                recorded["scale_tuning"] = raw["adapter"]["scale_tuning"]
-        state = _unwrap_pt(raw, path)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-    config = {} if complete else _config_from_shapes(shapes, path)
+    recorded = original_config(source.state, str(path), given) if source.original else source.recorded
+    shapes = {k: tuple(v.shape) for k, v in source.state.items()}
+    config = {} if source.complete else _config_from_shapes(shapes, path)
     for key, value in recorded.items():
         if key in config and config[key] != value:
             raise ValueError(f"{path}: its adapter_config metadata says {key} {value!r}, its tensors say "
@@ -264,17 +274,17 @@ def read_adapter_config(path: str | os.PathLike, **given: Any) -> dict[str, Any]
 _SHAPELESS_SETTINGS = {"gate_activation": None, "prefix_projection": "own", "scale_tuning": None}
 
 
-def check_recorded_settings(path: str | os.PathLike, model_config: Mapping[str, Any]) -> None:
-    """A ValueError naming the setting where the adapter at `path` records a gate activation,
+def check_recorded_settings(source: AdapterSource, model_config: Mapping[str, Any]) -> None:
+    """A ValueError naming the setting where the adapter `source` records a gate activation,
     prefix projection or scale placement other than the model's (`model_config`, as
     `ModelArgs.adapter_config` gives it): its tensors would load, and compute another model.
     Shapes (length, layers, gates, V2's tensors) are checked when the tensors are copied.
     An original release's file records no gate activation (its scripts applied tanh, V1's
     first one the gate as it is), so there the model's stands."""
-    original = is_original_adapter(path)
+    path, original = source.path, source.original
     # An original file's length and layers are the model's where its gates do not tell them.
     shape = {k: model_config[k] for k in ("adapter_len", "adapter_layers")} if original else {}
-    recorded = read_adapter_config(path, **shape)
+    recorded = adapter_config(source, **shape)
     if original:
         recorded.pop("gate_activation", None)
     for name, unrecorded in _SHAPELESS_SETTINGS.items():

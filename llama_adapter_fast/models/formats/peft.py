@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llama_adapter_fast.files import atomic_write, first_line
+from llama_adapter_fast.files import atomic_folder, first_line
 from llama_adapter_fast.ops.reference import activate_gate
 
 PEFT_CONFIG = "adapter_config.json"
@@ -146,11 +146,14 @@ def write_peft_adapter(folder: str | os.PathLike, state: Mapping[str, torch.Tens
             tensors[f"{PEFT_PREFIX}layers.{layer}.self_attn.adaption_gate"] = gate.float()
         else:
             raise ValueError(f"the adapter cannot be written in PEFT's format: {name} has no place in it")
-    folder.mkdir(parents=True, exist_ok=True)
     config = AdaptionPromptConfig(adapter_len=settings["adapter_len"], adapter_layers=settings["adapter_layers"],
                                   target_modules="self_attn", task_type="CAUSAL_LM",
                                   base_model_name_or_path=base_model)
-    config.save_pretrained(str(folder))
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(folder / PEFT_WEIGHTS[0], lambda tmp: save_file(tensors, tmp))
+
+    def write(tmp: Path) -> None:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / PEFT_WEIGHTS[0]))
+
+    atomic_folder(folder, write)
     return folder
