@@ -22,10 +22,8 @@ timed. A baseline that runs out of memory or that a backend refuses is recorded 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ from benchmarks import harness
 from llama_adapter_fast import gated_prefix_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = harness.MODES
 BACKWARD_FLOPS_RATIO = 2.5  # FlashAttention's convention: the backward does 2.5x the forward's matmuls
 
 # The GPU sweep: B * T = 16k tokens, 32 query heads, P = 10, causal.
@@ -173,17 +171,6 @@ def eager_attention(x: Inputs) -> torch.Tensor:
     return gated_prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.gate, causal=True, backend="eager")
 
 
-def _backend_context(backend):
-    """Restrict SDPA to one backend; None leaves the choice to torch."""
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
-
-
-def _repeat_heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    return x if x.shape[dim] == heads else x.repeat_interleave(heads // x.shape[dim], dim=dim)
-
-
 def two_sdpa_attention(x: Inputs, backend=None, prefix_backend="same", repeat_kv: bool = False) -> torch.Tensor:
     """Word attention and prefix attention as two SDPA calls, then out = o1 + tanh(gate) * o2
     in the input dtype, as litgpt's adapter does.
@@ -195,13 +182,13 @@ def two_sdpa_attention(x: Inputs, backend=None, prefix_backend="same", repeat_kv
     q, k, v, pk, pv = x.q, x.k, x.v, x.prefix_k, x.prefix_v
     B, H = q.shape[:2]
     if repeat_kv:
-        k, v = _repeat_heads(k, H, 1), _repeat_heads(v, H, 1)
-        pk, pv = _repeat_heads(pk, H, 0), _repeat_heads(pv, H, 0)
+        k, v = harness.repeat_heads(k, H, 1), harness.repeat_heads(v, H, 1)
+        pk, pv = harness.repeat_heads(pk, H, 0), harness.repeat_heads(pv, H, 0)
     gqa = {"enable_gqa": True} if k.shape[1] != H else {}
-    with _backend_context(backend):
+    with harness.sdpa_backend(backend):
         o1 = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     pk, pv = pk.unsqueeze(0).expand(B, *pk.shape), pv.unsqueeze(0).expand(B, *pv.shape)
-    with _backend_context(backend if prefix_backend == "same" else prefix_backend):
+    with harness.sdpa_backend(backend if prefix_backend == "same" else prefix_backend):
         o2 = F.scaled_dot_product_attention(q, pk, pv, **gqa)
     return o1 + torch.tanh(x.gate).to(o1.dtype).view(1, H, 1, 1) * o2
 
@@ -211,9 +198,9 @@ def sdpa_floor(x: Inputs, backend=None, repeat_kv: bool = False) -> torch.Tensor
     q, k, v = x.q, x.k, x.v
     H = q.shape[1]
     if repeat_kv:
-        k, v = _repeat_heads(k, H, 1), _repeat_heads(v, H, 1)
+        k, v = harness.repeat_heads(k, H, 1), harness.repeat_heads(v, H, 1)
     gqa = {"enable_gqa": True} if k.shape[1] != H else {}
-    with _backend_context(backend):
+    with harness.sdpa_backend(backend):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
 
 
@@ -235,42 +222,10 @@ class Impl:
     with_prefix: bool = True
 
 
-def sdpa_backends(names: Sequence[str]) -> dict[str, object]:
-    """Name -> torch SDPBackend for the names this torch knows."""
-    from torch.nn.attention import SDPBackend
-
-    members = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-               "math": "MATH"}
-    return {n: getattr(SDPBackend, members[n]) for n in names if hasattr(SDPBackend, members.get(n, ""))}
-
-
-def available_sdpa_backends(names: Sequence[str], device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """The SDPA backends that run a small causal forward and backward on this device."""
-    found = {}
-    for name, backend in sdpa_backends(names).items():
-        q = torch.randn(1, 2, 128, 64, device=device, dtype=dtype, requires_grad=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with _backend_context(backend):
-                    F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
-            found[name] = backend
-        except RuntimeError:
-            pass
-    return found
-
-
 def default_backend_name(shape: Shape, device: torch.device) -> str:
     """The backend torch picks by itself for this shape (for labelling CPU rows)."""
-    try:
-        from torch.nn.attention import SDPBackend
-
-        q = torch.empty(shape.B, shape.Hq, shape.T, shape.D, device=device, dtype=DTYPES[shape.dtype])
-        k = torch.empty(shape.B, shape.Hkv, shape.S, shape.D, device=device, dtype=q.dtype)
-        choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=shape.Hkv != shape.Hq)
-        return f"default:{SDPBackend(choice).name.lower().removesuffix('_attention')}"
-    except Exception:  # a private function: only a label depends on it
-        return "default"
+    return harness.default_sdpa_backend(shape.B, shape.Hq, shape.Hkv, shape.T, shape.S, shape.D, DTYPES[shape.dtype],
+                                        device)
 
 
 def two_sdpa_impl(name: str, backend, gqa: bool) -> Impl:
@@ -298,13 +253,6 @@ def floor_impl(name: str, backend, gqa: bool) -> Impl:
 
 # ----------------------------------------------------------------------------------------
 # Correctness check
-
-
-def relative_error(x: torch.Tensor | None, ref: torch.Tensor | None) -> float:
-    if x is None or ref is None:
-        return float("nan")
-    ref = ref.double()
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _output_and_grads(fn: Callable[[Inputs], torch.Tensor], x: Inputs) -> tuple[torch.Tensor, list]:
@@ -336,10 +284,10 @@ def check_fused(x: Inputs, device: torch.device) -> dict:
             raise
         return {"ok": None, "out_err": None, "grad_err": None,
                 "note": "not checked: the float32 SDPA reference ran out of memory"}
-    out_err = relative_error(out_fused, out_ref)
-    out_err_low = relative_error(out_low, out_ref)
-    grad_errs = [relative_error(g, r) for g, r in zip(grads_fused, grads_ref, strict=True)]
-    grad_errs_low = [relative_error(g, r) for g, r in zip(grads_low, grads_ref, strict=True)]
+    out_err = harness.relative_error(out_fused, out_ref)
+    out_err_low = harness.relative_error(out_low, out_ref)
+    grad_errs = [harness.relative_error(g, r) for g, r in zip(grads_fused, grads_ref, strict=True)]
+    grad_errs_low = [harness.relative_error(g, r) for g, r in zip(grads_low, grads_ref, strict=True)]
     ok = out_err <= 2 * out_err_low + 1e-3 and all(
         e <= 2 * e_low + 1e-2 for e, e_low in zip(grad_errs, grad_errs_low, strict=True)
     )
@@ -354,87 +302,10 @@ def check_fused(x: Inputs, device: torch.device) -> dict:
 # Measuring
 
 
-class Refused(Exception):
-    """The variant cannot run here (a backend refused the inputs, or a compile failed)."""
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:limit]
-
-
-def measure_impl(impl: Impl, x: Inputs, shape: Shape, device: torch.device, timer) -> tuple[dict, str]:
-    """Time one implementation on one shape in the three modes.
-
-    The variants are tried in order until one runs; the first forward+backward also gives
-    the peak memory. Returns ({"peak": MiB, mode: {"timing", "status"}}, note) and raises
-    Refused when no variant runs.
-    """
-    inputs = tuple(x.tensors(impl.inputs))
-    refusals: list[str] = []
-    for variant in impl.variants:
-        def fwd(fn=variant.fn):
-            return fn(x)
-
-        def fwd_bwd(fn=variant.fn):
-            return torch.autograd.grad(fn(x), inputs, x.grad_out)
-
-        failure = None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                peak = harness.peak_memory_mib(fwd_bwd, device)
-            except RuntimeError as exc:
-                failure = ("oom" if harness.is_out_of_memory(exc) else "refused", _first_line(str(exc)))
-        if failure is None:
-            note = variant.note + (f" ({refusals[0]})" if variant.note and refusals else "")
-            return _time_modes(fwd, fwd_bwd, inputs, x, timer, peak), note
-        harness.release_memory()
-        kind, message = failure
-        if kind == "oom":
-            # The forward alone may still fit: it keeps less than forward+backward does.
-            return _time_forward_only(fwd, timer), "out of memory in forward+backward"
-        # SDPA says in a warning why it refused a backend; keep it as the reason.
-        reasons = [_first_line(str(w.message)) for w in caught]
-        refusals.append(reasons[0] if reasons else message)
-    raise Refused("; ".join(dict.fromkeys(refusals)))
-
-
-def _time_modes(fwd, fwd_bwd, inputs, x: Inputs, timer, peak) -> dict:
-    results: dict = {"peak": peak}
-    for mode in MODES:
-        oom = False
-        try:
-            if mode == "fwd":
-                timing = timer(fwd)
-            elif mode == "bwd":
-                out = fwd()
-                timing = timer(lambda out=out: torch.autograd.grad(out, inputs, x.grad_out, retain_graph=True))
-                del out
-            else:
-                timing = timer(fwd_bwd)
-            results[mode] = {"timing": timing, "status": "ok"}
-        except RuntimeError as exc:
-            if not harness.is_out_of_memory(exc):
-                raise
-            results[mode] = {"timing": None, "status": "oom"}
-            oom = True
-        if oom:
-            harness.release_memory()
-    return results
-
-
-def _time_forward_only(fwd, timer) -> dict:
-    results: dict = {"peak": None, "bwd": {"timing": None, "status": "oom"},
-                     "fwd+bwd": {"timing": None, "status": "oom"}}
-    try:
-        results["fwd"] = {"timing": timer(fwd), "status": "ok"}
-    except RuntimeError as exc:
-        if not harness.is_out_of_memory(exc):
-            raise
-        results["fwd"] = {"timing": None, "status": "oom"}
-    harness.release_memory()
-    return results
+def measure_impl(impl: Impl, x: Inputs, device: torch.device, timer) -> tuple[dict, str]:
+    """Time one implementation on one shape in the three modes (see harness.measure_variants)."""
+    variants = [(lambda fn=v.fn: fn(x), v.note) for v in impl.variants]
+    return harness.measure_variants(variants, tuple(x.tensors(impl.inputs)), x.grad_out, device, timer)
 
 
 def _rows(impl: Impl, shape: Shape, results: dict, base: dict, status: str = "", note: str = "",
@@ -471,15 +342,15 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
         nonlocal fastest
         status = "mismatch" if check_result is not None and check_result["ok"] is False else ""
         try:
-            results, note = measure_impl(impl, x, shape, device, timer)
-        except Refused as exc:
+            results, note = measure_impl(impl, x, device, timer)
+        except harness.Refused as exc:
             # A baseline that a backend refuses is unsupported there; the fused op must run.
             refused = "unsupported" if impl.name in ("two-sdpa", "sdpa floor") else "error"
             rows.extend(_rows(impl, shape, {}, base, refused, str(exc), tuning, check_result))
             return
         except Exception as exc:  # a failing implementation must not stop the sweep
             harness.release_memory()
-            rows.extend(_rows(impl, shape, {}, base, "error", f"{type(exc).__name__}: {_first_line(str(exc))}",
+            rows.extend(_rows(impl, shape, {}, base, "error", f"{type(exc).__name__}: {harness.first_line(str(exc))}",
                               tuning, check_result))
             return
         if check_result and check_result["note"]:
@@ -497,7 +368,7 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
         except Exception as exc:
             harness.release_memory()
             rows.extend(_rows(Impl("fused", []), shape, {}, base, "error",
-                              f"{type(exc).__name__}: {_first_line(str(exc))}", tuning))
+                              f"{type(exc).__name__}: {harness.first_line(str(exc))}", tuning))
             check_result = False
         if check_result is not False:
             run(Impl("fused", [Variant(fused_attention)]), tuning, check_result)
@@ -619,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if device.type != "cuda" and "fused" not in impl_names:
         print("Kernel timings need a GPU: the fused Triton kernels are not timed on the CPU.")
     if device.type == "cuda":
-        backends = available_sdpa_backends(args.sdpa_backends, device, torch.bfloat16)
+        backends = harness.available_sdpa_backends(args.sdpa_backends, device, torch.bfloat16)
         missing = [b for b in args.sdpa_backends if b not in backends]
         if missing:
             print(f"SDPA backends not available here: {', '.join(missing)}")
@@ -683,7 +554,8 @@ def _compile_main(args: argparse.Namespace, shapes: Sequence[Shape], device: tor
         try:
             compile_shape(shape, device, config_shard)
         except Exception as exc:  # report and go on: the timing run will show the failure too
-            print(f"compile: {shape.describe()} failed: {type(exc).__name__}: {_first_line(str(exc))}", flush=True)
+            print(f"compile: {shape.describe()} failed: {type(exc).__name__}: {harness.first_line(str(exc))}",
+                  flush=True)
             harness.release_memory()
             continue
         print(f"compiled {shape.describe()} (candidates {args.config_shard}) in {time.time() - start:.1f} s",

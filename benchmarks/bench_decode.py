@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks.bench_attention import Shape, _backend_context, available_sdpa_backends, default_backend_name
 from llama_adapter_fast import gated_prefix_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -90,7 +89,7 @@ def two_sdpa(q, k, v, pk, pv, gate, backend):
     if T > 1:
         mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
     gqa = q.shape[1] != k.shape[1]
-    with _backend_context(backend):
+    with harness.sdpa_backend(backend):
         words = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         prefix = F.scaled_dot_product_attention(q, pk.expand(q.shape[0], -1, -1, -1),
                                                 pv.expand(q.shape[0], -1, -1, -1), enable_gqa=gqa)
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = gpu_steps() if gpu else cpu_steps()
     impls = IMPLS if gpu else ("two-sdpa",)  # the kernels need a GPU (the interpreter is no timing)
     if gpu:
-        backends = available_sdpa_backends(["flash", "cudnn", "efficient"], device, torch.bfloat16)
+        backends = harness.available_sdpa_backends(["flash", "cudnn", "efficient"], device, torch.bfloat16)
     else:
         backends = {default_backend_name_for(steps[0], device): None}
     bandwidth = bandwidth_of(env.get("device", "")) if gpu else None
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def default_backend_name_for(s: Step, device: torch.device) -> str:
     """The SDPA backend torch picks by itself for the step's keys (a label for CPU rows)."""
-    return default_backend_name(Shape(B=s.B, T=s.S, Hq=s.Hq, Hkv=s.Hkv, D=s.D, P=s.P, dtype=s.dtype), device)
+    return harness.default_sdpa_backend(s.B, s.Hq, s.Hkv, s.S, s.S, s.D, DTYPES[s.dtype], device)
 
 
 if __name__ == "__main__":

@@ -91,10 +91,9 @@ def worker_environment(args: argparse.Namespace) -> int:
         info.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
                     capability=f"{props.major}.{props.minor}")
         info["nvidia_smi"] = _nvidia_smi()
-        from benchmarks.bench_attention import available_sdpa_backends
 
-        info["sdpa_backends"] = list(available_sdpa_backends(["flash", "cudnn", "efficient"], torch.device("cuda"),
-                                                             torch.bfloat16))
+        info["sdpa_backends"] = list(harness.available_sdpa_backends(["flash", "cudnn", "efficient"],
+                                                                     torch.device("cuda"), torch.bfloat16))
     info["autotune"] = harness.autotuning_enabled()
     path = Path(args.path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -168,7 +167,7 @@ def worker_smoke(args: argparse.Namespace) -> int:
             with expect_launches("decode", "decode_combine", times=1):
                 out = run("triton", q, k, v, pk, pv)
             ref = run("sdpa", *(t.float() for t in (q, k, v, pk, pv)))
-            err, err_low = ba.relative_error(out, ref), ba.relative_error(run("sdpa", q, k, v, pk, pv), ref)
+            err, err_low = harness.relative_error(out, ref), harness.relative_error(run("sdpa", q, k, v, pk, pv), ref)
             if not err <= 2 * err_low + 1e-3:
                 raise AssertionError(f"decode (T={T}) output error {err:.1e} against SDPA's {err_low:.1e}")
             errors.append(f"T={T} out err {err:.1e} (SDPA in {dtype}: {err_low:.1e})")

@@ -6,6 +6,8 @@ cases only.
 - `timing.py`: medians and percentiles on a GPU and a CPU, peak memory, time budgets, progress;
 - `compile.py`: Triton compile control (compile without launching, shorter autotuning);
 - `processes.py`: child processes with time limits, for the GPU runs;
+- `sdpa.py`: the baseline's SDPA backends, which run here, which one torch picks;
+- `modes.py`: one implementation timed forward, backward and both, its variants tried in order;
 - `report.py`: the attention and train-step tables and plots, and the README's Results section.
 """
 
@@ -29,6 +31,14 @@ from benchmarks.harness.env import (
     run_stem,
 )
 from benchmarks.harness.files import RowLog, as_float, bar_plot, markdown_table, pyplot, read_csv, write_csv
+from benchmarks.harness.modes import MODES, Refused, first_line, measure_variants, relative_error
+from benchmarks.harness.sdpa import (
+    available_sdpa_backends,
+    default_sdpa_backend,
+    repeat_heads,
+    sdpa_backend,
+    sdpa_backends,
+)
 from benchmarks.harness.timing import (
     CpuTimer,
     CudaTimer,
@@ -48,6 +58,8 @@ __all__ = [
     "ENV_COLUMNS", "REPO_ROOT", "RESULTS_DIR", "cpu_name", "default_device", "environment", "extra_environment",
     "format_environment", "package_version", "run_stem",
     "RowLog", "as_float", "bar_plot", "markdown_table", "pyplot", "read_csv", "write_csv",
+    "MODES", "Refused", "first_line", "measure_variants", "relative_error",
+    "available_sdpa_backends", "default_sdpa_backend", "repeat_heads", "sdpa_backend", "sdpa_backends",
     "CpuTimer", "CudaTimer", "Deadline", "Timing", "is_out_of_memory", "log", "peak_memory_mib", "progress",
     "quantiles", "release_memory", "synchronize",
 ]

@@ -70,7 +70,7 @@ def test_baselines_compute_the_same_attention():
     ref = ba.eager_attention(x)
     for out in (ba.two_sdpa_attention(x), ba.two_sdpa_attention(x, repeat_kv=True),
                 ba.two_sdpa_attention(x, prefix_backend=None)):
-        assert ba.relative_error(out, ref) < 1e-5
+        assert harness.relative_error(out, ref) < 1e-5
     assert (x.gate != 0).all()
 
 
@@ -126,17 +126,17 @@ class _OutOfMemoryInBackward(torch.autograd.Function):
 def test_a_refused_variant_falls_back_and_says_so():
     x = ba.make_inputs(TINY, CPU)
     impl = ba.Impl("two-sdpa", [ba.Variant(refuse), ba.Variant(ba.two_sdpa_attention, "kv heads repeated")], "flash")
-    results, note = ba.measure_impl(impl, x, TINY, CPU, once)
+    results, note = ba.measure_impl(impl, x, CPU, once)
     assert note.startswith("kv heads repeated (No available kernel")
     assert all(results[m]["status"] == "ok" for m in ba.MODES)
 
 
 def test_refused_everywhere_is_unsupported_and_oom_keeps_the_forward():
     x = ba.make_inputs(TINY, CPU)
-    with pytest.raises(ba.Refused, match="No available kernel"):
-        ba.measure_impl(ba.Impl("two-sdpa", [ba.Variant(refuse)]), x, TINY, CPU, once)
+    with pytest.raises(harness.Refused, match="No available kernel"):
+        ba.measure_impl(ba.Impl("two-sdpa", [ba.Variant(refuse)]), x, CPU, once)
     impl = ba.Impl("eager", [ba.Variant(lambda x: _OutOfMemoryInBackward.apply(x.q))], inputs=("q",))
-    results, note = ba.measure_impl(impl, x, TINY, CPU, once)
+    results, note = ba.measure_impl(impl, x, CPU, once)
     assert results["fwd"]["status"] == "ok" and results["bwd"]["status"] == results["fwd+bwd"]["status"] == "oom"
     assert "out of memory" in note
     rows = ba._rows(impl, TINY, results, base_fields(), note=note)
