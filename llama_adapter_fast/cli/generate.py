@@ -166,6 +166,10 @@ def run(a: argparse.Namespace) -> int:
     template = generation_template(a, tokenizer, source)
     if a.instructions:
         records = load_instructions(a.instructions, require_output=False)
+        chat = next((i for i, r in enumerate(records) if "messages" in r), None)
+        if chat is not None and template == "alpaca":
+            raise ValueError(f"{a.instructions}: record {chat} is a chat record (\"messages\"), which only the chat "
+                             f"template can prompt (--template chat, with a tokenizer that has one)")
     else:
         records = [{"instruction": a.prompt, "input": a.input, "output": ""}]
     output = _open_output(a.output, a.overwrite, a.instructions) if a.output else None

@@ -183,7 +183,9 @@ class InstructionDataset(torch.utils.data.Dataset):
                  template: str = "alpaca"):
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        where = "record"
         if isinstance(records, (str, os.PathLike)):
+            where = f"{records}: record"
             records = load_instructions(records)
         self.records = list(records)
         self.max_seq_len = max_seq_len
@@ -193,7 +195,7 @@ class InstructionDataset(torch.utils.data.Dataset):
             try:
                 self.examples.append(encode_example(record, tokenizer, max_seq_len, template))
             except ValueError as exc:
-                raise DataError(f"record {i}: {exc}") from None
+                raise DataError(f"{where} {i}: {exc}") from None
         # Records whose prompt fills max_seq_len keep no response token and teach nothing.
         self.num_without_response = sum(all(y == IGNORE_INDEX for y in lab) for _, lab in self.examples)
         # Records with an empty answer teach the model to end its turn at once.

@@ -526,6 +526,18 @@ def test_a_tokenizer_much_smaller_than_the_models_vocabulary_is_warned_about(dat
     assert warning in capsys.readouterr().err
 
 
+def test_a_chat_record_in_the_alpaca_template_is_named_with_its_file(base_dir, tmp_path, capsys):
+    """It used to fail with the tokenizer's "Cannot apply chat template to an empty
+    conversation", or with no file named."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"instruction": "Say yes.", "output": "yes"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    expect_error(capsys, finetune_args(base_dir, data, tmp_path / "o", "--template", "alpaca"),
+                 f"{data}: record 1: a chat record", "--template chat")
+    expect_error(capsys, ["generate", "--base", str(base_dir), "--instructions", str(data), "--template", "alpaca",
+                          "--device", "cpu"], f"{data}: record 1 is a chat record", "--template chat")
+
+
 def test_records_with_an_empty_answer_are_warned_about(base_dir, tmp_path, capsys):
     """They teach the model to end its turn at once, which is rarely what was meant."""
     data = tmp_path / "data.jsonl"
