@@ -28,8 +28,8 @@ With --check the exit status is 1 when no candidate of a launch fits its archite
 shared memory, when a config that can be picked does not fit, when a config fails to
 compile, or when a grid dimension is over CUDA's limits; --spill-targets adds the spill
 targets of 16-bit kernels on sm_90: no pickable config spills, at any head dim, in any
-mode (causal, causal-padded, bidirectional, packed), on any shape, and each kernel has a
-pickable config that uses wgmma.
+mode (causal, causal-padded, bidirectional, packed, and the decode modes), on any shape,
+and each kernel has a pickable config that uses wgmma.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ARCH_NAMES = {80: "sm_80", 90: "sm_90"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODES = ("causal", "causal-padded", "bidirectional", "packed", "decode")
+# The decode modes: a cache with a length per sequence (gated_prefix_attention_decode), with
+# first positions too (a left-padded cache), and a key padding mask without lengths (what
+# generation through the op's key_padding_mask runs): each is another binary.
+DECODE_MODES = ("decode", "decode-starts", "decode-padded")
+MODES = ("causal", "causal-padded", "bidirectional", "packed", *DECODE_MODES)
 KERNELS = ("forward", "backward_dq", "backward_dkdv", "decode", "decode_combine")
 DECODE_KERNELS = ("decode", "decode_combine")
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -155,7 +159,7 @@ DECODE_SHAPES = {
 
 def shapes_of(mode: str, shapes: dict[str, Problem]) -> dict[str, Problem]:
     """The launch shapes of a mode: the decode mode's own unless custom shapes were given."""
-    if mode != "decode" or any(name not in SHAPES for name in shapes):
+    if mode not in DECODE_MODES or any(name not in SHAPES for name in shapes):
         return shapes
     return DECODE_SHAPES
 
@@ -169,8 +173,8 @@ def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pro
 
     p = problem
     S = p.seq_k
-    if mode == "decode":
-        return _decode_launches(dtype, head_dim, p)
+    if mode in DECODE_MODES:
+        return _decode_launches(dtype, head_dim, p, mode)
     q = torch.empty(p.B, p.Hq, p.T, head_dim, dtype=dtype)
     k = torch.empty(p.B, p.Hkv, S, head_dim, dtype=dtype)
     v = torch.empty_like(k)
@@ -195,9 +199,10 @@ def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pro
     return launches
 
 
-def _decode_launches(dtype: torch.dtype, head_dim: int, p: Problem) -> list:
-    """The decode kernels' launches: a preallocated cache twice the problem's keys, with a
-    length per sequence, a shared prefix."""
+def _decode_launches(dtype: torch.dtype, head_dim: int, p: Problem, mode: str) -> list:
+    """The decode kernels' launches, a shared prefix: a preallocated cache twice the
+    problem's keys with a length per sequence ("decode"), and first positions ("decode-
+    starts"); or the problem's keys with a key padding mask and no lengths ("decode-padded")."""
     from llama_adapter_fast.kernels.configs import capture_launches
     from llama_adapter_fast.kernels.decode import decode_forward
 
@@ -205,8 +210,12 @@ def _decode_launches(dtype: torch.dtype, head_dim: int, p: Problem) -> list:
     k = torch.empty(p.B, p.Hkv, 2 * p.seq_k, head_dim, dtype=dtype)
     pk = torch.empty(p.Hkv, p.P, head_dim, dtype=dtype)
     lengths = torch.full((p.B,), p.seq_k, dtype=torch.int32)
+    starts = torch.zeros(p.B, dtype=torch.int32) if mode == "decode-starts" else None
+    mask = None
+    if mode == "decode-padded":
+        k, lengths, mask = k[:, :, :p.seq_k], None, torch.ones(p.B, p.seq_k, dtype=torch.bool)
     with capture_launches() as launches:
-        decode_forward(q, k, torch.empty_like(k), pk, torch.empty_like(pk), torch.zeros(p.Hq), None, lengths, None,
+        decode_forward(q, k, torch.empty_like(k), pk, torch.empty_like(pk), torch.zeros(p.Hq), mask, lengths, starts,
                        True, head_dim**-0.5, max_length=p.seq_k, sm_count=132)  # an H100's
     return launches
 
@@ -394,7 +403,7 @@ def read_csv(path: Path) -> list[Row]:
 def markdown(rows: list[Row], title: str, shapes: dict[str, Problem]) -> str:
     """A summary per (arch, dtype, kernel) and the full table of configs."""
     described = "; ".join(f"{name} ({p.describe()})" for name, p in shapes.items())
-    if any(r.mode == "decode" for r in rows):
+    if any(r.mode in DECODE_MODES for r in rows):
         described += "; decode mode: " + "; ".join(f"{name} ({p.describe()})"
                                                    for name, p in shapes_of("decode", shapes).items())
     lines = [f"# {title}", "", f"Launch shapes: {described}", ""]

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .configs import autotuner, dq_block_m, launch
-from .forward import key_reads, load_tile, packed_strides, sequence_bounds, store_tile, word_key_ranges
+from .forward import load_tile, packed_strides, sequence_bounds, store_tile, word_key_ranges
 from .utils import LOG2E, SIZES_AND_SMALL_STRIDES, block_d, block_p, dot_precision, prefix_strides, strides, t_bucket
 
 
@@ -49,15 +49,18 @@ def _dq_words(
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        read = key_reads(mask_base, offs_n, S, stride_ms, HAS_MASK)
-        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, read, d_valid, MASKED or HAS_MASK, EVEN_D)
-        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, read, d_valid, MASKED or HAS_MASK, EVEN_D)
+        n_valid = offs_n < S
+        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, n_valid, d_valid, MASKED, EVEN_D)
+        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, n_valid, d_valid, MASKED, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * scale_log2 - lse1[:, None])
         if MASKED or HAS_MASK:
-            allowed = read[None, :]
+            allowed = n_valid[None, :]
             if CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+            if HAS_MASK:
+                key_ok = tl.load(mask_base + offs_n.to(tl.int64) * stride_ms, mask=n_valid, other=0) != 0
+                allowed = allowed & key_ok[None, :]
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta1[:, None])
@@ -243,12 +246,10 @@ def _dkdv_kernel(
     k_base = K + b * stride_kb + g * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + g * stride_vh + k_start * stride_vs
     k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, n_valid, d_valid, True, EVEN_D)
+    v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, n_valid, d_valid, True, EVEN_D)
     key_ok = n_valid
     if HAS_MASK:
         key_ok = tl.load(MASK + b * stride_mb + offs_n.to(tl.int64) * stride_ms, mask=n_valid, other=0) != 0
-    # A padding key's value loads as 0: its row of dS is then 0, not 0 * NaN, so its dK is 0
-    # whatever memory it holds (its probabilities are replaced by 0 in each step).
-    v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, key_ok, d_valid, True, EVEN_D)
 
     if CAUSAL:
         # Query t sees key j iff j <= t + S - T. Rows from `lo` may see some key of this

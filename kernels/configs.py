@@ -69,16 +69,16 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
     # queries; the launcher takes the smallest BLOCK_M that holds them (see decode_block_m).
     # The combine kernel's BLOCK_N counts prefix keys. Every config here compiles without
     # spills for sm_90 and sm_80 at every head dim of its class (the compile report's decode
-    # mode); float32 keeps to 16 or 32 rows, where tf32x3's three-part operands still fit,
+    # modes); float32 keeps to 16 or 32 rows, where tf32x3's three-part operands still fit,
     # and multiplies in plain FMAs at head dims above 128 (decode_dot_precision).
     "decode": {
         (2, 64): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
-        (2, 96): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-        (2, 128): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+        (2, 96): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        (2, 128): [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
         (2, 256): [(16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
         (4, 64): [(16, 32, 4, 2), (32, 32, 8, 2)],
         (4, 96): [(16, 32, 4, 2), (16, 16, 8, 2)],
-        (4, 128): [(16, 32, 4, 2), (32, 32, 8, 2)],
+        (4, 128): [(16, 32, 4, 2)],  # 32 rows spilled with a key padding mask (tf32x3 at d128)
         (4, 256): [(16, 16, 8, 2), (32, 16, 8, 2)],
     },
     "decode_combine": {

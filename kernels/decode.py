@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import decode_block_m, decode_sm_count, launch
-from .forward import add_prefix, key_reads, load_tile, prefix_stats
+from .forward import add_prefix, load_tile, prefix_stats
 from .utils import LOG2E, block_d, dot_precision, prefix_strides, strides
 
 # Sizes a GPU must not specialize (see utils.SIZES_AND_SMALL_STRIDES): T = 1 or a group of 1
@@ -53,6 +53,17 @@ def decode_dot_precision(dtype: torch.dtype, head_dim: int) -> str:
     if dtype == torch.float32 and head_dim > 128:
         return "ieee"
     return dot_precision(dtype)
+
+
+@triton.jit
+def _held_keys(mask_base, offs_n, first, hi, stride_ms, HAS_MASK: tl.constexpr):
+    """The keys of a block that the sequence holds: first <= key < hi and, with a key
+    padding mask, not padding. Only these are loaded (the others load as 0): a masked
+    probability is 0, but 0 * NaN is NaN, and a cache's unused memory may hold anything."""
+    held = (offs_n < hi) & (offs_n >= first)
+    if HAS_MASK:  # 32-bit offsets: a mask row is far below 2**31 bytes (64-bit ones spilled)
+        held = held & (tl.load(mask_base + offs_n * stride_ms, mask=held, other=0) != 0)
+    return held
 
 
 @triton.jit
@@ -104,9 +115,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        # Only the keys the sequence holds are loaded (others load as 0: a masked
-        # probability is 0, but 0 * NaN is NaN, and a cache's unused memory may hold anything).
-        read = key_reads(MASK + b * stride_mb, offs_n, hi, stride_ms, HAS_MASK) & (offs_n >= first)
+        read = _held_keys(MASK + b * stride_mb, offs_n, first, hi, stride_ms, HAS_MASK)
         k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, read, d_valid, True, EVEN_D)
         v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, read, d_valid, True, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)

@@ -90,17 +90,6 @@ def word_key_ranges(start_m, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
-def key_reads(mask_base, offs_n, S, stride_ms, HAS_MASK: tl.constexpr):
-    """The keys of a block that are read: inside S and, with a key padding mask, not
-    padding. Masked keys are not even loaded (they load as 0): their probability is 0, but
-    0 * NaN is NaN, so memory a sequence does not hold must never enter a product."""
-    read = offs_n < S
-    if HAS_MASK:
-        read = read & (tl.load(mask_base + offs_n.to(tl.int64) * stride_ms, mask=read, other=0) != 0)
-    return read
-
-
-@triton.jit
 def _words(
     acc, m_i, l_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_valid, lo, hi, T, S,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ms, scale_log2,
@@ -111,17 +100,17 @@ def _words(
     the end of the keys; the others are loaded and used without any mask."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        read = key_reads(mask_base, offs_n, S, stride_ms, HAS_MASK)
-        # A padding key's score is replaced below (NaN included), its value must load as 0.
-        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, offs_n < S, d_valid, MASKED, EVEN_D)
-        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, offs_n < S, d_valid, MASKED, EVEN_D)
-        if HAS_MASK:
-            v = tl.where(read[:, None], v, 0.0)
+        n_valid = offs_n < S
+        k = load_tile(k_base, offs_n, stride_ks, offs_d, stride_kd, n_valid, d_valid, MASKED, EVEN_D)
+        v = load_tile(v_base, offs_n, stride_vs, offs_d, stride_vd, n_valid, d_valid, MASKED, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED or HAS_MASK:
-            allowed = read[None, :]
+            allowed = n_valid[None, :]
             if CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+            if HAS_MASK:
+                key_ok = tl.load(mask_base + offs_n.to(tl.int64) * stride_ms, mask=n_valid, other=0) != 0
+                allowed = allowed & key_ok[None, :]
             s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         # A row whose keys so far are all masked keeps m = -inf; shift it by 0 instead (its
@@ -347,4 +336,4 @@ def launch_forward(q, k, v, prefix_k, prefix_v, gate_act, mask, cu_q, cu_k, out,
            args, meta)
 
 
-__all__ = ["forward", "varlen_forward", "launch_forward", "packed_strides", "key_reads"]
+__all__ = ["forward", "varlen_forward", "launch_forward", "packed_strides"]

@@ -12,6 +12,7 @@ from llama_adapter_fast.ops.reference import (
     activate_gate,
     eager_attention,
     sdpa_attention,
+    zero_unread,
 )
 
 BACKENDS = ("auto", "triton", "sdpa", "eager")
@@ -251,9 +252,13 @@ def gated_prefix_attention(
         return sdpa_attention(q, k, v, prefix_k, prefix_v, gate, **kwargs)
     gate_act = kernel_gate(gate, gate_activation, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    if use_decode_kernels(q, (q, k, v, prefix_k, prefix_v, gate), decode):
+    if use_decode_kernels(q, (q, k, v, prefix_k, prefix_v, gate), decode):  # they load only the keys held
         return custom_ops.gpa_decode(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, None, None, causal,
                                      scale)
+    # The training kernels load whole key blocks: padding enters them as zeros (one pass over
+    # k and v, which keeps their pipelines as they are), so that whatever its memory holds,
+    # NaN included, never meets a zero probability in a product. Its gradient is zero.
+    k, v = zero_unread(k, key_padding_mask), zero_unread(v, key_padding_mask)
     return custom_ops.triton_attention(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, scale)
 
 

@@ -34,8 +34,10 @@ def test_sm90_bf16_compile_report(modes):
 def test_decode_kernels_fit_and_never_spill():
     """The decode kernels on both archs, in 16 and 32 bits, at head dims of every class
     (96: a block of 128 with masked columns), on the decode mode's shapes (T = 1, a group of
-    1, MQA, chunks of 5 and 16, every size 1): no pickable config spills."""
-    result = _run("--archs", "90,80", "--dtypes", "bf16,fp32", "--head-dims", "64,96,128,256", "--modes", "decode",
+    1, MQA, chunks of 5 and 16, every size 1), over a cache with lengths, with first
+    positions too, and with a key padding mask: no pickable config spills."""
+    result = _run("--archs", "90,80", "--dtypes", "bf16,fp32", "--head-dims", "64,96,128,256", "--modes",
+                  "decode,decode-starts,decode-padded",
                   "--no-write", "--check", "--spill-targets")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "0 problems; 0 pickable configs spill" in result.stdout, result.stdout[-4000:]
