@@ -87,7 +87,7 @@ def convert_adapter(source: str, out: str, to: str = "llama-adapter-fast", base_
     elif to == "original":
         write_original_adapter(out, state, settings)
     if to != "llama-adapter-fast":  # these formats hold no record
-        return Conversion(Path(out), {k: v for k, v in recorded.items() if k != "base"})
+        return Conversion(Path(out), {k: v for k, v in recorded.items() if k != "base" and v})
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: this package's adapter files end in .safetensors")
     config = dict(settings)

@@ -142,14 +142,15 @@ def _padded_varlen(attention: Callable[..., torch.Tensor], q, k, v, cu_seqlens_q
     total_q = q.shape[0]
     if total_q == 0 or max_seqlen_q == 0:
         return q.new_zeros(q.shape)
-    qp, held_q = _right_aligned(q, cu_seqlens_q, max_seqlen_q)
+    qp, _ = _right_aligned(q, cu_seqlens_q, max_seqlen_q)
     kp, held_k = _right_aligned(k, cu_seqlens_k, max_seqlen_k)
     vp, _ = _right_aligned(v, cu_seqlens_k, max_seqlen_k)
     out = attention(qp, kp, vp, prefix_k, prefix_v, gate, key_padding_mask=held_k, **options)  # (N, H, Tq, D)
-    # Packed query row r is column (max_seqlen_q - its sequence's length) + its position.
-    seq_q = torch.searchsorted(cu_seqlens_q[1:].long(), torch.arange(total_q, device=q.device), right=True)
-    column = packed_positions(cu_seqlens_q, total_q) + max_seqlen_q - held_q.sum(dim=1)[seq_q]
-    return out.transpose(1, 2)[seq_q, column]
+    # Packed query row r of sequence i sits in column r - cu_seqlens_q[i + 1] + max_seqlen_q.
+    rows = torch.arange(total_q, device=q.device)
+    ends = cu_seqlens_q[1:].long()
+    seq_q = torch.searchsorted(ends, rows, right=True)
+    return out.transpose(1, 2)[seq_q, rows - ends[seq_q] + max_seqlen_q]
 
 
 def varlen_reference(
@@ -261,15 +262,16 @@ def varlen_attention(
     kernels run it is the packed op with a zero gate (its prefix part then weighs nothing);
     elsewhere, one scaled_dot_product_attention call per sequence (under torch.compile, one
     call over the sequences padded)."""
-    prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
-    gate = q.new_zeros((), dtype=torch.float32)
-    if resolve_backend(backend, q) == "triton":
-        return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix, prefix,
-                                             gate, causal=causal, gate_activation="identity",
-                                             softmax_scale=softmax_scale, backend="triton")
-    if torch.compiler.is_compiling():  # the loop below reads the lengths
+    on_triton = resolve_backend(backend, q) == "triton"
+    if on_triton or torch.compiler.is_compiling():  # (the loop below reads the lengths)
+        prefix = q.new_zeros(k.shape[1], 1, q.shape[-1])
+        gate = q.new_zeros((), dtype=torch.float32)
+        options = dict(causal=causal, gate_activation="identity", softmax_scale=softmax_scale)
+        if on_triton:
+            return gated_prefix_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix,
+                                                 prefix, gate, backend="triton", **options)
         return _padded_varlen(sdpa_attention, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, prefix,
-                              prefix, gate, causal=causal, gate_activation="identity", softmax_scale=softmax_scale)
+                              prefix, gate, **options)
     gqa = q.shape[1] != k.shape[1]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     # split (not one slice per sequence): its backward is one concatenation of the pieces.

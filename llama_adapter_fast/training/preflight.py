@@ -29,6 +29,7 @@ from llama_adapter_fast.models.formats.peft import is_peft_folder
 from llama_adapter_fast.models.multimodal import read_image_adapter_record
 from llama_adapter_fast.training.bases import base_format, load_tokenizer
 from llama_adapter_fast.training.config import (
+    DTYPES,
     RESUME_FIXED,
     RESUME_UNREPORTED,
     TrainConfig,
@@ -77,8 +78,6 @@ def plan_finetune(cfg: TrainConfig, info: Dist, device: torch.device, *, given: 
     check_attention_backend(cfg.attention_backend, device, amp_dtype_for(cfg.precision, device),
                             f"--precision {cfg.precision}")
     if cfg.dtype is not None:
-        from llama_adapter_fast.training.config import DTYPES
-
         check_attention_backend(cfg.attention_backend, device, DTYPES[cfg.dtype], f"--dtype {cfg.dtype}")
     if cfg.base is not None and Path(cfg.out_dir).resolve() == Path(cfg.base).resolve():
         raise ValueError(f"--out {cfg.out_dir} is the base folder: the run's files would mix with the base "

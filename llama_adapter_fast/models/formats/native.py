@@ -164,12 +164,6 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     return read_adapter(path).metadata
 
 
-def is_original_adapter(path: str | os.PathLike) -> bool:
-    """True for an original LLaMA-Adapter release's .pth (one `adapter_query` embedding of
-    every prompt), which records neither adapter_len nor adapter_layers."""
-    return read_adapter(path).original
-
-
 _ADAPTER_FIELD_CHECKS = {
     "adapter_len": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
     "adapter_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
