@@ -2,12 +2,20 @@
 TFLOP/s and peak memory of
 
 - fused: ``gated_prefix_attention(backend="triton")``, the fused Triton kernels;
+- fused-previous: the kernels' previous structure, kept reachable until a GPU has chosen:
+  tiles through per-thread pointers (no tensor descriptors), the prefix after the word loop,
+  and the two-kernel deterministic backward (seven products per tile pair instead of five);
+- flex: FlexAttention (torch's own Triton attention, compiled), two calls plus the gated
+  add: one call cannot keep the prefix's softmax apart from the words';
 - eager: the materialized reference (how PEFT's adaption prompt and the original
   LLaMA-Adapter code compute it);
 - two-sdpa: two ``scaled_dot_product_attention`` calls plus the gated add (how litgpt and
   LLaMA2-Accessory compute it), once per SDPA backend the machine has;
 - sdpa floor: plain causal SDPA without any prefix, on the backend that ran two-sdpa
   fastest: what the adapter would cost if it were free.
+
+Each row also gives its speedup over the best baseline of its shape and mode (the fastest
+of eager, two-sdpa on every backend and flex; above 1 is faster).
 
 Times are medians of ``triton.testing.do_bench`` with the 20th and 80th percentiles on a
 GPU, perf_counter medians on the CPU. FLOPs are counted as FlashAttention counts them:
@@ -17,6 +25,7 @@ timed. A baseline that runs out of memory or that a backend refuses is recorded 
 
     python -m benchmarks.bench_attention                  # the full sweep (GPU) or the CPU part
     python -m benchmarks.bench_attention --preset targets # the shapes of the speed targets
+    python -m benchmarks.bench_attention --preset compare # new kernels, previous ones, baselines: T 256 to 16k
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from llama_adapter_fast import gated_prefix_attention
+from llama_adapter_fast.kernels.utils import kernel_settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = harness.MODES
@@ -48,6 +58,11 @@ GPU_DTYPES = ("bf16", "fp16")
 PREFIX_LEN = 10
 # The speed targets: bf16, D = 128, causal, P = 10, B * T = 16k, T = 512, 2k and 8k.
 TARGET_SEQ_LENS = (512, 2048, 8192)
+# The first contact's comparison of the new kernels with the previous ones and the baselines:
+# bf16, D = 128 then 64, 32 query heads over 8 kv heads, T = 256 to 16k.
+COMPARE_HEAD_DIMS = (128, 64)
+# The implementations that compute the op (not the floor): the best of them is the baseline.
+BASELINES = ("eager", "two-sdpa", "flex")
 
 # The CPU part: small float32 problems, SDPA against eager only.
 CPU_SEQ_LENS = (128, 256, 512)
@@ -57,8 +72,8 @@ CPU_KV_HEADS = (8, 2)
 CPU_HEAD_DIMS = (64,)
 
 COLUMNS = (*harness.ENV_COLUMNS, "bench", "impl", "sdpa_backend", "tuning", "dtype", "B", "T", "S", "Hq", "Hkv",
-           "D", "P", "causal", "mode", "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "status",
-           "out_err", "grad_err", "note")
+           "D", "P", "causal", "mode", "ms", "ms_p20", "ms_p80", "tflops", "speedup_vs_best", "peak_mem_mib",
+           "status", "out_err", "grad_err", "note")
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,13 @@ def target_shapes() -> list[Shape]:
         Shape(B=TOKENS // T, T=T, Hq=Q_HEADS, Hkv=hkv, D=128, P=PREFIX_LEN, dtype="bf16")
         for T in TARGET_SEQ_LENS for hkv in KV_HEADS
     ]
+
+
+def compare_shapes() -> list[Shape]:
+    """The first contact's shapes, in order of worth: bf16, D = 128 then 64, GQA 32/8,
+    B * T = 16k tokens, T = 256 to 16k."""
+    return [Shape(B=max(1, TOKENS // T), T=T, Hq=Q_HEADS, Hkv=8, D=D, P=PREFIX_LEN, dtype="bf16")
+            for D in COMPARE_HEAD_DIMS for T in SEQ_LENS]
 
 
 def cpu_shapes() -> list[Shape]:
@@ -165,6 +187,44 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Inputs:
 
 def fused_attention(x: Inputs) -> torch.Tensor:
     return gated_prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.gate, causal=True, backend="triton")
+
+
+def previous_fused_attention(x: Inputs) -> torch.Tensor:
+    """The fused op on the kernels' previous structure (see the module's docstring)."""
+    with kernel_settings(tma=False, prefix_first=False):
+        return gated_prefix_attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.gate, causal=True, backend="triton",
+                                      deterministic=True)
+
+
+_FLEX: dict[str, Callable] = {}
+
+
+def flex_attention(x: Inputs) -> torch.Tensor:
+    """Two FlexAttention calls (causal words; the prefix, unmasked) and the gated add. Compiled
+    on a GPU (as FlexAttention is meant to run); eager on the CPU, where compiling would take
+    longer than the tiny problems it serves there."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if x.q.device.type == "cuda" and "compiled" not in _FLEX:
+        # One binary per shape: past dynamo's default of 8 recompilations it would run
+        # FlexAttention eagerly (materialized scores) and time that instead.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _FLEX["compiled"] = torch.compile(flex)
+    run = _FLEX.get("compiled", flex) if x.q.device.type == "cuda" else flex
+    q, k, v, pk, pv = x.q, x.k, x.v, x.prefix_k, x.prefix_v
+    B, H, T = q.shape[:3]
+    S = k.shape[2]
+    gqa = k.shape[1] != H
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + (S - T)
+
+    mask = create_block_mask(causal, None, None, T, S, device=q.device)
+    o1 = run(q, k, v, block_mask=mask, enable_gqa=gqa)
+    pk, pv = pk.unsqueeze(0).expand(B, *pk.shape), pv.unsqueeze(0).expand(B, *pv.shape)
+    o2 = run(q, pk, pv, enable_gqa=gqa)
+    return o1 + torch.tanh(x.gate).to(o1.dtype).view(1, H, 1, 1) * o2
 
 
 def eager_attention(x: Inputs) -> torch.Tensor:
@@ -345,7 +405,7 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
             results, note = measure_impl(impl, x, device, timer)
         except harness.Refused as exc:
             # A baseline that a backend refuses is unsupported there; the fused op must run.
-            refused = "unsupported" if impl.name in ("two-sdpa", "sdpa floor") else "error"
+            refused = "unsupported" if impl.name in ("two-sdpa", "flex", "sdpa floor") else "error"
             rows.extend(_rows(impl, shape, {}, base, refused, str(exc), tuning, check_result))
             return
         except Exception as exc:  # a failing implementation must not stop the sweep
@@ -361,8 +421,8 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
             if fastest is None or both["timing"].ms < fastest[0]:
                 fastest = (both["timing"].ms, impl.sdpa_backend)
 
+    tuning = {True: "autotuned", False: "fixed config", None: ""}[harness.autotuning_enabled()]
     if "fused" in impl_names:
-        tuning = {True: "autotuned", False: "fixed config", None: ""}[harness.autotuning_enabled()]
         try:
             check_result = check_fused(x, device) if check else None
         except Exception as exc:
@@ -372,8 +432,12 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
             check_result = False
         if check_result is not False:
             run(Impl("fused", [Variant(fused_attention)]), tuning, check_result)
+    if "fused-previous" in impl_names:
+        run(Impl("fused-previous", [Variant(previous_fused_attention)]), tuning)
     if "eager" in impl_names:
         run(Impl("eager", [Variant(eager_attention)]))
+    if "flex" in impl_names:
+        run(Impl("flex", [Variant(flex_attention)]))
     if "two-sdpa" in impl_names:
         for name, backend in backends.items():
             label = name if backend is not None else default_backend_name(shape, device)
@@ -383,7 +447,17 @@ def bench_shape(shape: Shape, device: torch.device, timer, impl_names: Sequence[
         backend = backends.get(name)
         label = name if backend is not None else default_backend_name(shape, device)
         run(floor_impl(label, backend, gqa))
+    add_speedups(rows)
     return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each timed row's speedup over the best baseline of its mode (rows of one shape)."""
+    for mode in MODES:
+        times = [r["ms"] for r in rows if r["mode"] == mode and r["impl"] in BASELINES and r["ms"] is not None]
+        for r in rows:
+            if r["mode"] == mode:
+                r["speedup_vs_best"] = min(times) / r["ms"] if times and r["ms"] else None
 
 
 def skipped_rows(shape: Shape, impl_names: Sequence[str], base: dict, reason: str) -> list[dict]:
@@ -396,7 +470,8 @@ def compile_shape(shape: Shape, device: torch.device, config_shard: tuple[int, i
     x = make_inputs(shape, device)
     harness.reset_autotuning()
     with harness.compile_only(config_shard):
-        torch.autograd.grad(fused_attention(x), x.tensors(ADAPTER_INPUTS), x.grad_out)
+        for fused in (fused_attention, previous_fused_attention):
+            torch.autograd.grad(fused(x), x.tensors(ADAPTER_INPUTS), x.grad_out)
     harness.synchronize(device)
 
 
@@ -407,6 +482,8 @@ def compile_shape(shape: Shape, device: torch.device, config_shard: tuple[int, i
 def select_shapes(args: argparse.Namespace, device: torch.device) -> list[Shape]:
     if args.preset == "targets":
         shapes = target_shapes()
+    elif args.preset == "compare":
+        shapes = compare_shapes()
     elif args.preset == "cpu":
         shapes = cpu_shapes()
     else:
@@ -440,9 +517,10 @@ def _str_list(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", choices=("gpu", "targets", "cpu"), default=None,
-                   help="gpu: the full sweep; targets: the speed-target shapes; cpu: small problems, "
-                        "SDPA against eager (default: gpu with CUDA, else cpu)")
+    p.add_argument("--preset", choices=("gpu", "targets", "compare", "cpu"), default=None,
+                   help="gpu: the full sweep; targets: the speed-target shapes; compare: the first contact's (bf16, "
+                        "D 128 then 64, T 256 to 16k); cpu: small problems, SDPA against eager (default: gpu with "
+                        "CUDA, else cpu)")
     p.add_argument("--part", choices=("all", "headline", "rest"), default="all",
                    help="headline: bf16 with D = 128 only; rest: everything else")
     p.add_argument("--seq-lens", type=_int_list, help="override T, e.g. 512,2048")
@@ -451,7 +529,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=_int_list)
     p.add_argument("--dtypes", type=_str_list, help="bf16, fp16, fp32")
     p.add_argument("--impls", type=_str_list, default=None,
-                   help="fused, eager, two-sdpa, floor (default: all on a GPU, all but fused on the CPU)")
+                   help="fused, fused-previous, eager, two-sdpa, flex, floor (default: all on a GPU; eager, "
+                        "two-sdpa and floor on the CPU)")
     p.add_argument("--sdpa-backends", type=_str_list, default=["flash", "cudnn", "efficient"],
                    help="SDPA backends for the two-sdpa rows on a GPU")
     p.add_argument("--csv", type=Path, help="output file (default: benchmarks/results/<device>-<date>-attention.csv)")
@@ -485,8 +564,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.compile_only:
         return _compile_main(args, shapes, device)
 
-    impl_names = args.impls or (["fused", "eager", "two-sdpa", "floor"] if device.type == "cuda"
-                                else ["eager", "two-sdpa", "floor"])
+    # FlexAttention has no backward on the CPU: there it is timed only when asked for.
+    impl_names = args.impls or (["fused", "fused-previous", "eager", "two-sdpa", "flex", "floor"]
+                                if device.type == "cuda" else ["eager", "two-sdpa", "floor"])
     if device.type != "cuda" and "fused" not in impl_names:
         print("Kernel timings need a GPU: the fused Triton kernels are not timed on the CPU.")
     if device.type == "cuda":

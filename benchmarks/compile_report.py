@@ -62,7 +62,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # generation through the op's key_padding_mask runs): each is another binary.
 DECODE_MODES = ("decode", "decode-starts", "decode-padded")
 MODES = ("causal", "causal-padded", "bidirectional", "packed", *DECODE_MODES)
-KERNELS = ("forward", "backward_dq", "backward_dkdv", "decode", "decode_combine")
+KERNELS = ("forward", "backward_prefix", "backward", "backward_dq", "backward_dkdv", "decode", "decode_combine")
 DECODE_KERNELS = ("decode", "decode_combine")
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -88,11 +88,22 @@ class Row:
     stack_bytes: int
     spill_store_bytes: int
     spill_load_bytes: int
-    mma: str
+    mma_kind: str  # the matrix instruction: wgmma, mma (mma.sync) or none
     grid: str
     compile_s: float
     error: str = ""
     binary: str = ""  # a hash of the compiled binary's source and options: shapes that share it share a row
+    # The structure of the binary, counted in its PTX: bulk tensor copies (TMA loads, stores
+    # and reduce-adds), per-thread asynchronous copies, warpgroup and warp matrix products.
+    tma: int = 0
+    cp_async: int = 0
+    wgmma: int = 0
+    mma: int = 0
+    spill_bytes: int = 0  # spill stores + loads
+    ctas_per_sm: int = 0  # blocks one multiprocessor holds at once (registers, shared memory, threads)
+    # With --structure-targets: the same config with its tiles through pointers (the previous
+    # load path), for a binary that uses tensor descriptors; -1: not compiled.
+    pointer_ctas_per_sm: int = -1
 
     def problems(self) -> list[str]:
         found = []
@@ -164,9 +175,28 @@ def shapes_of(mode: str, shapes: dict[str, Problem]) -> dict[str, Problem]:
     return DECODE_SHAPES
 
 
-def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Problem) -> list:
-    """The launches of one forward and one backward, made by the package's launchers on
-    CPU tensors (nothing runs)."""
+@contextlib.contextmanager
+def assumed_arch(arch: int):
+    """The launchers choose as they would on a GPU of this architecture (the bulk-copy path
+    from sm_90)."""
+    from llama_adapter_fast.kernels.utils import ASSUMED_ARCH
+
+    saved, ASSUMED_ARCH[0] = ASSUMED_ARCH[0], arch
+    try:
+        yield
+    finally:
+        ASSUMED_ARCH[0] = saved
+
+
+def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Problem, arch: int = 90) -> list:
+    """The launches of one forward and one backward of each kind (fused and deterministic),
+    made by the package's launchers on CPU tensors for a GPU of this architecture (nothing
+    runs)."""
+    with assumed_arch(arch):
+        return _captured_launches(dtype, head_dim, mode, problem)
+
+
+def _captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Problem) -> list:
     from llama_adapter_fast.kernels import backward as bwd
     from llama_adapter_fast.kernels import forward as fwd
     from llama_adapter_fast.kernels.configs import capture_launches
@@ -190,12 +220,15 @@ def captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pro
         cu_k = torch.arange(0, p.B * S + 1, S, dtype=torch.int32)
         with capture_launches() as launches:
             out, lse1, lse2 = fwd.varlen_forward(q, k, v, pk, pv, gate, cu_q, cu_k, p.T, S, True, scale)
-            bwd.varlen_backward(torch.empty_like(out), q, k, v, pk, pv, gate, cu_q, cu_k, p.T, S, out, lse1, lse2,
-                                True, scale)
+            for deterministic in (False, True):
+                bwd.varlen_backward(torch.empty_like(out), q, k, v, pk, pv, gate, cu_q, cu_k, p.T, S, out, lse1,
+                                    lse2, True, scale, deterministic)
         return launches
     with capture_launches() as launches:
         out, lse1, lse2 = fwd.forward(q, k, v, pk, pv, gate, mask, causal, scale)
-        bwd.backward(torch.empty_like(out), q, k, v, pk, pv, gate, mask, out, lse1, lse2, causal, scale)
+        for deterministic in (False, True):
+            bwd.backward(torch.empty_like(out), q, k, v, pk, pv, gate, mask, out, lse1, lse2, causal, scale,
+                         deterministic)
     return launches
 
 
@@ -226,6 +259,31 @@ def _mma_kind(ptx: str) -> str:
     if "mma.sync" in ptx:
         return "mma"
     return "none"
+
+
+def structure_counts(ptx: str) -> dict[str, int]:
+    """Instructions of a binary's PTX that show its structure (static counts)."""
+    return dict(tma=len(re.findall(r"\bcp(?:\.reduce)?\.async\.bulk\.tensor", ptx)),
+                cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+                wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+                mma=len(re.findall(r"\bmma\.sync\b", ptx)))
+
+
+# Per multiprocessor (CUDA's occupancy rules): registers, shared memory (with 1 KB reserved
+# per block), threads and blocks.
+SM_LIMITS = {90: dict(registers=65536, shared=233472, threads=2048, blocks=32),
+             80: dict(registers=65536, shared=167936, threads=2048, blocks=32)}
+
+
+def ctas_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
+    """How many blocks of a binary one multiprocessor runs at once."""
+    limits = SM_LIMITS[arch]
+    # Registers are allocated per warp in units of 256.
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = limits["registers"] // (per_warp * num_warps)
+    by_shared = limits["shared"] // (shared + 1024)
+    by_threads = limits["threads"] // (32 * num_warps)
+    return max(0, min(by_registers, by_shared, by_threads, limits["blocks"]))
 
 
 def _ptxas_numbers(log: str) -> tuple[int, int, int, int]:
@@ -271,29 +329,40 @@ def compile_one(launch, candidate, arch: int) -> dict:
     with contextlib.redirect_stdout(log):
         kernel = triton.compile(source, target=target, options=options.__dict__)
     registers, stack, spill_stores, spill_loads = _ptxas_numbers(log.getvalue())
-    _COMPILED[key] = dict(shared_bytes=int(kernel.metadata.shared), registers=registers, stack_bytes=stack,
+    shared = int(kernel.metadata.shared)
+    ptx = kernel.asm["ptx"]
+    _COMPILED[key] = dict(shared_bytes=shared, registers=registers, stack_bytes=stack,
                           spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
-                          mma=_mma_kind(kernel.asm["ptx"]), binary=binary)
+                          spill_bytes=spill_stores + spill_loads, mma_kind=_mma_kind(ptx), binary=binary,
+                          ctas_per_sm=ctas_per_sm(arch, registers, shared, candidate.num_warps),
+                          **structure_counts(ptx))
     return dict(_COMPILED[key], compile_s=time.perf_counter() - start)
 
 
 def _job(arch: int, dtype_name: str, head_dim: int, mode: str, shapes: dict[str, Problem],
-         kernels: tuple[str, ...]) -> list[Row]:
+         kernels: tuple[str, ...], compare_pointers: bool = False) -> list[Row]:
     """Every candidate of every launch of one (arch, dtype, head dim, mode), on each shape."""
     rows = []
     for name, problem in shapes_of(mode, shapes).items():
-        rows += _shape_rows(arch, dtype_name, head_dim, mode, name, problem, kernels)
+        rows += _shape_rows(arch, dtype_name, head_dim, mode, name, problem, kernels, compare_pointers)
     return rows
 
 
+def _pointer_ctas(launch, candidate, arch: int) -> int:
+    """CTAs per multiprocessor of the same launch and config with its tiles read through pointers."""
+    pointers = replace(launch, meta={**launch.meta, "TMA": False,
+                                     **({"DQ_DESC_ADD": False} if "DQ_DESC_ADD" in launch.meta else {})})
+    return compile_one(pointers, candidate, arch)["ctas_per_sm"]
+
+
 def _shape_rows(arch: int, dtype_name: str, head_dim: int, mode: str, shape: str, problem: Problem,
-                kernels: tuple[str, ...]) -> list[Row]:
+                kernels: tuple[str, ...], compare_pointers: bool = False) -> list[Row]:
     from llama_adapter_fast.kernels.configs import SHARED_MEMORY_LIMIT, fitting
 
     dtype = DTYPES[dtype_name]
     limit = SHARED_MEMORY_LIMIT[arch]
     rows = []
-    for launch in captured_launches(dtype, head_dim, mode, problem):
+    for launch in captured_launches(dtype, head_dim, mode, problem, arch):
         if launch.kernel not in kernels:
             continue
         group = []
@@ -304,9 +373,11 @@ def _shape_rows(arch: int, dtype_name: str, head_dim: int, mode: str, shape: str
                        shared_limit=limit, grid="x".join(str(d) for d in launch.grid(cand.kwargs())))
             try:
                 row.update(compile_one(launch, cand, arch))
+                if compare_pointers and launch.meta.get("TMA"):
+                    row["pointer_ctas_per_sm"] = _pointer_ctas(launch, cand, arch)
             except Exception as exc:  # a config that does not compile is a finding, not a crash
                 row.update(shared_bytes=2**31, registers=0, stack_bytes=0, spill_store_bytes=0,
-                           spill_load_bytes=0, mma="", compile_s=0.0,
+                           spill_load_bytes=0, mma_kind="", compile_s=0.0,
                            error=f"compile error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             group.append(Row(**row))
         # The launcher's own choice, from the compiled sizes.
@@ -322,7 +393,8 @@ def _shape_rows(arch: int, dtype_name: str, head_dim: int, mode: str, shape: str
     return rows
 
 
-def sweep(archs, dtypes, head_dims, modes, shapes: dict[str, Problem], kernels, jobs: int) -> list[Row]:
+def sweep(archs, dtypes, head_dims, modes, shapes: dict[str, Problem], kernels, jobs: int,
+          compare_pointers: bool = False) -> list[Row]:
     tasks = [(a, d, h, m) for a in archs for d in dtypes for h in head_dims for m in modes]
     try:
         from tqdm import tqdm
@@ -330,7 +402,7 @@ def sweep(archs, dtypes, head_dims, modes, shapes: dict[str, Problem], kernels, 
         tqdm = None
     rows: list[Row] = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_job, *t, shapes, kernels) for t in tasks]
+        futures = [pool.submit(_job, *t, shapes, kernels, compare_pointers) for t in tasks]
         done = concurrent.futures.as_completed(futures)
         if tqdm is not None:
             done = tqdm(done, total=len(futures), desc="compiling", file=sys.stderr, dynamic_ncols=True)
@@ -381,11 +453,15 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 
 def read_csv(path: Path) -> list[Row]:
+    """The rows of a report's CSV; a report from before the structure columns reads with
+    those at their defaults (its `mma` column held the kind, now `mma_kind`)."""
     types = {f.name: f.type for f in fields(Row)}
     rows = []
     with open(path, encoding="utf-8") as f:
         for raw in csv.DictReader(f):
             values = {}
+            if "mma_kind" not in raw and "mma" in raw:
+                raw["mma_kind"] = raw.pop("mma")
             for name, text in raw.items():
                 kind = types[name]
                 if kind == "bool":
@@ -408,7 +484,7 @@ def markdown(rows: list[Row], title: str, shapes: dict[str, Problem]) -> str:
                                                    for name, p in shapes_of("decode", shapes).items())
     lines = [f"# {title}", "", f"Launch shapes: {described}", ""]
     problems = [(r, p) for r in rows for p in r.problems()]
-    problems += [(None, p) for p in spill_target_misses(rows)]
+    problems += [(None, p) for p in spill_target_misses(rows) + structure_target_misses(rows)]
     spilling = [r for r in rows if r.pickable and r.spills]
     lines += [f"{len(rows)} compiles; {len(problems)} problems; {len(spilling)} pickable configs spill.", ""]
     if problems:
@@ -429,15 +505,15 @@ def markdown(rows: list[Row], title: str, shapes: dict[str, Problem]) -> str:
                      f"{sum(r.spills for r in group)} / {len(group)} |")
     lines += ["", "## Every config", "",
               "| arch | dtype | D | mode | shape | kernel | M | N | warps | stages | default | pickable | shared KB "
-              "| regs | stack | spill st/ld | mma |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| regs | stack | spill st/ld | CTAs/SM | tma | cp.async | wgmma | mma |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shared = f"{r.shared_bytes / 1024:.0f}" if not r.error else "-"
         lines.append(
             f"| {r.arch} | {r.dtype} | {r.head_dim} | {r.mode} | {r.shape} | {r.kernel} | {r.block_m} | {r.block_n} | "
             f"{r.num_warps} | {r.num_stages} | {'yes' if r.default else ''} | {'yes' if r.pickable else 'no'} | "
             f"{shared} | {r.registers} | {r.stack_bytes} | {r.spill_store_bytes}/{r.spill_load_bytes} | "
-            f"{r.mma or r.error} |")
+            f"{r.ctas_per_sm} | {r.tma} | {r.cp_async} | {r.wgmma} | {r.mma if not r.error else r.error} |")
     return "\n".join(lines) + "\n"
 
 
@@ -460,8 +536,34 @@ def spill_target_misses(rows: list[Row]) -> list[str]:
                    f"{r.spill_store_bytes}/{r.spill_load_bytes} B" for r in group if r.spills]
         # The decode kernels' 16- and 32-row tiles are under wgmma's 64 rows (they use
         # mma.sync): their work is reading the cache, not the products.
-        if kernel not in DECODE_KERNELS and not any(r.mma == "wgmma" for r in group):
+        if kernel not in DECODE_KERNELS and not any(r.mma_kind == "wgmma" for r in group):
             misses.append(f"sm_90 {dtype} d{head_dim} {mode} {shape} {kernel}: no config uses wgmma")
+    return misses
+
+
+# The kernels of the Hopper path: on sm_90 they read their tiles through tensor descriptors.
+HOPPER_KERNELS = ("forward", "backward_prefix", "backward")
+
+
+def structure_target_misses(rows: list[Row]) -> list[str]:
+    """The structure targets of the Hopper path, in 16 bits on sm_90 from head dim
+    TMA_MIN_HEAD_DIM: every pickable config of the forward and of the fused backward's
+    kernels uses bulk tensor copies and wgmma, and holds at least as many CTAs per
+    multiprocessor as the same config through pointers."""
+    from llama_adapter_fast.kernels.utils import TMA_MIN_HEAD_DIM
+
+    misses = []
+    for r in rows:
+        if not (r.arch == "sm_90" and r.dtype in ("bf16", "fp16") and r.pickable and r.kernel in HOPPER_KERNELS
+                and r.head_dim >= TMA_MIN_HEAD_DIM):
+            continue
+        where = f"sm_90 {r.dtype} d{r.head_dim} {r.mode} {r.shape} {r.label()}"
+        if r.tma == 0:
+            misses.append(f"{where}: no bulk tensor copies")
+        if r.wgmma == 0:
+            misses.append(f"{where}: no wgmma")
+        if r.pointer_ctas_per_sm > r.ctas_per_sm:
+            misses.append(f"{where}: {r.ctas_per_sm} CTAs per SM, {r.pointer_ctas_per_sm} through pointers")
     return misses
 
 
@@ -489,6 +591,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print the summary only")
     p.add_argument("--check", action="store_true", help="exit with status 1 on any problem")
     p.add_argument("--spill-targets", action="store_true", help="with --check, also fail on missed spill targets")
+    p.add_argument("--structure-targets", action="store_true",
+                   help="with --check, also fail on missed structure targets of the Hopper path (bulk tensor "
+                        "copies, wgmma, CTAs per SM at least those of the same config through pointers, which "
+                        "this compiles too)")
     args = p.parse_args(argv)
     if args.quick:
         args.archs, args.dtypes, args.head_dims, args.modes, args.shapes = "90", "bf16", "64,128,256", "causal", "base"
@@ -506,7 +612,8 @@ def main(argv=None) -> int:
     archs = [int(a) for a in args.archs.split(",")]
     start = time.perf_counter()
     rows = sweep(archs, args.dtypes.split(","), [int(h) for h in args.head_dims.split(",")],
-                 args.modes.split(","), args.shapes, tuple(args.kernels.split(",")), args.jobs)
+                 args.modes.split(","), args.shapes, tuple(args.kernels.split(",")), args.jobs,
+                 compare_pointers=args.structure_targets)
     import triton
 
     title = f"Compile report (triton {triton.__version__}, {datetime.date.today()})"
@@ -522,6 +629,10 @@ def main(argv=None) -> int:
     problems = [p for r in rows for p in r.problems()]
     if args.spill_targets:
         problems += spill_target_misses(rows)
+    if args.structure_targets:
+        misses = structure_target_misses(rows)
+        print("\n".join(["Structure targets missed:", *misses]) if misses else "Structure targets: all met.")
+        problems += misses
     return 1 if args.check and problems else 0
 
 

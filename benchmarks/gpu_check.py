@@ -6,7 +6,8 @@
    sizes, padded and packed, in bfloat16 first (the one dtype the CPU cannot check), then
    float16 and float32: FlashAttention's criterion in 16-bit (at most twice the eager
    backend's error in the same dtype), the float64 oracle within 1e-4 in float32. Forward
-   and all six gradients, and a check that the Triton kernels ran.
+   and all six gradients, and a check that the Triton kernels ran; a few cases again with
+   the deterministic backward and with tiles through pointers.
 2. 64-bit indexing: a problem whose q holds more than 2**31 elements.
 
 The timings are bench_attention's (its target shapes are these lengths and more); the
@@ -21,6 +22,7 @@ versions; a case that fails or raises is recorded and the check goes on; after
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -37,7 +39,8 @@ if __name__ == "__main__" and "--autotune" not in sys.argv:  # before the kernel
 import torch
 
 from benchmarks import harness
-from llama_adapter_fast import eager_attention, gated_prefix_attention
+from llama_adapter_fast import eager_attention, gated_prefix_attention, set_deterministic
+from llama_adapter_fast.kernels.utils import SETTINGS, kernel_settings
 from llama_adapter_fast.ops.testing import (
     Case,
     PackedCase,
@@ -46,6 +49,7 @@ from llama_adapter_fast.ops.testing import (
     check_packed,
     expect_launches,
     rel_error,
+    training_kernels,
 )
 
 GRID = {
@@ -77,12 +81,20 @@ GRID = {
     "varlen_long_one": PackedCase((5, 700, 3), D=64, per_sequence_prefix=False),
     "varlen_kv_chunks": PackedCase((9, 1, 40), lens_k=(200, 65, 40), D=128),
     "varlen_bidirectional_d80": PackedCase((90, 0, 150), D=80, causal=False),
+    # The other structures the launchers keep (see `structure`): the deterministic backward,
+    # and tiles through pointers where the GPU would take tensor descriptors.
+    "deterministic_gqa_causal": Case(B=2, Hq=8, Hkv=2, T=300, D=128, mask="random"),
+    "deterministic_varlen": PackedCase((128, 37, 300), Hq=8, Hkv=2, D=64),
+    "pointers_gqa_causal": Case(B=2, Hq=8, Hkv=2, T=300, D=128, mask="random"),
+    "pointers_varlen": PackedCase((128, 37, 300), Hq=8, Hkv=2, D=64),
 }
 # The dry run's grid (Triton's interpreter on the CPU): the same kinds of case, tiny.
 TINY_GRID = {
     "gqa_causal": Case(B=1, Hq=4, Hkv=2, T=20, D=16),
     "padding_mask": Case(B=2, Hq=2, Hkv=1, T=18, D=16, mask="empty_rows"),
     "varlen_gqa": PackedCase((7, 0, 12), Hq=4, Hkv=2, D=16),
+    "deterministic_gqa_causal": Case(B=1, Hq=4, Hkv=2, T=20, D=16, mask="random"),
+    "pointers_varlen": PackedCase((7, 0, 12), Hq=4, Hkv=2, D=16),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = (*harness.ENV_COLUMNS, "section", "name", "dtype", "status", "detail", "worst_error", "eager_error",
@@ -96,6 +108,19 @@ def cases(dtype_names: Iterable[str], grid: dict | None = None) -> list[tuple[st
             for dt in dtype_names for name, case in grid.items()]
 
 
+@contextlib.contextmanager
+def structure(name: str):
+    """The structure a case's name asks for: "deterministic_..." the deterministic backward,
+    "pointers_..." tiles through pointers; the defaults otherwise."""
+    deterministic = name.startswith("deterministic_")
+    set_deterministic(deterministic)
+    try:
+        with kernel_settings(tma=False if name.startswith("pointers_") else SETTINGS.tma):
+            yield
+    finally:
+        set_deterministic(False)
+
+
 def check_case(name: str, dtype_name: str, case: Case | PackedCase) -> dict:
     """One correctness case as a row; a failure or an exception is the row's result."""
     start = time.perf_counter()
@@ -103,12 +128,8 @@ def check_case(name: str, dtype_name: str, case: Case | PackedCase) -> dict:
     if case.dtype == torch.bfloat16 and not torch.cuda.is_available():
         return dict(row, status="skipped", detail="Triton's interpreter has no bfloat16 arithmetic", seconds=0.0)
     try:
-        if isinstance(case, PackedCase):
-            result = check_packed(case, tol=1e-4)
-        elif case.dtype == torch.float32:
-            result = check_against_oracle(case, tol=1e-4)
-        else:
-            result = check_low_precision(case)
+        with structure(name):
+            result = _check(case)
         if case.dtype == torch.float32:
             worst = max(result, key=result.get)
             row.update(detail=f"max rel err {result[worst]:.1e} ({worst})", worst_error=result[worst])
@@ -122,6 +143,14 @@ def check_case(name: str, dtype_name: str, case: Case | PackedCase) -> dict:
         row.update(status="FAIL", detail=f"{type(exc).__name__}: {str(exc)[:300]}")
         traceback.print_exc()
     return dict(row, seconds=round(time.perf_counter() - start, 2))
+
+
+def _check(case: Case | PackedCase) -> dict:
+    if isinstance(case, PackedCase):
+        return check_packed(case, tol=1e-4)
+    if case.dtype == torch.float32:
+        return check_against_oracle(case, tol=1e-4)
+    return check_low_precision(case)
 
 
 def check_large_index() -> dict:
@@ -139,7 +168,7 @@ def check_large_index() -> dict:
         q, k, v = rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, D)
         pk, pv = rand(B, H, P, D), rand(B, H, P, D)
         gate = torch.full((H,), 0.7, device="cuda", requires_grad=True)
-        with expect_launches("forward", "backward_dq", "backward_dkdv"):
+        with expect_launches(*training_kernels()):
             out = gated_prefix_attention(q, k, v, pk, pv, gate, backend="triton")
             do = torch.randn_like(out)
             grads = torch.autograd.grad(out, (q, k, v, pk, pv), do)

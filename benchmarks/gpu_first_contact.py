@@ -16,9 +16,11 @@ that fails, crashes or runs out of time is recorded as such and the next one sti
 3. correctness: the grid of gpu_check.py in bfloat16, then float16, then float32
    (autotuning off: one config per binary keeps compilation short), in worker processes
    side by side with the smoke test, then offsets past 2**31 elements.
-4. timing: the speed-target shapes of bench_attention (fused against two SDPA calls on
-   each SDPA backend, eager and the SDPA floor), after compiling the autotuning candidates
-   in parallel processes.
+4. timing: the new kernels against their previous structure (pointer tiles, the prefix
+   after the words, the deterministic backward), two SDPA calls on each SDPA backend,
+   FlexAttention and the SDPA floor, in TFLOP/s and as speedups over the best baseline:
+   bf16, D = 128 then 64, T = 256 to 16k (bench_attention's "compare" preset), after
+   compiling the autotuning candidates in parallel processes.
 5. decode: bench_decode, one generation step over KV caches of 1k to 32k tokens (the decode
    kernels against the training forward and two SDPA calls, as GB/s of the card's bandwidth).
 6. train step: bench_train_step on a LLaMA-7B-shaped model of 4 layers.
@@ -65,8 +67,11 @@ class Phase:
 
 
 # The last 7% of the budget is left for the plots, the summary and the archive.
-PHASES = (Phase("environment", 0.05), Phase("smoke+correctness", 0.36), Phase("timing", 0.26),
-          Phase("decode", 0.07), Phase("train step", 0.19))
+PHASES = (Phase("environment", 0.05), Phase("smoke+correctness", 0.30), Phase("timing", 0.36),
+          Phase("decode", 0.06), Phase("train step", 0.16))
+# The implementations the timing phase compares (eager, which materializes the scores, is in
+# the full suite only).
+COMPARED = "fused,fused-previous,two-sdpa,flex,floor"
 
 
 def file_names(out: Path, stem: str) -> dict[str, Path]:
@@ -124,7 +129,7 @@ def worker_smoke(args: argparse.Namespace) -> int:
         gated_prefix_attention_decode,
         gated_prefix_attention_varlen,
     )
-    from llama_adapter_fast.ops.testing import expect_launches
+    from llama_adapter_fast.ops.testing import expect_launches, training_kernels
 
     device = harness.default_device()
     dtype = "fp32" if args.dry_run else "bf16"  # the interpreter has no bfloat16 arithmetic
@@ -135,7 +140,7 @@ def worker_smoke(args: argparse.Namespace) -> int:
     def padded() -> str:
         shape = ba.Shape(B=size["B"], T=size["T"], Hq=size["Hq"], Hkv=size["Hkv"], D=size["D"], P=10, dtype=dtype)
         x = ba.make_inputs(shape, device)
-        with expect_launches("forward", "backward_dq", "backward_dkdv"):
+        with expect_launches(*training_kernels()):
             check = ba.check_fused(x, device)
         if check["ok"] is False:
             raise AssertionError(check["note"])
@@ -184,7 +189,7 @@ def worker_smoke(args: argparse.Namespace) -> int:
         pk, pv = (torch.randn(size["Hkv"], 10, D, device=device, generator=g, dtype=q.dtype, requires_grad=True)
                   for _ in "kv")
         gate = torch.linspace(-1, 1, size["Hq"], device=device, requires_grad=True)
-        with expect_launches("forward", "backward_dq", "backward_dkdv"):
+        with expect_launches(*training_kernels()):
             out = gated_prefix_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), pk, pv, gate, backend="triton")
             out.float().square().sum().backward()
         if not all(torch.isfinite(t.grad).all() for t in (q, k, v, pk, pv, gate)):
@@ -363,12 +368,12 @@ class Run:
             jobs = [processes.Job("compile tiny", processes.python_command("benchmarks.bench_attention",
                                                                              "--compile-only", *tiny),
                                   self.child_env())]
-            timed = ["--impls", "fused,eager,two-sdpa,floor", "--repeats", "1", *tiny]
+            timed = ["--impls", f"{COMPARED},eager", "--repeats", "1", *tiny]
         else:
-            preset = "gpu" if self.full else "targets"
-            shapes = bench_attention.sweep() if self.full else bench_attention.target_shapes()
+            preset = "gpu" if self.full else "compare"
+            shapes = bench_attention.sweep() if self.full else bench_attention.compare_shapes()
             jobs = compile_jobs(shapes, self.workers, preset, self.train_args(), self.child_env(autotune=True))
-            timed = ["--preset", preset]
+            timed = ["--preset", preset] + ([] if self.full else ["--impls", COMPARED])
         # Compiling may take up to half of the phase; the timing process compiles what is left.
         compile_deadline = harness.Deadline(time.time() + 0.5 * (deadline - time.time()))
         self.say(f"   compiling: {len(jobs)} jobs on {self.workers} processes")

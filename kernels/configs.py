@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import triton
 
-from .utils import AUTOTUNE, INTERPRET, count_launch
+from .utils import AUTOTUNE, INTERPRET, TMA_LAUNCH_COUNTS, count_launch, ensure_scratch_allocator
 
 # Shared memory a block may use (the opt-in maximum), in bytes, of the architectures the
 # compile report checks.
@@ -36,7 +36,8 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = {
     "forward": {
         (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-        (2, 96): [(128, 64, 8, 3), (128, 128, 8, 1), (64, 64, 4, 3), (128, 32, 8, 3)],
+        # 128x128 (1 stage) spilled 44 B at head dims 80 and 96 once the prefix came first.
+        (2, 96): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
         (2, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
         (2, 256): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
         (4, 64): [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)],
@@ -65,6 +66,28 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
         (4, 128): [(16, 16, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
         (4, 256): [(16, 16, 4, 2)],
     },
+    # The fused backward (kernels/backward.py): its prefix kernel (row terms and everything
+    # that touches the prefix: no key loop, so BLOCK_N is unused; every candidate of a key has
+    # the same BLOCK_M, see dq_block_m) and its five-product kernel over key blocks. 64-row
+    # query tiles let dQ = dS K run on wgmma (64 rows per warpgroup).
+    "backward_prefix": {
+        (2, 64): [(128, 16, 8, 1)],  # 4 warps held fewer CTAs per SM than through pointers
+        (2, 96): [(128, 16, 8, 1)],  # 4 warps spill at head dims 80 to 128
+        (2, 128): [(128, 16, 8, 1)],
+        (4, 64): [(64, 16, 4, 1), (64, 16, 8, 1)],
+        (4, 96): [(64, 16, 8, 1), (64, 16, 4, 1)],
+        (4, 128): [(64, 16, 8, 1), (64, 16, 4, 1)],
+    },
+    # Above 128 (FUSED_BACKWARD_MAX_HEAD_DIM) every tile of the five-product kernel spilled
+    # on sm_90 (its dK, dV and dQ tiles of 256 columns): the deterministic backward runs there.
+    "backward": {
+        (2, 64): [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
+        (2, 96): [(64, 64, 8, 2), (32, 64, 8, 2)],
+        (2, 128): [(64, 64, 8, 2), (32, 64, 8, 2)],
+        (4, 64): [(32, 32, 4, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+        (4, 96): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 128): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+    },
     # Decoding (kernels/decode.py): BLOCK_M rows are query heads of a kv group times new
     # queries; the launcher takes the smallest BLOCK_M that holds them (see decode_block_m).
     # The combine kernel's BLOCK_N counts prefix keys. Every config here compiles without
@@ -92,7 +115,11 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
         (4, 256): [(16, 16, 8, 1)],
     },
 }
-TRAINING_KERNELS = ("forward", "backward_dq", "backward_dkdv")
+TRAINING_KERNELS = ("forward", "backward_prefix", "backward", "backward_dq", "backward_dkdv")
+# The kernels of each backward: the default (fused, dQ by atomic adds) and the deterministic one.
+FUSED_BACKWARD = ("backward_prefix", "backward")
+FUSED_BACKWARD_MAX_HEAD_DIM = 128
+DETERMINISTIC_BACKWARD = ("backward_dq", "backward_dkdv")
 
 # The one config of each kernel under Triton's interpreter: small, so that small test shapes
 # cross block boundaries. The tests set the GPU's tiles here too (tests/kernels/test_gpu_tiles.py).
@@ -146,12 +173,13 @@ def _no_fit(kernel: str, limit: int) -> ValueError:
                       f"per block: use a smaller head dim or float16/bfloat16")
 
 
-def dq_block_m(head_dim: int, elem_bytes: int) -> int:
-    """The dQ kernel's BLOCK_M, shared by all its candidates of a head-dim class and element
-    size: its per-block partial gradients are allocated before the launch."""
+def dq_block_m(head_dim: int, elem_bytes: int, kernel: str = "backward_dq") -> int:
+    """The BLOCK_M of the dQ kernel (or of the fused backward's prefix kernel), shared by all
+    its candidates of a head-dim class and element size: its per-block partial gradients
+    are allocated before the launch."""
     if INTERPRET:
-        return INTERPRETER_BLOCKS["backward_dq"]["BLOCK_M"]
-    return candidates("backward_dq", head_dim, elem_bytes)[0].block_m
+        return INTERPRETER_BLOCKS[kernel]["BLOCK_M"]
+    return candidates(kernel, head_dim, elem_bytes)[0].block_m
 
 
 def decode_block_m(kernel: str, rows: int, head_dim: int, elem_bytes: int) -> int:
@@ -238,8 +266,8 @@ def autotuner(kernel: str, fn):
         # The prefix tile (BLOCK_P, ONE_PREFIX_BLOCK) changes shared memory: the fit check reruns with it.
         # GROUP is a plain argument (one binary for every group size) but MHA and GQA may
         # prefer other tiles (the dK/dV loop runs over the group): each is tuned.
-        key=["HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET",
-             "GROUP", "DOT_PRECISION"],
+        key=["HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "PREFIX_FIRST", "TMA", "DQ_DESC_ADD", "CAUSAL",
+             "HAS_MASK", "VARLEN", "T_BUCKET", "GROUP", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune},
     )(fn)
     AUTOTUNERS[kernel] = tuned
@@ -286,6 +314,9 @@ def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, m
     if _captured is not None:
         _captured.append(Launch(kernel, fn, grid, args, meta, block_m))
         return
+    tma = meta.get("TMA", False)
+    if tma and not INTERPRET:
+        ensure_scratch_allocator(args[0].device)  # the descriptors made in the kernel live there
     if tuned is not None:
         tuned[grid](*args, **meta)
     else:
@@ -293,6 +324,8 @@ def launch(kernel: str, fn, tuned, grid: Callable[[dict], tuple], args: tuple, m
                else _first_fitting(Launch(kernel, fn, grid, args, meta, block_m)))
         fn[grid(cfg)](*args, **meta, **cfg)
     count_launch(kernel)
+    if tma:
+        TMA_LAUNCH_COUNTS[kernel] += 1
 
 
 # The fixed-config path's choice, by everything that decides which binary a launch uses

@@ -187,10 +187,10 @@ def _decode_combine_kernel(
     pk_base = PK + b * stride_pkb + g * stride_pkh
     pv_base = PV + b * stride_pvb + g * stride_pvh
     m2, l2 = prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_log2,
-                          EVEN_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                          EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
     weight = tl.load(A + h, mask=r_valid, other=0.0) / l2
     acc = add_prefix(acc, q, pk_base, pv_base, offs_d, d_valid, P, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-                     scale_log2, m2, weight, EVEN_D, BLOCK_N, DOT_PRECISION)
+                     scale_log2, m2, weight, EVEN_D, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
 
     o_ptrs = OUT + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=rd_valid)

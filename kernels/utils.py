@@ -4,7 +4,10 @@ strides."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -75,3 +78,101 @@ def prefix_strides(prefix: torch.Tensor) -> tuple[int, int, int, int]:
     if prefix.dim() == 3:
         return (0, *prefix.stride())
     return tuple(prefix.stride())
+
+
+@dataclasses.dataclass
+class KernelSettings:
+    """Package-wide choices of the kernels' structure (see `kernel_settings`).
+
+    tma: tiles through bulk tensor copies (TMA descriptors made inside the kernels). None:
+        where the GPU has them (sm_90 and newer), at head dims from TMA_MIN_HEAD_DIM, and
+        the tensors allow them (16-byte aligned base and row strides, unit last stride);
+        under the interpreter, None means off. False: per-thread pointers everywhere. True:
+        under the interpreter too, at every head dim (on a GPU the same as None).
+    prefix_first: the forward computes the prefix scores once, before the word loop (False:
+        the previous structure, two passes over the prefix after it), kept until a GPU has
+        measured both.
+    """
+
+    tma: bool | None = None
+    prefix_first: bool = True
+
+
+SETTINGS = KernelSettings()
+
+
+@contextlib.contextmanager
+def kernel_settings(**changes) -> Iterator[KernelSettings]:
+    """Change `SETTINGS` inside a block (benchmarks and tests compare the structures)."""
+    unknown = [name for name in changes if not hasattr(SETTINGS, name)]
+    if unknown:  # before anything changes
+        raise TypeError(f"kernel_settings: unknown setting {unknown[0]!r}")
+    saved = dataclasses.replace(SETTINGS)
+    for name, value in changes.items():
+        setattr(SETTINGS, name, value)
+    try:
+        yield SETTINGS
+    finally:
+        for field in dataclasses.fields(SETTINGS):
+            setattr(SETTINGS, field.name, getattr(saved, field.name))
+
+
+# The architecture that tensors off a CUDA device stand for, outside the interpreter (None:
+# no GPU). The compile report sets it per architecture while it records launches, and the
+# CPU tests of the GPU launch path (a stubbed driver) set it to the stub's.
+ASSUMED_ARCH: list[int | None] = [None]
+
+# Below this head dim a GPU reads tiles through pointers: rows of 32 or 64 bytes gain little
+# from the copy engine, and the compile report found the descriptor binaries of head dims 16
+# and 32 holding fewer CTAs per multiprocessor than the same configs through pointers.
+TMA_MIN_HEAD_DIM = 64
+
+# Launches that took the bulk-copy path, by kernel (the tests prove the path they test ran).
+TMA_LAUNCH_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor can be read through a tensor descriptor: unit last stride,
+    16-byte aligned base and other strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether a launch on these tensors takes the bulk-copy path (see KernelSettings.tma)."""
+    if SETTINGS.tma is False or not tma_eligible(*tensors):
+        return False
+    device = tensors[0].device
+    if INTERPRET:  # the algorithm, at every head dim
+        return SETTINGS.tma is True
+    if tensors[0].shape[-1] < TMA_MIN_HEAD_DIM:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return ASSUMED_ARCH[0] is not None and ASSUMED_ARCH[0] >= 90
+
+
+class ScratchAllocator:
+    """Global memory on the launch's device for the tensor descriptors that kernels make
+    (Triton asks its allocator for it at each launch of such a kernel)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=self.device)
+
+
+def ensure_scratch_allocator(device: torch.device) -> None:
+    """Set a ScratchAllocator for this device unless the caller set an allocator of their
+    own. Triton keeps it in a context variable: autograd's device threads start without one,
+    so this runs before every launch that needs it."""
+    from triton.runtime import _allocation  # the only way to read what triton.set_allocator set
+
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator) or (
+            isinstance(current, ScratchAllocator) and current.device != device):
+        triton.set_allocator(ScratchAllocator(device))

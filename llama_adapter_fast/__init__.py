@@ -2,11 +2,13 @@
 
 from llama_adapter_fast.ops import (
     concat_attention,
+    deterministic_enabled,
     eager_attention,
     gated_prefix_attention,
     gated_prefix_attention_decode,
     gated_prefix_attention_varlen,
     sdpa_attention,
+    set_deterministic,
 )
 
 __all__ = [
@@ -16,5 +18,7 @@ __all__ = [
     "eager_attention",
     "sdpa_attention",
     "concat_attention",
+    "set_deterministic",
+    "deterministic_enabled",
 ]
 __version__ = "0.1.0"

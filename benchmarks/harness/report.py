@@ -59,7 +59,7 @@ def config_title(key: tuple) -> str:
 
 
 def _impl_order(label: str) -> tuple:
-    for i, prefix in enumerate(("fused", "two-sdpa", "eager", "sdpa floor")):
+    for i, prefix in enumerate(("fused", "fused-previous", "two-sdpa", "flex", "eager", "sdpa floor")):
         if label.startswith(prefix):
             return i, label
     return 9, label
@@ -247,15 +247,20 @@ def summary_table(rows: Sequence[dict], config: tuple) -> str:
     header = ["T", "B"]
     if has_fused:
         header += ["fused fwd", "fused bwd", "fused fwd+bwd", "fused TFLOP/s"]
-    header += ["two-sdpa fwd+bwd (best backend)", "eager fwd+bwd", "floor fwd+bwd"]
-    header += ["fused speedup vs two-sdpa", "fused / floor"] if has_fused else ["two-sdpa speedup vs eager"]
+    header += ["previous fused fwd+bwd", "two-sdpa fwd+bwd (best backend)", "flex fwd+bwd", "eager fwd+bwd",
+               "floor fwd+bwd"]
+    header += (["fused speedup vs two-sdpa", "fused speedup vs best baseline", "fused / floor"] if has_fused
+               else ["two-sdpa speedup vs eager"])
     body = []
     for T, B in shapes:
         both = {lab: idx.get((config, T, lab, "fwd+bwd")) for lab in labels}
-        fused_label = next((lab for lab in labels if lab.startswith("fused")), None)
+        fused_label = "fused" if "fused" in labels else next((lab for lab in sorted(labels) if lab.startswith("fused")),
+                                                              None)
         fused = {m: idx.get((config, T, fused_label, m)) for m in MODES} if fused_label else {}
         two, backend = _best(both, "two-sdpa")
         eager, _ = _best(both, "eager")
+        flex, _ = _best(both, "flex")
+        previous, _ = _best(both, "fused-previous")
         floor, _ = _best(both, "sdpa floor")
         line = [str(T), str(B)]
         if has_fused:
@@ -263,10 +268,13 @@ def summary_table(rows: Sequence[dict], config: tuple) -> str:
             line += [_fmt(_ms(fused.get("fwd"))), _fmt(_ms(fused.get("bwd"))),
                      _fmt(_ms(fused.get("fwd+bwd"))) + mark,
                      _fmt(harness.as_float((fused.get("fwd+bwd") or {}).get("tflops")))]
-        line += [f"{_fmt(two)} ({backend})" if two is not None else "-", _fmt(eager), _fmt(floor)]
+        line += [_fmt(previous), f"{_fmt(two)} ({backend})" if two is not None else "-", _fmt(flex), _fmt(eager),
+                 _fmt(floor)]
         if has_fused:
             fb = _ms(fused.get("fwd+bwd"))
-            line += [f"{two / fb:.2f}x" if two and fb else "-", f"{fb / floor:.2f}x" if fb and floor else "-"]
+            best = harness.as_float((fused.get("fwd+bwd") or {}).get("speedup_vs_best"))
+            line += [f"{two / fb:.2f}x" if two and fb else "-", f"{best:.2f}x" if best else "-",
+                     f"{fb / floor:.2f}x" if fb and floor else "-"]
         else:
             line += [f"{eager / two:.2f}x" if eager and two else "-"]
         body.append(line)

@@ -8,7 +8,12 @@
 - `testing.py`: the correctness tooling the tests and the GPU check share.
 """
 
-from llama_adapter_fast.ops.attention import BACKENDS, gated_prefix_attention
+from llama_adapter_fast.ops.attention import (
+    BACKENDS,
+    deterministic_enabled,
+    gated_prefix_attention,
+    set_deterministic,
+)
 from llama_adapter_fast.ops.decode import gated_prefix_attention_decode
 from llama_adapter_fast.ops.reference import GATE_ACTIVATIONS, concat_attention, eager_attention, sdpa_attention
 from llama_adapter_fast.ops.varlen import gated_prefix_attention_varlen
@@ -22,4 +27,6 @@ __all__ = [
     "eager_attention",
     "sdpa_attention",
     "concat_attention",
+    "set_deterministic",
+    "deterministic_enabled",
 ]

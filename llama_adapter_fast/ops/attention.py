@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 
@@ -23,6 +24,39 @@ MAX_TRITON_HEAD_DIM = 256
 # The most new queries per sequence the decode kernels take (a generation step has one, a
 # chunk of speculative or chunked decoding a few).
 MAX_DECODE_QUERIES = 16
+
+# The package-wide choice of backward (see `set_deterministic`); the environment sets its
+# start, so that command lines and torchrun workers can choose it too.
+_DETERMINISTIC = {"enabled": os.environ.get("LLAMA_ADAPTER_FAST_DETERMINISTIC", "0") == "1"}
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Choose the fused op's backward for every call that passes no `deterministic`.
+
+    False (the default): the fused five-product backward, which sums dQ with float32 atomic
+    adds; the fastest, but the order of those adds, and so the last bits of dQ and of what
+    it flows into, may change from run to run. True: the two-kernel backward without
+    atomics, bit-identical across runs and slower. `torch.use_deterministic_algorithms(True)`
+    chooses it too, and LLAMA_ADAPTER_FAST_DETERMINISTIC=1 in the environment sets it at
+    import.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_deterministic: enabled must be a bool, got {type(enabled).__name__}")
+    _DETERMINISTIC["enabled"] = enabled
+
+
+def deterministic_enabled() -> bool:
+    """Whether the op's backward is the deterministic one when a call does not say."""
+    return _DETERMINISTIC["enabled"] or torch.are_deterministic_algorithms_enabled()
+
+
+def resolve_deterministic(deterministic: object) -> bool:
+    """An op's `deterministic` argument: a bool, or None for the package-wide choice."""
+    if deterministic is None:
+        return deterministic_enabled()
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {type(deterministic).__name__}")
+    return deterministic
 
 
 def check_tensor(name: str, x: object, ndims: tuple[int, ...]) -> torch.Tensor:
@@ -207,6 +241,7 @@ def gated_prefix_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     decode: bool | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """LLaMA-Adapter's zero-initialized gated attention.
 
@@ -231,6 +266,9 @@ def gated_prefix_attention(
             the training forward. None (default): when T <= 16 and no input needs a
             gradient, as in generation; True: always (a ValueError where they cannot
             serve); False: never.
+        deterministic: on the Triton path, the backward without atomics (bit-identical
+            gradients across runs, slower) rather than the fused one; None (default): the
+            package-wide choice (`set_deterministic`, or torch's deterministic mode).
 
     Returns:
         (B, Hq, T, D) in q's dtype. Gradients flow to every input that requires them.
@@ -239,6 +277,7 @@ def gated_prefix_attention(
                          softmax_scale, key_padding_mask, backend)
     if decode is not None and not isinstance(decode, bool):
         raise TypeError(f"decode must be a bool or None, got {type(decode).__name__}")
+    deterministic = resolve_deterministic(deterministic)
     dtype_before = q.dtype
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
@@ -259,7 +298,8 @@ def gated_prefix_attention(
     # k and v, which keeps their pipelines as they are), so that whatever its memory holds,
     # NaN included, never meets a zero probability in a product. Its gradient is zero.
     k, v = zero_unread(k, key_padding_mask), zero_unread(v, key_padding_mask)
-    return custom_ops.triton_attention(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, scale)
+    return custom_ops.triton_attention(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, scale,
+                                       deterministic)
 
 
 def use_decode_kernels(q: torch.Tensor, tensors: tuple, decode: bool | None) -> bool:

@@ -36,13 +36,15 @@ def gpa_forward(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward: returns out and the two base-2 log-sum-exps (float32, (B, Hq, T))."""
+    """Fused forward: returns out and the two base-2 log-sum-exps (float32, (B, Hq, T)).
+    `deterministic` chooses the backward (see `kernels.backward.backward`)."""
     return _fwd.forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale)
 
 
 @gpa_forward.register_fake
-def _(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale):
+def _(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale, deterministic):
     B, H, T, D = q.shape
     lse = q.new_empty((B, H, T), dtype=torch.float32)
     return q.new_empty((B, H, T, D)), lse, torch.empty_like(lse)
@@ -63,17 +65,18 @@ def gpa_backward(
     lse2: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: gradients of q, k, v, prefix_k, prefix_v and gate_act."""
     return _bwd.backward(
         grad_out, q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask,
-        out, lse1, lse2, causal, softmax_scale,
+        out, lse1, lse2, causal, softmax_scale, deterministic,
     )
 
 
 @gpa_backward.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, out, lse1, lse2,
-      causal, softmax_scale):
+      causal, softmax_scale, deterministic):
     def like(t: torch.Tensor) -> torch.Tensor:
         return t.new_empty(t.shape)
 
@@ -81,11 +84,12 @@ def _(grad_out, q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, out, ls
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale = inputs
+    q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale, deterministic = inputs
     out, lse1, lse2 = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, out, lse1, lse2)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse1, lse2)
 
 
@@ -93,9 +97,9 @@ def _backward(ctx, grad_out, _grad_lse1, _grad_lse2):
     q, k, v, prefix_k, prefix_v, gate_act, mask, out, lse1, lse2 = ctx.saved_tensors
     grads = gpa_backward(
         grad_out, q, k, v, prefix_k, prefix_v, gate_act, mask, out, lse1, lse2,
-        ctx.causal, ctx.softmax_scale,
+        ctx.causal, ctx.softmax_scale, ctx.deterministic,
     )
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -113,9 +117,11 @@ def triton_attention(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """The fused path on validated inputs; gate_act is act(gate) as float32 of shape (Hq,)."""
-    out, _, _ = gpa_forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale)
+    out, _, _ = gpa_forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale,
+                            deterministic)
     return out
 
 
@@ -133,6 +139,7 @@ def gpa_varlen_forward(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward on packed sequences: out (total_q, Hq, D) and the two base-2
     log-sum-exps (float32, (Hq, total_q))."""
@@ -142,7 +149,7 @@ def gpa_varlen_forward(
 
 @gpa_varlen_forward.register_fake
 def _(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      softmax_scale):
+      softmax_scale, deterministic):
     total_q, H, D = q.shape
     lse = q.new_empty((H, total_q), dtype=torch.float32)
     return q.new_empty((total_q, H, D)), lse, torch.empty_like(lse)
@@ -166,28 +173,30 @@ def gpa_varlen_backward(
     lse2: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward on packed sequences: gradients of q, k, v, prefix_k, prefix_v, gate_act."""
     return _bwd.varlen_backward(
         grad_out, q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, out, lse1, lse2, causal, softmax_scale,
+        max_seqlen_q, max_seqlen_k, out, lse1, lse2, causal, softmax_scale, deterministic,
     )
 
 
 @gpa_varlen_backward.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      out, lse1, lse2, causal, softmax_scale):
+      out, lse1, lse2, causal, softmax_scale, deterministic):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v, gate_act))
 
 
 def _setup_varlen_context(ctx, inputs, output) -> None:
     (q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-     causal, softmax_scale) = inputs
+     causal, softmax_scale, deterministic) = inputs
     out, lse1, lse2 = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2)
     ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse1, lse2)
 
 
@@ -195,9 +204,9 @@ def _varlen_backward(ctx, grad_out, _grad_lse1, _grad_lse2):
     q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, out, lse1, lse2 = ctx.saved_tensors
     grads = gpa_varlen_backward(
         grad_out, q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen,
-        out, lse1, lse2, ctx.causal, ctx.softmax_scale,
+        out, lse1, lse2, ctx.causal, ctx.softmax_scale, ctx.deterministic,
     )
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -218,10 +227,11 @@ def triton_varlen_attention(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """The fused packed path on validated inputs; gate_act is act(gate) as float32 (Hq,)."""
     out, _, _ = gpa_varlen_forward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
-                                   max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+                                   max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic)
     return out
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama_adapter_fast.kernels.configs import FUSED_BACKWARD_MAX_HEAD_DIM
 from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
-from llama_adapter_fast.ops import eager_attention, gated_prefix_attention
+from llama_adapter_fast.ops import deterministic_enabled, eager_attention, gated_prefix_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
@@ -195,7 +196,19 @@ def expect_launches(*names: str, times: int | dict[str, int] | None = None):
             assert ran == expected, f"Triton kernel {name!r} ran {ran} times, not {expected}"
 
 
-ALL_KERNELS = ("forward", "backward_dq", "backward_dkdv")
+def training_kernels(deterministic: bool | None = None, head_dim: int = 64) -> tuple[str, ...]:
+    """The kernels that a forward and backward launch: the forward, then the fused backward's
+    two kernels or (deterministic; None: the package-wide choice; or a head dim above the
+    fused kernel's) the deterministic one's."""
+    if deterministic is None:
+        deterministic = deterministic_enabled()
+    if head_dim > FUSED_BACKWARD_MAX_HEAD_DIM:
+        deterministic = True
+    return ("forward", "backward_dq", "backward_dkdv") if deterministic else ("forward", "backward_prefix", "backward")
+
+
+# The kernel of each backward that loops over key blocks (not launched when there are no keys).
+KEY_BLOCK_KERNELS = ("backward_dkdv", "backward")
 ERROR_NAMES = ("out",) + tuple("d" + n for n in GRAD_NAMES)
 
 
@@ -227,7 +240,7 @@ def kernels_for(c: Case) -> list[str]:
     """The kernels a forward and backward of this case must launch."""
     if c.B * c.T == 0:
         return []
-    return [n for n in ALL_KERNELS if n != "backward_dkdv" or c.seq_k > 0]
+    return [n for n in training_kernels(head_dim=c.D) if n not in KEY_BLOCK_KERNELS or c.seq_k > 0]
 
 
 def check_against_oracle(c: Case, tol: float = 2e-5, seed: int = 0) -> dict[str, float]:
@@ -326,7 +339,9 @@ def check_packed(c: PackedCase, tol: float = 2e-5, floor: float = 1e-4, seed: in
     tensors, kwargs, packing = make_packed_inputs(c, seed)
     fused, baseline, truth = packed_fns(packing)
     # No queries: nothing launches; no keys at all: the dK/dV kernel has nothing to do.
-    kernels = () if sum(c.lens_q) == 0 else ALL_KERNELS if sum(c.lens_k or c.lens_q) > 0 else ALL_KERNELS[:2]
+    kernels = training_kernels(head_dim=c.D) if sum(c.lens_q) > 0 else ()
+    if sum(c.lens_k or c.lens_q) == 0:
+        kernels = kernels[:2]
     if c.dtype == torch.float32:
         return _check_float32(tensors, kwargs, fused, truth, kernels, tol)
     return _check_low_precision(tensors, kwargs, fused, baseline, truth, kernels, floor)

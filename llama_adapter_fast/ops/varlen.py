@@ -21,6 +21,7 @@ from llama_adapter_fast.ops.attention import (
     check_tensor,
     kernel_gate,
     resolve_backend,
+    resolve_deterministic,
 )
 from llama_adapter_fast.ops.reference import (
     eager_attention,
@@ -202,6 +203,7 @@ def gated_prefix_attention_varlen(
     gate_activation: str = "tanh",
     softmax_scale: float | None = None,
     backend: str = "auto",
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """LLaMA-Adapter's zero-initialized gated attention on packed sequences.
 
@@ -219,7 +221,8 @@ def gated_prefix_attention_varlen(
             kernels' grids are sized by them).
         prefix_k, prefix_v: (Hkv, P, D) shared by all sequences, or (N, Hkv, P, D) one per
             sequence; never masked.
-        gate, gate_activation, softmax_scale, backend: as for `gated_prefix_attention`.
+        gate, gate_activation, softmax_scale, backend, deterministic: as for
+            `gated_prefix_attention`.
         causal: causal masking aligned to the bottom right of each sequence (query t of a
             sequence of T queries over S keys sees keys j <= t + S - T), so KV-cache chunks
             of several sequences work.
@@ -230,6 +233,7 @@ def gated_prefix_attention_varlen(
     gate, max_q, max_k = _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               prefix_k, prefix_v, gate, causal, gate_activation, softmax_scale,
                                               backend)
+    deterministic = resolve_deterministic(deterministic)
     dtype_before = q.dtype
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     backend = resolve_backend(backend, q, autocast=q.dtype != dtype_before)
@@ -243,7 +247,7 @@ def gated_prefix_attention_varlen(
     gate_act = kernel_gate(gate, gate_activation, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return custom_ops.triton_varlen_attention(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
-                                       max_q, max_k, causal, scale)
+                                              max_q, max_k, causal, scale, deterministic)
 
 
 def varlen_attention(

@@ -303,8 +303,8 @@ def test_multimodal_train_step_rows_on_a_tiny_model():
     rows = bts.bench(["mm-triton", "mm-sdpa"], cfg, CPU, steps=1, warmup=1, base={}, deadline=harness.Deadline())
     by_impl = {r["impl"]: r for r in rows}
     assert all(r["status"] == "ok" for r in rows), rows
-    assert LAUNCH_COUNTS["forward"] > before.get("forward", 0) and LAUNCH_COUNTS["backward_dq"] > before.get(
-        "backward_dq", 0)
+    assert LAUNCH_COUNTS["forward"] > before.get("forward", 0) and LAUNCH_COUNTS["backward_prefix"] > before.get(
+        "backward_prefix", 0)
     fused, sdpa = by_impl["mm-triton"], by_impl["mm-sdpa"]
     assert abs(fused["loss0"] - sdpa["loss0"]) < 1e-4
     # prompts + per-head gates + projection (4 * 32 features -> 64 -> 64)

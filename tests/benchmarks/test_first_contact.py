@@ -53,6 +53,14 @@ def test_dry_run_runs_every_phase_inside_its_budget(tmp_path):
     attention = read_csv(tmp_path / f"{stem}-attention.csv")
     fused = [r for r in attention if r["impl"] == "fused"]
     assert fused and all(r["status"] == "ok" for r in fused), fused
+    # The new kernels against their previous structure, the baselines and the floor, each row
+    # with its speedup over the best baseline of its shape and mode.
+    ran = {r["impl"] for r in attention if r["status"] == "ok"}
+    assert {"fused", "fused-previous", "two-sdpa", "eager", "sdpa floor"} <= ran, ran
+    assert all(float(r["speedup_vs_best"]) > 0 for r in attention if r["status"] == "ok")
+    # FlexAttention's forward runs on the CPU, its backward only on a GPU: refused, with torch's reason.
+    flex = [r for r in attention if r["impl"] == "flex"]
+    assert flex and all(r["status"] == "unsupported" and "backward on CPU" in r["note"] for r in flex), flex
     train = read_csv(tmp_path / f"{stem}-train-step.csv")
     assert {r["impl"]: r["status"] for r in train} == dict.fromkeys(
         ("thin-triton", "thin-sdpa", "peft", "mm-triton", "mm-sdpa"), "ok")

@@ -80,5 +80,5 @@ def test_litgpts_adapter_tests_pass_with_the_fused_backend(tmp_path):
         print(f"  skipped {test}: {reason}")
     # The tests that run a forward reached the kernels: training, backward and generation.
     assert result["fused_models"] > 0 and counts["passed"] > 0
-    for kernel in ("forward", "backward_dq", "backward_dkdv", "decode"):
+    for kernel in ("forward", "backward_prefix", "backward", "decode"):
         assert result["launches"].get(kernel, 0) > 0, kernel

@@ -222,7 +222,7 @@ def test_triton_backend_runs_the_kernels(arch):
     enable_fused_adaption_prompt(model, backend="triton")
     # Each adapted layer launches each kernel once; GPT-2's prefix-only call has no word
     # keys, hence no key/value gradient kernel.
-    kernels = ("forward", "backward_dq") + (() if arch == "gpt2" else ("backward_dkdv",))
+    kernels = ("forward", "backward_prefix") + (() if arch == "gpt2" else ("backward",))
     with expect_launches(*kernels, times=2):
         logits, grads = logits_and_grads(model, inputs)
     assert_close(logits, ref_logits, 2e-5, "logits")

@@ -92,7 +92,7 @@ def test_transformers_adapter_packs(backend, flash_kwargs, op_calls):
     batch = flattened(flash_kwargs)
     weight = torch.randn(1, sum(LENGTHS), 101, generator=torch.Generator().manual_seed(2))
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
-    kernels = ("forward", "backward_dq", "backward_dkdv") if backend == "triton" else ()
+    kernels = ("forward", "backward_prefix", "backward") if backend == "triton" else ()
     with expect_launches(*kernels, times=2):  # each of the two adapted layers once
         packed, packed_grads = _logits_and_grads(model, weight, **inputs)
     assert len(op_calls) == 2 and all(kw["packed"] for kw in op_calls.kwargs)
@@ -125,7 +125,7 @@ def test_peft_adaption_prompt_packs(backend, op_calls):
     weight = torch.randn(1, sum(LENGTHS), 101, generator=torch.Generator().manual_seed(3))
     reference, reference_grads = _logits_and_grads(model, weight, **inputs)  # PEFT's own forward, 4-d mask
     enable_fused_adaption_prompt(model, backend=backend)
-    kernels = ("forward", "backward_dq", "backward_dkdv") if backend == "triton" else ()
+    kernels = ("forward", "backward_prefix", "backward") if backend == "triton" else ()
     with expect_launches(*kernels, times=2):  # each of the two adapted layers once
         fused, fused_grads = _logits_and_grads(model, weight, **inputs)
     assert len(op_calls) == 2 and all(kw["packed"] for kw in op_calls.kwargs)

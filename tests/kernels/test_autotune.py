@@ -14,7 +14,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("scenario, autotune", [("autotuned", "1"), ("limits", "1"), ("fixed", "0"), ("decode", "1")])
+@pytest.mark.parametrize("scenario, autotune", [("autotuned", "1"), ("limits", "1"), ("fixed", "0"), ("decode", "1"),
+                                                       ("tma", "0")])
 def test_gpu_launch_path(scenario, autotune):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LLAMA_ADAPTER_FAST_AUTOTUNE"] = autotune

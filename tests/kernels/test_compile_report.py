@@ -24,10 +24,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("modes", ["causal", "causal-padded,bidirectional", "packed"])
 def test_sm90_bf16_compile_report(modes):
+    """The spill targets, and the Hopper path's structure: the forward and the fused
+    backward's kernels read their tiles through bulk tensor copies and multiply with wgmma,
+    at no fewer CTAs per multiprocessor than the same configs through pointers."""
     result = _run("--archs", "90", "--dtypes", "bf16", "--head-dims", "64,128,256", "--modes", modes,
-                  "--no-write", "--check", "--spill-targets")
+                  "--no-write", "--check", "--spill-targets", "--structure-targets")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "0 problems" in result.stdout, result.stdout[-4000:]
+    assert "Structure targets: all met." in result.stdout
     assert "Launch shapes: base (" in result.stdout and "ones (B=1, Hq=1, Hkv=1, T=1, S=1, P=1)" in result.stdout
 
 
@@ -52,41 +56,40 @@ def test_sm80_fits():
     assert "0 problems" in result.stdout, result.stdout[-4000:]
 
 
-def test_spill_targets_fail_on_a_spilling_config(tmp_path):
-    """--spill-targets is not a formality: a pickable config that spills fails it."""
-    script = tmp_path / "spills.py"
-    script.write_text(
-        "import sys\n"
-        "from llama_adapter_fast.kernels import configs\n"
-        "configs.CANDIDATES['backward_dkdv'][(2, 128)] = [(64, 128, 4, 2)]\n"  # 2.8 KB of spills on sm_90
-        "from benchmarks import compile_report\n"
-        "sys.exit(compile_report.main(sys.argv[1:]))\n"
-    )
+def _run_patched(tmp_path, patch: str, *args: str) -> subprocess.CompletedProcess:
+    """The report in a process whose package was first changed by `patch` (Python lines)."""
+    script = tmp_path / "patched_report.py"
+    script.write_text(f"import sys\n{patch}\nfrom benchmarks import compile_report\n"
+                      "sys.exit(compile_report.main(sys.argv[1:]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, str(script), "--archs", "90", "--dtypes", "bf16", "--head-dims", "128",
-                             "--modes", "bidirectional", "--shapes", "base", "--kernels", "backward_dkdv",
-                             "--no-write", "--check", "--spill-targets", "--jobs", "1"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, str(script), "--archs", "90", "--dtypes", "bf16", "--shapes", "base",
+                           "--no-write", "--check", "--jobs", "1", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_spill_targets_fail_on_a_spilling_config(tmp_path):
+    """--spill-targets is not a formality: a pickable config that spills fails it."""
+    result = _run_patched(tmp_path, "from llama_adapter_fast.kernels import configs\n"
+                          "configs.CANDIDATES['backward_dkdv'][(2, 128)] = [(64, 128, 4, 2)]",  # 2.8 KB of spills
+                          "--head-dims", "128", "--modes", "bidirectional", "--kernels", "backward_dkdv",
+                          "--spill-targets")
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
     assert "backward_dkdv M64 N128 w4 s2 spills" in result.stdout
 
 
 def test_check_fails_on_a_config_that_does_not_fit(tmp_path):
     """--check is not a formality: a kernel whose only candidate cannot fit fails it."""
-    script = tmp_path / "too_big.py"
-    script.write_text(
-        "import sys\n"
-        "from llama_adapter_fast.kernels import configs\n"
-        "configs.CANDIDATES['forward'][(2, 128)] = [(64, 64, 4, 8)]\n"
-        "from benchmarks import compile_report\n"
-        "sys.exit(compile_report.main(sys.argv[1:]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, str(script), "--archs", "90", "--dtypes", "bf16", "--head-dims", "128",
-                             "--modes", "causal", "--shapes", "base", "--kernels", "forward", "--no-write", "--check",
-                             "--jobs", "1"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = _run_patched(tmp_path, "from llama_adapter_fast.kernels import configs\n"
+                          "configs.CANDIDATES['forward'][(2, 128)] = [(64, 64, 4, 8)]",
+                          "--head-dims", "128", "--modes", "causal", "--kernels", "forward")
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
     assert "no configuration of the forward kernel fits" in result.stdout
+
+
+def test_structure_targets_fail_without_bulk_copies(tmp_path):
+    """--structure-targets is not a formality: the Hopper path through pointers fails it."""
+    result = _run_patched(tmp_path, "from llama_adapter_fast.kernels.utils import SETTINGS\nSETTINGS.tma = False",
+                          "--head-dims", "64", "--modes", "causal", "--kernels", "forward", "--structure-targets")
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "forward M128 N64 w4 s3: no bulk tensor copies" in result.stdout

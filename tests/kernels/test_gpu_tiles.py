@@ -1,17 +1,33 @@
 """The GPU's tile shapes under Triton's interpreter: every (BLOCK_M, BLOCK_N) pair a
 launcher can pick for a kernel runs that kernel (the others at the interpreter's 16 x 16)
 on shapes that cross several of its blocks, causal with a KV-cache chunk and padding,
-bidirectional, and packed; forward and all six gradients against the float64 oracle. The
+bidirectional, and packed; forward and all six gradients against the float64 oracle, for
+both backwards (fused and deterministic) and both load paths (pointers and tensor
+descriptors, where a kernel has both). The
 causal full/diagonal split, the edge masks and the dQ partial slots are thereby exercised
 with unequal and large blocks, not only with the interpreter's own."""
 
 import pytest
 
+from llama_adapter_fast import set_deterministic
 from llama_adapter_fast.kernels import configs
+from llama_adapter_fast.kernels.utils import TMA_LAUNCH_COUNTS, kernel_settings
 from llama_adapter_fast.ops.testing import Case, PackedCase, check_against_oracle, check_packed
 
-TILES = [(kernel, m, n) for kernel in configs.TRAINING_KERNELS for by_class in [configs.CANDIDATES[kernel]]
-         for m, n in sorted({(m, n) for specs in by_class.values() for m, n, _, _ in specs})]
+
+def paths(kernel: str) -> list[tuple[bool, bool]]:
+    """(deterministic backward, bulk copies) under which a kernel runs: the deterministic
+    backward's kernels read through pointers only; the forward and the fused backward's
+    kernels through pointers and through tensor descriptors."""
+    if kernel in configs.DETERMINISTIC_BACKWARD:
+        return [(True, False)]
+    return [(False, False), (False, True)]
+
+
+TILES = [(kernel, m, n, deterministic, tma) for kernel in configs.TRAINING_KERNELS
+         for by_class in [configs.CANDIDATES[kernel]]
+         for m, n in sorted({(m, n) for specs in by_class.values() for m, n, _, _ in specs})
+         for deterministic, tma in paths(kernel)]
 
 
 def cases(m: int, n: int) -> dict:
@@ -26,11 +42,19 @@ def cases(m: int, n: int) -> dict:
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", ["causal_chunk_padded", "bidirectional", "packed"])
-@pytest.mark.parametrize("kernel, m, n", TILES, ids=[f"{k}-{m}x{n}" for k, m, n in TILES])
-def test_gpu_tile_against_the_oracle(kernel, m, n, case, monkeypatch):
+@pytest.mark.parametrize("kernel, m, n, deterministic, tma", TILES,
+                         ids=[f"{k}-{m}x{n}-{'tma' if t else 'pointers'}" for k, m, n, _, t in TILES])
+def test_gpu_tile_against_the_oracle(kernel, m, n, deterministic, tma, case, monkeypatch):
     monkeypatch.setitem(configs.INTERPRETER_BLOCKS, kernel, {"BLOCK_M": m, "BLOCK_N": n})
     chosen = cases(m, n)[case]
-    if isinstance(chosen, PackedCase):
-        check_packed(chosen)
-    else:
-        check_against_oracle(chosen)
+    before = TMA_LAUNCH_COUNTS[kernel]
+    set_deterministic(deterministic)
+    try:
+        with kernel_settings(tma=tma):
+            if isinstance(chosen, PackedCase):
+                check_packed(chosen)
+            else:
+                check_against_oracle(chosen)
+    finally:
+        set_deterministic(False)
+    assert (TMA_LAUNCH_COUNTS[kernel] > before) == tma, "the load path under test did not run"

@@ -145,7 +145,7 @@ def test_per_sample_prefix_reaches_the_triton_kernel(monkeypatch):
     before = dict(LAUNCH_COUNTS)
     out = mm(x, image_features=f)
     out.float().logsumexp(-1).sum().backward()
-    for name in ("forward", "backward_dq", "backward_dkdv"):
+    for name in ("forward", "backward_prefix", "backward"):
         assert LAUNCH_COUNTS[name] > before.get(name, 0), name
     assert prefixes == [((2, 2, 3, 16), "triton")] * 2
     grads = trainable_grads(mm)
@@ -195,7 +195,7 @@ def test_early_fusion_sends_per_sample_and_shared_prefixes_in_one_forward(monkey
     x, f = tokens(T=16).to(device), features().to(device)
     before = dict(LAUNCH_COUNTS)
     mm(x, image_features=f).float().logsumexp(-1).sum().backward()
-    assert LAUNCH_COUNTS["backward_dq"] - before.get("backward_dq", 0) == 2
+    assert LAUNCH_COUNTS["backward_prefix"] - before.get("backward_prefix", 0) == 2
     assert prefixes == [(2, 2, 3, 16), (2, 3, 16)]
     mm.eval()
     with torch.no_grad():

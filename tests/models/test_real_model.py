@@ -24,7 +24,7 @@ from llama_adapter_fast.cli.demos.real import INSTRUCTION, bundled_gguf, date_re
 from llama_adapter_fast.generation import generate  # noqa: E402
 from llama_adapter_fast.models import LLaMAAdapter  # noqa: E402
 from llama_adapter_fast.models.formats.gguf import gguf_base_folder  # noqa: E402
-from llama_adapter_fast.ops.testing import ALL_KERNELS, expect_launches, rel_error  # noqa: E402
+from llama_adapter_fast.ops.testing import expect_launches, rel_error, training_kernels  # noqa: E402
 from llama_adapter_fast.training import recipes  # noqa: E402
 from llama_adapter_fast.training.tokenizer import HFTokenizer  # noqa: E402
 
@@ -120,7 +120,7 @@ def test_the_triton_kernels_run_the_real_model(smol, tokens):
     model = LLaMAAdapter.from_hf(smol, adapter_len=P, adapter_layers=2, attention_backend="triton")
     model.load_adapter(reference.adapter_state_dict())
     short = tokens[:, :20]
-    with expect_launches(*ALL_KERNELS):
+    with expect_launches(*training_kernels()):
         logits, grads = _logits_and_grads(model, short, [p for p in model.parameters() if p.requires_grad])
     ref, ref_grads = _logits_and_grads(reference, short, [p for p in reference.parameters() if p.requires_grad])
     assert rel_error(logits, ref) < 1e-5

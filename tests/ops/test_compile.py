@@ -38,21 +38,21 @@ def op_inputs(transposed: bool, shared_prefix: bool, padding: bool, seed: int = 
 
 
 @pytest.mark.parametrize("variant", [
-    dict(transposed=False, shared_prefix=True, padding=True, causal=True),
-    dict(transposed=True, shared_prefix=False, padding=False, causal=False),
+    dict(transposed=False, shared_prefix=True, padding=True, causal=True, deterministic=False),
+    dict(transposed=True, shared_prefix=False, padding=False, causal=False, deterministic=True),
 ])
 def test_opcheck(variant):
     variant = dict(variant)
-    causal = variant.pop("causal")
+    causal, deterministic = variant.pop("causal"), variant.pop("deterministic")
     q, k, v, pk, pv, gate_act, mask = op_inputs(**variant)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, gate_act)]
-    args = (*leaves, mask, causal, 0.25)
+    args = (*leaves, mask, causal, 0.25, deterministic)
     torch.library.opcheck(OPS.gpa_forward.default, args)
     out, lse1, lse2 = custom_ops.gpa_forward(*args)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     detached = [t.detach() for t in leaves]
     torch.library.opcheck(OPS.gpa_backward.default,
-                          (grad_out, *detached, mask, out.detach(), lse1, lse2, causal, 0.25))
+                          (grad_out, *detached, mask, out.detach(), lse1, lse2, causal, 0.25, deterministic))
 
 
 def forward_backward(fn, inputs: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -77,7 +77,7 @@ def test_op_compiles_with_fullgraph(op_backend, compiler):
     inputs = op_inputs(transposed=False, shared_prefix=True, padding=True)
     ref, ref_grads = forward_backward(fn, inputs)
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
-    kernels = ("forward", "backward_dq") if op_backend == "triton" else ()
+    kernels = ("forward", "backward_prefix") if op_backend == "triton" else ()
     with expect_launches(*kernels):
         out, grads = forward_backward(compiled, inputs)
     assert rel_error(out, ref) < 1e-5
@@ -204,7 +204,7 @@ def test_triton_model_compiles_with_fullgraph():
     compiled = torch.compile(model, fullgraph=True)
     inputs = {k: v.to(device) for k, v in model_inputs()[0].items()}
     valid = inputs["attention_mask"].bool()
-    with expect_launches("forward", "backward_dq"):
+    with expect_launches("forward", "backward_prefix"):
         out = compiled(**inputs, use_cache=False).logits[valid]
         out.square().sum().backward()
     ref = reference(**inputs, use_cache=False).logits[valid]

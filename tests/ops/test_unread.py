@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 
 BACKENDS = ["triton", "sdpa", "eager"]
 FILLS = [float("nan"), float("inf"), float("-inf")]
-TRAINING = ("forward", "backward_dq", "backward_dkdv")
+TRAINING = ("forward", "backward_prefix", "backward")
 DECODE = ("decode", "decode_combine")
 
 

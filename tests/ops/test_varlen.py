@@ -20,7 +20,7 @@ from llama_adapter_fast.ops.testing import (
 from llama_adapter_fast.ops.varlen import varlen_reference
 
 OPS = torch.ops.llama_adapter_fast
-KERNELS = ("forward", "backward_dq", "backward_dkdv")
+KERNELS = ("forward", "backward_prefix", "backward")
 
 CASES = {
     # The interpreter's blocks are 16 rows: boundaries inside blocks and on their edges.
@@ -115,17 +115,19 @@ def test_bad_input(changes, error, words):
     assert words in str(info.value)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck(deterministic):
     tensors, _, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(PackedCase((5, 16, 2), D=16, P=3))
     q, k, v, pk, pv, gate = tensors
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, gate.tanh().detach())]
-    args = (*leaves, cu_q, cu_k, max_q, max_k, True, 0.25)
+    args = (*leaves, cu_q, cu_k, max_q, max_k, True, 0.25, deterministic)
     torch.library.opcheck(OPS.gpa_varlen_forward.default, args)
     out, lse1, lse2 = custom_ops.gpa_varlen_forward(*args)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     detached = [t.detach() for t in leaves]
     torch.library.opcheck(OPS.gpa_varlen_backward.default,
-                          (grad_out, *detached, cu_q, cu_k, max_q, max_k, out.detach(), lse1, lse2, True, 0.25))
+                          (grad_out, *detached, cu_q, cu_k, max_q, max_k, out.detach(), lse1, lse2, True, 0.25,
+                           deterministic))
 
 
 def test_compiles_with_fullgraph():

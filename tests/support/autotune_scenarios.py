@@ -27,8 +27,16 @@ from llama_adapter_fast.kernels import configs  # noqa: E402
 from llama_adapter_fast.kernels import decode as dec  # noqa: E402
 from llama_adapter_fast.kernels import forward as fwd  # noqa: E402
 
-KERNEL_NAMES = {"_fwd_kernel": "forward", "_dq_kernel": "backward_dq", "_dkdv_kernel": "backward_dkdv",
-                "_decode_split_kernel": "decode", "_decode_combine_kernel": "decode_combine"}
+# The package's kernel of a launch: the dQ and dK/dV functions serve both backwards.
+KERNEL_NAMES = {"_fwd_kernel": "forward", "_decode_split_kernel": "decode", "_decode_combine_kernel": "decode_combine"}
+
+
+def kernel_name(launch) -> str:
+    if launch.kernel == "_dq_kernel":
+        return "backward_dq" if launch.constants["WORDS"] else "backward_prefix"
+    if launch.kernel == "_dkdv_kernel":
+        return "backward" if launch.constants["FUSED_DQ"] else "backward_dkdv"
+    return KERNEL_NAMES[launch.kernel]
 B, H, HKV, T, D, P = 1, 4, 2, 300, 64, 10
 
 
@@ -48,9 +56,11 @@ def forward_only():
 
 
 def forward_and_backward():
+    """A forward and both backwards: fused, then deterministic."""
     q, k, v, pk, pv, a = problem()
     out, lse1, lse2 = fwd.forward(q, k, v, pk, pv, a, None, True, D**-0.5)
-    bwd.backward(torch.ones_like(out), q, k, v, pk, pv, a, None, out, lse1, lse2, True, D**-0.5)
+    for deterministic in (False, True):
+        bwd.backward(torch.ones_like(out), q, k, v, pk, pv, a, None, out, lse1, lse2, True, D**-0.5, deterministic)
 
 
 def candidate(launch) -> configs.Candidate:
@@ -61,15 +71,15 @@ def candidate(launch) -> configs.Candidate:
 def by_kernel(launches) -> dict[str, list]:
     found: dict[str, list] = {}
     for launch in launches:
-        found.setdefault(KERNEL_NAMES[launch.kernel], []).append(launch)
+        found.setdefault(kernel_name(launch), []).append(launch)
     return found
 
 
 def grid_of(kernel: str, c: configs.Candidate) -> int:
     if kernel == "forward":
         return -(-T // c.block_m) * B * H
-    if kernel == "backward_dq":
-        return -(-T // configs.dq_block_m(D, 2)) * B * H
+    if kernel in ("backward_dq", "backward_prefix"):
+        return -(-T // configs.dq_block_m(D, 2, kernel)) * B * H
     return -(-T // c.block_n) * B * HKV
 
 
@@ -77,7 +87,7 @@ def autotuned() -> None:
     """Every candidate that fits is timed, the fastest is launched on its own grid."""
     # The last candidate of each kernel is the "fastest": the tuner must pick it, not the first.
     last = {k: configs.candidates(k, D, 2)[-1] for k in configs.TRAINING_KERNELS}
-    fake.timing = lambda launch: 0.5 if candidate(launch) == last[KERNEL_NAMES[launch.kernel]] else 1.0
+    fake.timing = lambda launch: 0.5 if candidate(launch) == last[kernel_name(launch)] else 1.0
     forward_and_backward()
     timed = by_kernel(fake.launches)
     assert set(timed) == set(configs.AUTOTUNERS) == set(last), (timed, configs.AUTOTUNERS)
@@ -92,7 +102,7 @@ def autotuned() -> None:
     # The same key again: tuned once, launched once more per kernel, nothing re-timed.
     count = len(fake.launches)
     forward_and_backward()
-    assert len(fake.launches) == count + 3, len(fake.launches) - count
+    assert len(fake.launches) == count + len(last), len(fake.launches) - count
     print("ok: autotuned", {k: len(v) - 1 for k, v in timed.items()})
 
 
@@ -100,7 +110,7 @@ def limits() -> None:
     """A shared-memory limit keeps exactly the forward candidates whose binaries fit it;
     below every candidate the launch is a ValueError naming the kernel."""
     forward_and_backward()
-    shared = {candidate(x): x.shared for x in fake.launches if KERNEL_NAMES[x.kernel] == "forward"}
+    shared = {candidate(x): x.shared for x in fake.launches if kernel_name(x) == "forward"}
     sizes = sorted(set(shared.values()))
     assert len(sizes) > 1, shared
     limit = sizes[len(sizes) // 2 - 1] if len(sizes) > 2 else sizes[0]
@@ -110,7 +120,7 @@ def limits() -> None:
         tuner.cache.clear()
     start = len(fake.launches)
     forward_only()
-    timed = [candidate(x) for x in fake.launches[start:] if KERNEL_NAMES[x.kernel] == "forward"][:-1]
+    timed = [candidate(x) for x in fake.launches[start:] if kernel_name(x) == "forward"][:-1]
     assert timed == [c for c in configs.candidates("forward", D, 2) if shared[c] <= limit], (timed, shared, limit)
     fake.shared_limit = 1024
     configs.device_shared_limit.cache_clear()
@@ -141,10 +151,11 @@ def fixed() -> None:
     launched = by_kernel(fake.launches)
     for kernel, launches in launched.items():
         assert [candidate(x) for x in launches] == [configs.candidates(kernel, D, 2)[0]], kernel
-    assert len(compiles) == 3, compiles
+    kernels = len(configs.TRAINING_KERNELS)
+    assert len(compiles) == kernels, compiles
     forward_and_backward()
-    assert len(compiles) == 3, f"the second call compiled again: {compiles[3:]}"
-    assert len(fake.launches) == 6
+    assert len(compiles) == kernels, f"the second call compiled again: {compiles[kernels:]}"
+    assert len(fake.launches) == 2 * kernels
     # A limit the first forward candidate does not fit: the next one that fits is used.
     fake.shared_limit = fake.launches[0].shared - 1
     configs.device_shared_limit.cache_clear()
@@ -169,7 +180,7 @@ def decode() -> None:
         dec.decode_forward(q, k, k, pk, pk, torch.full((Hq,), 0.5), None, torch.tensor([S], dtype=torch.int32),
                            None, True, D**-0.5)
         split, combine = fake.launches[start:]
-        assert [KERNEL_NAMES[x.kernel] for x in (split, combine)] == ["decode", "decode_combine"]
+        assert [kernel_name(x) for x in (split, combine)] == ["decode", "decode_combine"]
         return split, combine
 
     # LLaMA-3-8B's heads at one query: 4 rows a kv head, 8 programs without splits; 132 SMs
@@ -188,5 +199,40 @@ def decode() -> None:
     print("ok: decode", split.grid, combine.grid)
 
 
+def tma() -> None:
+    """On an sm_90 the training kernels take the bulk-copy path (tensor descriptors made in
+    the kernels, which then need global scratch at launch): every launch of them finds an
+    allocator, in this thread and in a fresh one (autograd's device threads start without
+    one), and the pointer path remains for tensors the copy engine cannot read."""
+    import threading
+
+    from llama_adapter_fast.kernels import utils
+
+    utils.ASSUMED_ARCH[0] = 90
+    forward_and_backward()
+    thread = threading.Thread(target=forward_and_backward)
+    thread.start()
+    thread.join()
+    fused = {"forward", "backward_prefix", "backward"}
+    by_name = by_kernel(fake.launches)
+    for name in fused:
+        assert all(x.constants["TMA"] for x in by_name[name]), name
+    assert all(x.constants["DQ_DESC_ADD"] for x in by_name["backward"])  # the bulk reduce-add
+    assert not any(x.constants["TMA"] for x in by_name["backward_dkdv"] + by_name["backward_dq"])
+    asked = {name for name, size, given in fake.scratch if size <= given}
+    assert {"_fwd_kernel", "_dq_kernel", "_dkdv_kernel"} <= asked, fake.scratch
+    assert len(fake.scratch) == 2 * len(fused), fake.scratch
+    # A row stride of 136 bytes (head dim 68 in bf16) is no multiple of 16, and head dim 32
+    # is below utils.TMA_MIN_HEAD_DIM: pointers.
+    g = torch.Generator().manual_seed(0)
+    for d in (68, 32):
+        start = len(fake.launches)
+        q = torch.randn(1, 2, 64, d, generator=g).to(torch.bfloat16)
+        pk = torch.randn(2, 4, d, generator=g).to(torch.bfloat16)
+        fwd.forward(q, q, q, pk, pk, torch.full((2,), 0.5), None, True, d**-0.5)
+        assert not fake.launches[start].constants["TMA"], d
+    print("ok: tma", fake.scratch[:3])
+
+
 if __name__ == "__main__":
-    {"autotuned": autotuned, "limits": limits, "fixed": fixed, "decode": decode}[sys.argv[1]]()
+    {"autotuned": autotuned, "limits": limits, "fixed": fixed, "decode": decode, "tma": tma}[sys.argv[1]]()

@@ -37,6 +37,8 @@ class FakeDriver:
     multiprocessors: int | None = None
     launches: list[Launch] = field(default_factory=list)
     benchmarked: list[dict] = field(default_factory=list)
+    # (kernel, bytes asked, bytes given) of each global scratch allocation at a launch.
+    scratch: list[tuple[str, int, int]] = field(default_factory=list)
     # Called by the fake benchmarker with each candidate's launch; returns its "time" in ms.
     timing: object = None
 
@@ -78,6 +80,14 @@ class FakeDriver:
 
     def launcher_cls(self, src, metadata):
         def launch(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
+            if metadata.global_scratch_size > 0:
+                # As Triton's CUDA launcher does: a kernel that makes tensor descriptors gets
+                # their global scratch from the allocator set by triton.set_allocator.
+                from triton.runtime import _allocation
+
+                size = gx * gy * gz * metadata.global_scratch_size
+                buffer = _allocation._allocator.get()(size, metadata.global_scratch_align, stream)
+                self.scratch.append((metadata.name, size, buffer.numel()))
             names = src.fn.arg_names
             constants = {names[path[0]]: value for path, value in src.constants.items() if len(path) == 1}
             self.launches.append(Launch(metadata.name, (gx, gy, gz), metadata.num_warps, metadata.num_stages,
