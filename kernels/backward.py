@@ -32,7 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FUSED_BACKWARD_MAX_HEAD_DIM, autotuner, dq_block_m, launch
+from .configs import (
+    DETERMINISTIC_BACKWARD,
+    FUSED_BACKWARD,
+    FUSED_BACKWARD_MAX_HEAD_DIM,
+    autotuner,
+    dq_block_m,
+    launch,
+)
 from .forward import (
     load_tile,
     packed_strides,
@@ -511,7 +518,8 @@ def launch_backward(do, q, k, v, prefix_k, prefix_v, gate_act, mask, cu_q, cu_k,
     # The fused path's dQ accumulates in float32 (its atomic adds and TMA reduce-adds).
     dq_acc = dq if deterministic else torch.empty(dq.shape, dtype=torch.float32, device=dev)
     dq_strides = packed_strides(dq_acc) if packed else dq_acc.stride()
-    first = "backward_dq" if deterministic else "backward_prefix"
+    # The backward's two kernels: the one per query block, then the one per key block.
+    first, keyed = DETERMINISTIC_BACKWARD if deterministic else FUSED_BACKWARD
 
     # 1. Row terms, prefix and gate partials (and dQ or its prefix part), one slot per
     # program: every candidate of the kernel has the same BLOCK_M, so the slots come first.
@@ -543,8 +551,7 @@ def launch_backward(do, q, k, v, prefix_k, prefix_v, gate_act, mask, cu_q, cu_k,
         tma = not deterministic and use_tma(q, k, v, do, dq_acc, dk, dv)
         # Triton's interpreter has no bulk reduce-add: there the atomic adds take pointers.
         fused = dict(FUSED_DQ=not deterministic, TMA=tma, DQ_DESC_ADD=tma and not INTERPRET)
-        kernel = "backward_dkdv" if deterministic else "backward"
-        launch(kernel, _dkdv_kernel, _dkdv_kernel_tuned if deterministic else _fused_kernel_tuned,
+        launch(keyed, _dkdv_kernel, _dkdv_kernel_tuned if deterministic else _fused_kernel_tuned,
                lambda cfg: (triton.cdiv(S_max, cfg["BLOCK_N"]) * bg,), args, dict(meta, **fused))
     if not deterministic:
         dq.copy_(dq_acc.mul_(softmax_scale))

@@ -116,7 +116,8 @@ CANDIDATES: dict[str, dict[tuple[int, int], list[tuple[int, int, int, int]]]] = 
     },
 }
 TRAINING_KERNELS = ("forward", "backward_prefix", "backward", "backward_dq", "backward_dkdv")
-# The kernels of each backward: the default (fused, dQ by atomic adds) and the deterministic one.
+# The kernels of each backward, the one per query block first: the default (fused, dQ by
+# atomic adds) and the deterministic one.
 FUSED_BACKWARD = ("backward_prefix", "backward")
 FUSED_BACKWARD_MAX_HEAD_DIM = 128
 DETERMINISTIC_BACKWARD = ("backward_dq", "backward_dkdv")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama_adapter_fast.kernels.configs import FUSED_BACKWARD_MAX_HEAD_DIM
+from llama_adapter_fast.kernels.configs import DETERMINISTIC_BACKWARD, FUSED_BACKWARD, FUSED_BACKWARD_MAX_HEAD_DIM
 from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
 from llama_adapter_fast.ops import deterministic_enabled, eager_attention, gated_prefix_attention
 
@@ -204,11 +204,12 @@ def training_kernels(deterministic: bool | None = None, head_dim: int = 64) -> t
         deterministic = deterministic_enabled()
     if head_dim > FUSED_BACKWARD_MAX_HEAD_DIM:
         deterministic = True
-    return ("forward", "backward_dq", "backward_dkdv") if deterministic else ("forward", "backward_prefix", "backward")
+    return ("forward", *(DETERMINISTIC_BACKWARD if deterministic else FUSED_BACKWARD))
 
 
-# The kernel of each backward that loops over key blocks (not launched when there are no keys).
-KEY_BLOCK_KERNELS = ("backward_dkdv", "backward")
+# The kernel of each backward that loops over key blocks, its second (not launched when there
+# are no keys).
+KEY_BLOCK_KERNELS = (DETERMINISTIC_BACKWARD[1], FUSED_BACKWARD[1])
 ERROR_NAMES = ("out",) + tuple("d" + n for n in GRAD_NAMES)
 
 
