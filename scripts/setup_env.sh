@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds one virtual environment of the project: the package (editable) with its test, bench,
-# hf and docs extras, litgpt with its own adapter tests, and the real model of demo-real.
+# hf, docs and quant extras, litgpt with its own adapter tests, and the real model of demo-real.
 #
 #   scripts/setup_env.sh VENV [CONSTRAINTS]
 #
@@ -33,7 +33,7 @@ else
     "${pip[@]}" "$cpu_torch"
 fi
 "$py" -c "import triton" 2>/dev/null || "${pip[@]}" "$triton"
-"${pip[@]}" -e ".[test,bench,hf,docs]"
+"${pip[@]}" -e ".[test,bench,hf,docs,quant]"
 
 # litgpt (the [litgpt] extra) beside the newest transformers: litgpt pins huggingface-hub<1.4,
 # which would take transformers back to 5.3, and its model code never calls the hub, so it

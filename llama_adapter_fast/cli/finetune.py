@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from llama_adapter_fast.cli.options import add_image_training_options, add_model_options
+from llama_adapter_fast.cli.options import add_image_training_options, add_model_options, add_quantize_option
 from llama_adapter_fast.training.config import TrainConfig
 
 
@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
                         "assistant's turns (default: chat when the tokenizer has a chat template)")
     p.add_argument("--out", dest="out_dir", default="runs/adapter", help="output folder")
     add_model_options(p)
+    add_quantize_option(p)
 
     d = dataclasses.fields
     defaults = {f.name: f.default for f in d(TrainConfig)}
@@ -66,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the out folder's checkpoint.pt (or the given checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="start again in an out folder that has a checkpoint")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the block in the backward: less memory for "
+                        "about a third more compute")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with torchrun: replicate or shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-plot", dest="plot", action="store_false")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama_adapter_fast.cli.options import add_model_options
+from llama_adapter_fast.cli.options import add_model_options, add_quantize_option
 
 if TYPE_CHECKING:  # the command line imports the package's modules where a command runs
     from llama_adapter_fast.models.formats.native import AdapterSource
@@ -44,13 +44,15 @@ def add_parser(sub) -> None:
     p.add_argument("--image-encoder", default=None,
                    help="CLIP folder of a multi-modal adapter (default: the one it recorded)")
     add_model_options(p)
+    add_quantize_option(p)
 
 
 def load_for_generation(base: str, adapter: str | AdapterSource | None, *, attention_backend: str = "auto", device=None,
-                        dtype: str | None = None, adapter_settings: dict | None = None,
+                        dtype: str | None = None, quantize: str | None = None, adapter_settings: dict | None = None,
                         image_encoder: str | None = None, pictures: bool = True):
-    """A base model with the adapter of `adapter` (its config read from the file, or from
-    `adapter_settings` where the file does not record it), on `device`; a
+    """A base model (its linear layers quantized by `quantize`, if given) with the adapter of
+    `adapter` (its config read from the file, or from `adapter_settings` where the file does
+    not record it), on `device`; a
     MultiModalLLaMAAdapter when the file is a multi-modal adapter. Without `pictures` to
     answer about, a multi-modal adapter whose encoder is not at hand answers as the text
     adapter it holds (its prompts and gates; a record without a picture gets exactly that)."""
@@ -84,7 +86,7 @@ def load_for_generation(base: str, adapter: str | AdapterSource | None, *, atten
         raise ValueError("--image-encoder: needs a multi-modal --adapter (one trained with --image-encoder)")
     if record is not None and (pictures or image_encoder is not None):
         image_encoder_folder(adapter, image_encoder, record)  # a missing encoder is named before the base loads
-    model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, **kwargs)
+    model = load_base(base, device=dev, dtype=DTYPES[dtype] if dtype else None, quantize=quantize, **kwargs)
     weights = model.tok_embeddings.weight.dtype
     check_attention_backend(attention_backend, dev, weights, f"a {str(weights).removeprefix('torch.')} base (--dtype)")
     if record is not None:
@@ -178,8 +180,8 @@ def run(a: argparse.Namespace) -> int:
                     "gate_activation": a.gate_activation}
         pictures = _pictures(a, records)
         model = load_for_generation(a.base, source, attention_backend=a.attention_backend, device=a.device,
-                                    dtype=a.dtype, adapter_settings=settings, image_encoder=a.image_encoder,
-                                    pictures=any(pictures))
+                                    dtype=a.dtype, quantize=a.quantize, adapter_settings=settings,
+                                    image_encoder=a.image_encoder, pictures=any(pictures))
         _check_pictures(a, pictures, model)
         # A multi-modal adapter answers through its LLaMA with one prompt offset per record.
         offset = model.answer_offsets(records, images=pictures) if hasattr(model, "image_encoder") else None

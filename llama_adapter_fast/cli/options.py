@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llama_adapter_fast.models.quantized import QUANTIZATIONS
 from llama_adapter_fast.ops import BACKENDS
 
 
@@ -16,6 +17,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the base weights (default: the checkpoint's dtype)")
+
+
+def add_quantize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                   help="the frozen base's linear layers in 4 bits (nf4, fp4) or 8 bits (int8) by bitsandbytes; "
+                        "embeddings, norms and the adapter stay in the compute dtype (--dtype)")
 
 
 def int_at_least(low: int):

@@ -3,6 +3,8 @@ encoder, the base checkpoint formats and the adapter files.
 
 - `config.py`: `ModelArgs`;
 - `llama.py`: `LLaMAAdapter` and its blocks, `KVCache`;
+- `rope.py`: rotary position embeddings;
+- `quantized.py`: a frozen base in 4 or 8 bits (bitsandbytes);
 - `tuning.py`: LLaMA-Adapter V2's bias, scale and norm tuning (`TunedLinear`);
 - `formats/`: every file format, one module each: base checkpoints (Hugging Face, Meta, GGUF)
   and adapter files (this package's, PEFT, litgpt, the original releases);

@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
+from llama_adapter_fast.models import quantized
 from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.formats import hf_meta, native
-from llama_adapter_fast.models.tuning import TunedLinear
+from llama_adapter_fast.models.rope import apply_rotary, rope_cos_sin, rope_inv_freq
 from llama_adapter_fast.ops import gated_prefix_attention, gated_prefix_attention_varlen
 from llama_adapter_fast.ops.reference import allowed_keys
 from llama_adapter_fast.ops.varlen import packed_positions, varlen_attention
@@ -48,40 +50,6 @@ class RMSNorm(nn.Module):
         # Normalize in float32 whatever the input dtype, as both reference implementations do.
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding (float32, CPU), with Llama-3 or linear scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    factor = float(scaling["factor"])
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, and the band
-    # in between interpolated smoothly.
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (B or 1, T, 1, head_dim) in float32 for integer positions (B or 1, T)."""
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, T, H, D) queries or keys, "rotate half" convention, computed in float32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -127,8 +95,8 @@ class Attention(nn.Module):
         prompt = self.adapter_prompt
         if prompt_offset is not None:
             prompt = prompt + prompt_offset[:, None, :].to(prompt.dtype)
-        if not torch.is_autocast_enabled(prompt.device.type):
-            prompt = prompt.to(self.wk.weight.dtype)
+        if not torch.is_autocast_enabled(prompt.device.type):  # a quantized layer names its compute dtype
+            prompt = prompt.to(getattr(self.wk, "compute_dtype", None) or self.wk.weight.dtype)
         if self.prefix_projection == "litgpt":  # see ModelArgs.prefix_projection
             per_group = self.n_heads // self.n_kv_heads
             qkv = torch.cat([self.wq(prompt), self.wk(prompt), self.wv(prompt)], -1)
@@ -263,6 +231,9 @@ class LLaMAAdapter(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+        # Keep only each block's input in training and recompute the block in the backward:
+        # the frozen blocks' activations are most of a step's memory (TrainConfig's option).
+        self.activation_checkpointing = False
         self.reset_parameters()
         self.freeze_base()
 
@@ -285,7 +256,7 @@ class LLaMAAdapter(nn.Module):
         biases zero and scales one (the norms keep their weights)."""
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, TunedLinear) and module.tuned_bias.device.type != "meta":
+                if hasattr(module, "reset_tuning") and module.tuned_bias.device.type != "meta":
                     module.reset_tuning()
             for layer in self.adapter_layers():
                 if layer.adapter_prompt.device.type == "meta":
@@ -417,11 +388,15 @@ class LLaMAAdapter(nn.Module):
         h = self.tok_embeddings(tokens)
         samples = cu_seqlens.numel() - 1 if packing is not None else B
         prefixes = self._offset_prefixes(prompt_offset, samples, cache)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            if cache is None:
-                h = layer(h, cos, sin, key_padding_mask, prefix=prefixes[i] if prefixes else None, packing=packing)
-            else:
+            if cache is not None:
                 h = layer(h, cos, sin, key_padding_mask, (cache.keys[i], cache.values[i]), start, cache.prefixes[i])
+            elif recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, key_padding_mask, use_reentrant=False,
+                                                      prefix=prefixes[i] if prefixes else None, packing=packing)
+            else:
+                h = layer(h, cos, sin, key_padding_mask, prefix=prefixes[i] if prefixes else None, packing=packing)
         if cache is not None:
             cache.length = start + T
         if last_only:
@@ -456,9 +431,14 @@ class LLaMAAdapter(nn.Module):
 
     @classmethod
     def _from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], source: str,
-                         device: torch.device | str | None, dtype: torch.dtype | None) -> LLaMAAdapter:
+                         device: torch.device | str | None, dtype: torch.dtype | None,
+                         quantize: str | None = None) -> LLaMAAdapter:
         """Build the model on the meta device (no random init of the base) and take the
-        checkpoint's tensors as they are (their dtype, unless `dtype` is given)."""
+        checkpoint's tensors as they are (their dtype, unless `dtype` is given); with
+        `quantize`, its linear layers are quantized on their way to `device`."""
+        if quantize is not None:
+            quantized.check_quantization(quantize, device)
+            device, quantize_on = None, device  # the float weights stay where the checkpoint is
         with torch.device("meta"):
             model = cls(args)
         expected = {n for n, _ in model.named_parameters() if not cls._is_adapter_name(n)}
@@ -494,29 +474,34 @@ class LLaMAAdapter(nn.Module):
                         nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=target)))
         model.reset_adapter()
         model.freeze_base()
+        if quantize is not None:
+            quantized.quantize_linears(model, quantize, quantize_on)
         return model
 
     @classmethod
     def from_hf(cls, model_or_folder: Any, *, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
+                dtype: torch.dtype | None = None, quantize: str | None = None, **adapter: Any) -> LLaMAAdapter:
         """From a transformers LlamaForCausalLM (its tensors are shared, not copied) or a
         local folder with config.json and model.safetensors (or sharded safetensors with
         model.safetensors.index.json). Keyword arguments set the adapter fields of
         ModelArgs (adapter_len, adapter_layers, gate_activation, scalar_gate,
-        attention_backend, max_seq_len); adapter_layers defaults to min(30, n_layers)."""
+        attention_backend, max_seq_len); adapter_layers defaults to min(30, n_layers).
+        `quantize` ("nf4", "fp4", "int8"): the frozen linear layers in 4 or 8 bits (`quantized`)."""
         args, state, source = hf_meta.read_hf(model_or_folder, **adapter)
-        return cls._from_state_dict(args, state, source, device, dtype)
+        return cls._from_state_dict(args, state, source, device, dtype, quantize)
 
     @classmethod
     def from_meta(cls, ckpt_dir: str | os.PathLike, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, **adapter: Any) -> LLaMAAdapter:
+                  dtype: torch.dtype | None = None, quantize: str | None = None, **adapter: Any) -> LLaMAAdapter:
         """From Meta's format: a folder with params.json and consolidated.*.pth (one file per
         model-parallel shard; several are merged). Keyword arguments as in `from_hf`."""
         args, state, source = hf_meta.read_meta(ckpt_dir, **adapter)
-        return cls._from_state_dict(args, state, source, device, dtype)
+        return cls._from_state_dict(args, state, source, device, dtype, quantize)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen base weights, with Meta's names and the rotate-half rotary convention."""
+        if quantized.is_quantized(self):
+            raise ValueError("a quantized base has no full-precision weights to save: load it without quantize")
         skip = {"output.weight"} if self.args.tie_word_embeddings else set()
         return {n: p.detach() for n, p in self.named_parameters() if not self._is_adapter_name(n) and n not in skip}
 

@@ -37,14 +37,16 @@ def base_folder(path: str | os.PathLike) -> Path:
 
 
 def load_base(path: str | os.PathLike, *, device: torch.device | str | None = None,
-              dtype: torch.dtype | None = None, known_format: str | None = None, **adapter: Any) -> LLaMAAdapter:
+              dtype: torch.dtype | None = None, known_format: str | None = None, quantize: str | None = None,
+              **adapter: Any) -> LLaMAAdapter:
     """A Hugging Face folder (config.json), a Meta folder (params.json) or a GGUF file
-    (dequantized, then cast to `dtype` if given). `known_format`: `base_format(path)`,
-    where the caller has already checked it."""
+    (dequantized, then cast to `dtype` if given), its linear layers quantized by `quantize`
+    (nf4, fp4, int8; a GGUF base is re-quantized from its dequantized weights).
+    `known_format`: `base_format(path)`, where the caller has already checked it."""
     fmt = known_format or base_format(path)
     folder = gguf_base_folder(path) if fmt == "gguf" else Path(path)
     loader = LLaMAAdapter.from_meta if fmt == "meta" else LLaMAAdapter.from_hf
-    return loader(folder, device=device, dtype=dtype, **adapter)
+    return loader(folder, device=device, dtype=dtype, quantize=quantize, **adapter)
 
 
 def load_tokenizer(path: str | None, base: str | None) -> Tokenizer | HFTokenizer:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_adapter_fast.models.quantized import QUANTIZATIONS, bitsandbytes_problem
 from llama_adapter_fast.ops.attention import triton_device_problem, triton_dtype_problem
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -51,6 +52,8 @@ class TrainConfig:
     clip_grad: float = 1.0  # 0 disables
     precision: str = "auto"  # auto: bf16 (fp16 where bf16 is missing) on a GPU, fp32 on the CPU
     dtype: str | None = None  # cast the base weights (float32, bfloat16, float16)
+    quantize: str | None = None  # the frozen linear layers in nf4, fp4 or int8 (models.quantized)
+    activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
     seed: int = 0
     log_every: int = 1
     print_every: int = 0  # also print a line of metrics every so many steps (0: the progress bar only)
@@ -99,6 +102,14 @@ class TrainConfig:
             raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZATIONS:
+                raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
+            if bitsandbytes_problem() is not None:
+                raise ValueError(f"--quantize {self.quantize} needs bitsandbytes: {bitsandbytes_problem()}")
+            if self.strategy == "fsdp" and world_size > 1:
+                raise ValueError("--quantize cannot be sharded by --strategy fsdp (its 4- and 8-bit weights are not "
+                                 "plain tensors): use --strategy ddp, where each process holds the small base")
         for name in ("blr", "weight_decay", "min_lr", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{option_name(name)} must be >= 0, got {getattr(self, name)}")

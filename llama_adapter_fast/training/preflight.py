@@ -27,6 +27,7 @@ from llama_adapter_fast.models.formats.native import AdapterSource, adapter_conf
 from llama_adapter_fast.models.formats.original import original_state
 from llama_adapter_fast.models.formats.peft import is_peft_folder
 from llama_adapter_fast.models.multimodal import read_image_adapter_record
+from llama_adapter_fast.models.quantized import check_quantization
 from llama_adapter_fast.training.bases import base_format, load_tokenizer
 from llama_adapter_fast.training.config import (
     DTYPES,
@@ -79,6 +80,7 @@ def plan_finetune(cfg: TrainConfig, info: Dist, device: torch.device, *, given: 
                             f"--precision {cfg.precision}")
     if cfg.dtype is not None:
         check_attention_backend(cfg.attention_backend, device, DTYPES[cfg.dtype], f"--dtype {cfg.dtype}")
+    check_quantization(cfg.quantize, device)  # before anything is written
     if cfg.base is not None and Path(cfg.out_dir).resolve() == Path(cfg.base).resolve():
         raise ValueError(f"--out {cfg.out_dir} is the base folder: the run's files would mix with the base "
                          f"model's; choose another --out")

@@ -66,11 +66,13 @@ def _finetune(plan: FinetunePlan, info: Dist, device: torch.device, model: LLaMA
                    "norm_tuning": cfg.norm_tuning, "prefix_projection": cfg.prefix_projection}
         if cfg.adapter_layers is not None:
             adapter["adapter_layers"] = cfg.adapter_layers
+        # A quantized base quantizes on its way to the device: its float weights never go there.
         model = load_base(cfg.base, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, known_format=plan.base_format,
-                          **adapter)
+                          quantize=cfg.quantize, device=device if cfg.quantize else None, **adapter)
         if plan.start_from is not None:
             model.load_adapter(plan.start_from)
     check_vocabulary(tokenizer, model.args.vocab_size)
+    getattr(model, "llama", model).activation_checkpointing = cfg.activation_checkpointing  # a multi-modal one's LLaMA
     if cfg.max_seq_len > model.args.max_seq_len and info.main:
         print(f"warning: max_seq_len {cfg.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
     if cfg.image_encoder is not None or hasattr(model, "image_encoder"):  # the multi-modal adapter

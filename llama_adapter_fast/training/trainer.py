@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from llama_adapter_fast.files import atomic_write, file_sha256
 from llama_adapter_fast.models import LLaMAAdapter, ModelArgs
 from llama_adapter_fast.models.config import ADAPTER_FIELDS
+from llama_adapter_fast.models.quantized import num_parameters
 from llama_adapter_fast.training.config import TrainConfig, check_attention_backend
 from llama_adapter_fast.training.data import IGNORE_INDEX, collate, collate_packed, pack_records
 from llama_adapter_fast.training.distributed import Dist, all_reduce_max, all_reduce_sum
@@ -154,7 +155,7 @@ class Trainer:
         if len(dataset) == 0:
             raise ValueError("the training data set is empty")
         if info.main:
-            print(describe_trainable(self.named_trainable, sum(p.numel() for p in model.parameters())))
+            print(describe_trainable(self.named_trainable, num_parameters(model)))
 
         self.global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
         steps_per_epoch = math.ceil(len(dataset) / self.global_batch)

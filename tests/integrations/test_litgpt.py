@@ -279,3 +279,31 @@ def test_refusals_name_the_argument():
     assert not any(hasattr(b.attn, "fused_backend") for b in model.transformer.h)  # a refused call changes nothing
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         disable_fused_adapter(None)
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_the_fused_adapter_on_litgpts_quantized_model_matches_litgpt(flavour, mode, op_calls):
+    """litgpt's `--quantize bnb.nf4` / `bnb.int8` model: Lightning's bitsandbytes plugin swaps
+    the linear layers for its quantized classes, which quantize when moved to a device (its
+    own move is CUDA-only; bitsandbytes' CPU backend quantizes here on the same move). The
+    fused adapter gives litgpt's logits and adapter gradients on it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning.fabric.plugins.precision.bitsandbytes import BitsandbytesPrecision
+
+    model = lit_model("llama", flavour, dtype=torch.float32, n_embd=64, intermediate_size=128)
+    model = BitsandbytesPrecision(mode, torch.float32 if mode == "nf4" else torch.float16).convert_module(model)
+    for m in model.modules():
+        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            m.weight = m.weight.to("cpu")
+    layer_type = bnb.nn.Linear4bit if mode == "nf4" else bnb.nn.Linear8bitLt
+    assert sum(isinstance(m, layer_type) for m in model.modules()) >= 3 * 4
+    x = tokens()
+    fused = enable_fused_adapter(fresh_copy(model), backend="sdpa")
+    ref_logits, ref_grads = logits_and_grads(model, x)
+    logits, grads = logits_and_grads(fused, x)
+    assert op_calls == ["sdpa"] * 2  # one fused call in each adapted layer (layers 1 and 2)
+    assert rel_error(logits, ref_logits) < 1e-5
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert rel_error(grads[name], ref_grads[name]) < 1e-4, name

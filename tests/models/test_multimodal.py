@@ -21,8 +21,9 @@ from llama_adapter_fast.generation import generate
 from llama_adapter_fast.kernels.utils import LAUNCH_COUNTS
 from llama_adapter_fast.models import llama as model_module
 from llama_adapter_fast.models.config import ModelArgs
-from llama_adapter_fast.models.llama import LLaMAAdapter, apply_rotary, rope_cos_sin
+from llama_adapter_fast.models.llama import LLaMAAdapter
 from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
+from llama_adapter_fast.models.rope import apply_rotary, rope_cos_sin
 from llama_adapter_fast.models.vision import (
     FeatureCache,
     ImageEncoder,

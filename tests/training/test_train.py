@@ -139,6 +139,25 @@ def test_two_gloo_processes_match_one_process(base_dir, data_file, one_process, 
     assert not torch.equal(one_process["layers.1.attention.gate"], torch.zeros(2))
 
 
+def test_two_gloo_processes_on_an_nf4_base_match_one_process(base_dir, data_file, tmp_path):
+    """DDP over a quantized base (each process quantizes its own replica, the same way); FSDP,
+    which cannot shard 4-bit weights, is refused naming --quantize."""
+    pytest.importorskip("bitsandbytes")
+    finetune(config(base_dir, data_file, tmp_path / "one", batch_size=4, grad_accum=1, max_steps=3, quantize="nf4"))
+    run = ["finetune", "--base", str(base_dir), "--data", str(data_file), "--adapter-len", "3", "--adapter-layers",
+           "2", "--attention-backend", "sdpa", "--max-seq-len", "80", "--batch-size", "2", "--grad-accum", "1",
+           "--max-steps", "3", "--lr", "2e-2", "--warmup-steps", "2", "--device", "cpu", "--no-progress", "--no-plot",
+           "--quantize", "nf4"]
+    proc = torchrun([*run, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    for name, t in one.items():
+        assert torch.allclose(two[name], t, rtol=1e-5, atol=1e-6), (name, (two[name] - t).abs().max())
+    proc = torchrun([*run, "--out", str(tmp_path / "sharded"), "--strategy", "fsdp"])
+    assert proc.returncode != 0 and "--quantize cannot be sharded by --strategy fsdp" in proc.stderr
+    assert not (tmp_path / "sharded").exists()
+
+
 def test_a_checkpoint_without_fsdp_does_not_resume_under_fsdp(base_dir, data_file, tmp_path):
     """Its optimizer state is keyed by parameter number, which FSDP's loader cannot map: the
     one-line error naming the way that works, not a KeyError from the loader."""

