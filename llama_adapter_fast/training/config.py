@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_adapter_fast.models.quantized import QUANTIZATIONS, bitsandbytes_problem
+from llama_adapter_fast.models.quantized import BACKENDS, QUANTIZATIONS, quantization_problem
 from llama_adapter_fast.ops.attention import triton_device_problem, triton_dtype_problem
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -52,7 +52,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # 0 disables
     precision: str = "auto"  # auto: bf16 (fp16 where bf16 is missing) on a GPU, fp32 on the CPU
     dtype: str | None = None  # cast the base weights (float32, bfloat16, float16)
-    quantize: str | None = None  # the frozen linear layers in nf4, fp4 or int8 (models.quantized)
+    quantize: str | None = None  # the frozen linear layers in nf4, fp4, int8 or torchao-int8 (models.quantized)
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
     seed: int = 0
     log_every: int = 1
@@ -105,8 +105,9 @@ class TrainConfig:
         if self.quantize is not None:
             if self.quantize not in QUANTIZATIONS:
                 raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
-            if bitsandbytes_problem() is not None:
-                raise ValueError(f"--quantize {self.quantize} needs bitsandbytes: {bitsandbytes_problem()}")
+            problem = quantization_problem(self.quantize)
+            if problem is not None:
+                raise ValueError(f"--quantize {self.quantize} needs {BACKENDS[self.quantize]}: {problem}")
             if self.strategy == "fsdp" and world_size > 1:
                 raise ValueError("--quantize cannot be sharded by --strategy fsdp (its 4- and 8-bit weights are not "
                                  "plain tensors): use --strategy ddp, where each process holds the small base")

