@@ -320,8 +320,14 @@ def test_ctrl_c_between_the_update_and_the_step_counter_applies_the_update_once(
             signal.raise_signal(signal.SIGINT)
 
     out = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        finetune(config(base_dir, data_file, out, save_every=100), callback=ctrl_c)
+    # Ctrl-C as a terminal delivers it to Python's default handler, whatever handler an
+    # earlier test's libraries left installed in this process (the trainer calls that one).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(config(base_dir, data_file, out, save_every=100), callback=ctrl_c)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 4
     assert [r["step"] for r in rows_of(out)] == [1, 2, 3, 4]
     finetune(config(base_dir, data_file, out, save_every=100, resume=True))
