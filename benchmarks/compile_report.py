@@ -210,7 +210,7 @@ def _captured_launches(dtype: torch.dtype, head_dim: int, mode: str, problem: Pr
     v = torch.empty_like(k)
     pk = torch.empty(p.Hkv, p.P, head_dim, dtype=dtype)
     pv = torch.empty_like(pk)
-    gate = torch.zeros(p.Hq)
+    gate = torch.zeros(p.B * p.Hq)  # act(gate) of each sequence and head, as the kernels take it
     mask = torch.ones(p.B, S, dtype=torch.bool) if mode == "causal-padded" else None
     causal = mode != "bidirectional"
     scale = head_dim**-0.5
@@ -248,8 +248,8 @@ def _decode_launches(dtype: torch.dtype, head_dim: int, p: Problem, mode: str) -
     if mode == "decode-padded":
         k, lengths, mask = k[:, :, :p.seq_k], None, torch.ones(p.B, p.seq_k, dtype=torch.bool)
     with capture_launches() as launches:
-        decode_forward(q, k, torch.empty_like(k), pk, torch.empty_like(pk), torch.zeros(p.Hq), mask, lengths, starts,
-                       True, head_dim**-0.5, max_length=p.seq_k, sm_count=132)  # an H100's
+        decode_forward(q, k, torch.empty_like(k), pk, torch.empty_like(pk), torch.zeros(p.B * p.Hq), mask, lengths,
+                       starts, True, head_dim**-0.5, max_length=p.seq_k, sm_count=132)  # an H100's
     return launches
 
 

@@ -170,7 +170,7 @@ def _dq_kernel(
     lse1 = tl.load(LSE1 + lse_base + offs_m, mask=m_valid, other=float("inf"))
     lse2 = tl.load(LSE2 + lse_base + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    a = tl.load(A + h)
+    a = tl.load(A + bh)  # act(gate) of this sequence and head
 
     # Prefix: delta2 = rowsum(P2 * dP2), dS2 = a * P2 * (dP2 - delta2); dQ starts with dS2 Kp,
     # and this block's dKp = dS2^T Q and dVp = (a P2)^T dO go to its slot.
@@ -422,7 +422,7 @@ def backward(
     deterministic: the two-kernel backward without atomics (bit-reproducible); else the
     fused one, whose dQ is summed with atomic adds in float32.
     Returns (dq, dk, dv, dprefix_k, dprefix_v, dgate_act), each shaped like its input;
-    dgate_act is float32 of shape (Hq,).
+    dgate_act is float32 of shape (B * Hq,), one per sequence and query head.
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -433,7 +433,7 @@ def backward(
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=dev)
     if B == 0 or T == 0:
         return (dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v),
-                torch.zeros(H, dtype=torch.float32, device=dev))
+                torch.zeros_like(gate_act))
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     do = do.to(q.dtype)
     delta1 = torch.empty_like(lse1)
@@ -465,7 +465,7 @@ def varlen_backward(
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The backward of `varlen_forward`: gradients of q, k, v, prefix_k, prefix_v (each
-    shaped like its input) and of gate_act ((Hq,) float32); `deterministic` as for
+    shaped like its input) and of gate_act ((n_seqs * Hq,) float32); `deterministic` as for
     `backward`."""
     total_q, H, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
@@ -477,7 +477,7 @@ def varlen_backward(
     dv = torch.empty((total_k, Hkv, D), dtype=v.dtype, device=dev)
     if total_q == 0 or n_seqs == 0:
         return (dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v),
-                torch.zeros(H, dtype=torch.float32, device=dev))
+                torch.zeros_like(gate_act))
     do = do.to(q.dtype)
     delta1 = torch.empty_like(lse1)
     dpk, dpv, dgate = launch_backward(
@@ -564,7 +564,7 @@ def launch_backward(do, q, k, v, prefix_k, prefix_v, gate_act, mask, cu_q, cu_k,
             grad = grad.sum(0)
         return (grad * scale).to(like.dtype)
 
-    dgate = gate_part.sum(dim=(0, 1))
+    dgate = gate_part.sum(0).reshape(-1)  # one per sequence and head, as gate_act
     return reduce(dpk_part, prefix_k, softmax_scale), reduce(dpv_part, prefix_v), dgate
 
 

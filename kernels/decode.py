@@ -188,7 +188,8 @@ def _decode_combine_kernel(
     pv_base = PV + b * stride_pvb + g * stride_pvh
     m2, l2 = prefix_stats(q, pk_base, offs_d, d_valid, P, stride_pkp, stride_pkd, scale_log2,
                           EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
-    weight = tl.load(A + h, mask=r_valid, other=0.0) / l2
+    # act(gate) of each row's sequence and head (the sequence's index in 32 bits: B * H is small).
+    weight = tl.load(A + (bg // HKV) * H + h, mask=r_valid, other=0.0) / l2
     acc = add_prefix(acc, q, pk_base, pv_base, offs_d, d_valid, P, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
                      scale_log2, m2, weight, EVEN_D, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
 
@@ -221,11 +222,12 @@ def decode_forward(
     sm_count: int | None = None,
 ) -> torch.Tensor:
     """Launch the split and combine kernels. Inputs are validated: q (B, Hq, T, D) with
-    T small (ops.attention.MAX_DECODE_QUERIES), k and v (B, Hkv, S_MAX, D), gate_act (Hq,) float32, the mask (B, S_MAX)
-    bool or None, cache_lengths and cache_starts (B,) integers or None. `max_length` (at
-    most S_MAX, default S_MAX) bounds the lengths and sizes the splits; `splits` overrides
-    their number, `sm_count` the multiprocessors they are sized for (default: the
-    device's). Returns out (B, Hq, T, D) in q's dtype."""
+    T small (ops.attention.MAX_DECODE_QUERIES), k and v (B, Hkv, S_MAX, D), gate_act (B * Hq,)
+    float32 (one per sequence and head), the mask (B, S_MAX) bool or None, cache_lengths and
+    cache_starts (B,) integers or None. `max_length` (at most S_MAX, default S_MAX) bounds
+    the lengths and sizes the splits; `splits` overrides their number, `sm_count` the
+    multiprocessors they are sized for (default: the device's). Returns out (B, Hq, T, D)
+    in q's dtype."""
     B, H, T, D = q.shape
     Hkv, S_max = k.shape[1], k.shape[2]
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)

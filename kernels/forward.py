@@ -265,7 +265,7 @@ def _fwd_kernel(
     d_valid = offs_d < HEAD_DIM
     q = read_tile(tile_source(q_base, 1, stride_qt, T, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, TMA), 0, start_m,
                   offs_m, stride_qt, offs_d, stride_qd, m_valid, d_valid, True, EVEN_D, TMA, BLOCK_M, BLOCK_D)
-    a = tl.load(A + h)
+    a = tl.load(A + bh)  # act(gate) of this sequence and head
 
     if PREFIX_FIRST and ONE_PREFIX_BLOCK:
         # The prefix first: its scores once, its statistics and its probabilities (already
@@ -336,7 +336,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on a padded batch. Inputs are already validated.
 
-    gate_act: (Hq,) float32, the activated gate of each query head.
+    gate_act: (B * Hq,) float32, the activated gate of each sequence and query head.
     key_padding_mask: (B, S) bool (True = may be attended), or None.
     Returns out (B, Hq, T, D) in q's dtype and the base-2 log-sum-exps lse1, lse2 (B, Hq, T)
     in float32.

@@ -5,6 +5,10 @@ Prompts are padded on the left so that every sequence ends at the same cache slo
 padded keys are masked out and each sequence's rotary positions count its own tokens
 only, so a prompt gives the same answer alone or in a batch. The adapter's prefix keys
 and values are computed once per call (when the cache is made), not at every step.
+
+A batch may mix adapters over one base: `adapters` (an AdapterBank) and `adapter_names`,
+one name (or None, the base alone) per prompt; each answer is the one its adapter gives
+alone.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llama_adapter_fast.models.adapter_bank import AdapterBank
 from llama_adapter_fast.models.llama import KVCache, LLaMAAdapter
 from llama_adapter_fast.models.multimodal import MultiModalLLaMAAdapter
 from llama_adapter_fast.training.templates import prompt_ids
@@ -77,6 +82,26 @@ def _stop_ids(eos_id: object) -> tuple[int, ...]:
     return ids
 
 
+def _mixed_prefixes(model: LLaMAAdapter, batch_size: int, adapters: AdapterBank | None,
+                    adapter_names: Sequence[str | None] | None, prompt_offset: torch.Tensor | None,
+                    use_cache: bool) -> list | None:
+    """The cache's per-sample prefixes and gates of a batch that mixes adapters, or None."""
+    if adapter_names is None:
+        if adapters is not None:
+            raise ValueError("adapters: give adapter_names too, one adapter name (or None) per prompt")
+        return None
+    if not isinstance(adapters, AdapterBank) or adapters.model is not model:
+        raise ValueError("adapter_names needs adapters, an AdapterBank of this model")
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or len(adapter_names) != batch_size:
+        raise ValueError(f"adapter_names must hold one adapter name (or None) per prompt ({batch_size}), got "
+                         f"{adapter_names!r}")
+    if prompt_offset is not None:
+        raise ValueError("prompt_offset: a multi-modal prompt offset cannot be combined with adapter_names")
+    if not use_cache:
+        raise ValueError("adapter_names: a batch that mixes adapters runs with the KV cache (use_cache=True)")
+    return adapters.prefixes(adapter_names)
+
+
 @torch.no_grad()
 def generate(
     model: LLaMAAdapter,
@@ -90,6 +115,8 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     prompt_offset: torch.Tensor | None = None,
+    adapters: AdapterBank | None = None,
+    adapter_names: Sequence[str | None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens of each, cut
     before the first stop id: `eos_id`, one id or several (Llama 3 Instruct ends a turn with
@@ -100,8 +127,11 @@ def generate(
     cached path is tested against). Sampling draws from `generator` when given.
     `prompt_offset` (B, dim) conditions each sequence's adaption prompts (the multi-modal
     adapter's projected image features); its prefixes are computed once per call.
+    `adapters` and `adapter_names` (one per prompt, None for the base alone): each prompt
+    answered by its own adapter of the bank, in one batch over the shared base.
     """
     caps = _check_args(prompts, max_new_tokens, temperature, top_p)
+    prefixes = _mixed_prefixes(model, len(prompts), adapters, adapter_names, prompt_offset, use_cache)
     stops = _stop_ids(eos_id)
     device = model.tok_embeddings.weight.device
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
@@ -124,7 +154,7 @@ def generate(
     # positions as it would alone.
     positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     done = cap_of == 0
-    cache = KVCache(model, B, total, prompt_offset=prompt_offset) if use_cache else None
+    cache = KVCache(model, B, total, prompt_offset=prompt_offset, prefixes=prefixes) if use_cache else None
     if not use_cache:
         model.check_prompt_offset(prompt_offset, B)
     start = 0
@@ -169,6 +199,8 @@ def iter_answers(
     generator: torch.Generator | None = None,
     skip_too_long: bool = False,
     prompt_offset: torch.Tensor | None = None,
+    adapters: AdapterBank | None = None,
+    adapter_names: Sequence[str | None] | None = None,
 ) -> Iterator[tuple[int, str | None]]:
     """(index, answer) for each instruction, in order, as soon as its batch is done: see
     `answer`. A prompt that leaves no room in the model's context raises a ValueError naming
@@ -179,6 +211,8 @@ def iter_answers(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     context = model.args.max_seq_len
     prompts = [prompt_ids(tokenizer, item, template) for item in instructions]
+    if adapter_names is not None and (isinstance(adapter_names, str) or len(adapter_names) != len(prompts)):
+        raise ValueError(f"adapter_names must hold one adapter name (or None) per instruction ({len(prompts)})")
     too_long = [i for i, p in enumerate(prompts) if len(p) >= context]
     if too_long and not skip_too_long:
         i = too_long[0]
@@ -192,7 +226,8 @@ def iter_answers(
         caps = [min(max_new_tokens, context - len(prompts[i])) for i in batch]
         new = generate(model, [prompts[i] for i in batch], max_new_tokens=caps, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator,
-                       prompt_offset=None if prompt_offset is None else prompt_offset[batch])
+                       prompt_offset=None if prompt_offset is None else prompt_offset[batch], adapters=adapters,
+                       adapter_names=None if adapter_names is None else [adapter_names[i] for i in batch])
         for i, ids, cap in zip(batch, new, caps, strict=True):
             while done < i:  # skipped prompts before this one
                 yield done, None
@@ -221,6 +256,8 @@ def answer(
     prompt_offset: torch.Tensor | None = None,
     images: Sequence[Any] | None = None,
     image_features: torch.Tensor | None = None,
+    adapters: AdapterBank | None = None,
+    adapter_names: Sequence[str | None] | None = None,
 ) -> list[str]:
     """Answers to instructions: each a string, an Alpaca record {"instruction", "input"} or a
     chat record {"messages"}, put in the Alpaca prompt (template True or "alpaca"), the
@@ -231,7 +268,10 @@ def answer(
 
     A multi-modal model answers each instruction with its image: `images` (paths, Pillow
     images, or None for no image), `image_features` (N, feature_dim), or the "image" key of
-    record instructions; the per-sample prefixes are computed once per generation call."""
+    record instructions; the per-sample prefixes are computed once per generation call.
+
+    `adapters` (an AdapterBank) and `adapter_names` (one per instruction, None for the base
+    alone) answer each instruction with its own adapter, batched over the shared base."""
     if isinstance(model, MultiModalLLaMAAdapter):
         prompt_offset = model.answer_offsets(instructions, images=images, image_features=image_features)
         model = model.llama
@@ -239,4 +279,5 @@ def answer(
         raise ValueError("images: pictures need a multi-modal model (MultiModalLLaMAAdapter)")
     return [text for _, text in iter_answers(model, tokenizer, instructions, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                             template=template, generator=generator, prompt_offset=prompt_offset)]
+                                             template=template, generator=generator, prompt_offset=prompt_offset,
+                                             adapters=adapters, adapter_names=adapter_names)]

@@ -25,7 +25,8 @@ def test_the_op_pages_examples_run_in_order(tmp_path):
     _run("\n".join(python_blocks(ROOT / "docs" / "op.md")), tmp_path)
 
 
-@pytest.mark.parametrize("marker", ["MultiModalLLaMAAdapter(llama, encoder)", "# 5,136: the only trainable tensors"])
+@pytest.mark.parametrize("marker", ["MultiModalLLaMAAdapter(llama, encoder)", "# 5,136: the only trainable tensors",
+                                    "bank.unload(\"chat\")"])
 def test_python_example_runs_from_another_folder(marker, tmp_path):
     pytest.importorskip("transformers")
     _run(python_block(marker), tmp_path)

@@ -85,14 +85,16 @@ class Attention(nn.Module):
             self.adapter_prompt = nn.Parameter(torch.empty(args.adapter_len, args.dim, dtype=torch.float32))
             self.gate = nn.Parameter(torch.zeros(() if args.scalar_gate else args.n_heads, dtype=torch.float32))
 
-    def adapter_prefix(self, prompt_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix keys and values (Hkv, P, D): the prompt through the frozen wk and wv,
-        without rotary embedding (the prompt has no position).
+    def adapter_prefix(self, prompt_offset: torch.Tensor | None = None,
+                       prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values (Hkv, P, D): the prompt (this layer's own, or `prompt`,
+        another adapter's) through the frozen wk and wv, without rotary embedding (the prompt
+        has no position).
 
         With `prompt_offset` (B, dim), row b is added to every position of the prompt (the
         multi-modal LLaMA-Adapter's P_l + Repeat(I_p)) and the prefix is per sample, (B, Hkv, P, D).
         """
-        prompt = self.adapter_prompt
+        prompt = self.adapter_prompt if prompt is None else prompt
         if prompt_offset is not None:
             prompt = prompt + prompt_offset[:, None, :].to(prompt.dtype)
         if not torch.is_autocast_enabled(prompt.device.type):  # a quantized layer names its compute dtype
@@ -130,10 +132,11 @@ class Attention(nn.Module):
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
         if self.use_adapter:
-            prefix_k, prefix_v = prefix if prefix is not None else self.adapter_prefix()
+            # A prefix may bring its own gate: (B, Hq) for a batch that mixes adapters.
+            prefix_k, prefix_v, *gate = prefix if prefix is not None else self.adapter_prefix()
             out = gated_prefix_attention(
-                q, k, v, prefix_k, prefix_v, self.gate, causal=True, gate_activation=self.gate_activation,
-                key_padding_mask=key_padding_mask, backend=self.backend,
+                q, k, v, prefix_k, prefix_v, gate[0] if gate else self.gate, causal=True,
+                gate_activation=self.gate_activation, key_padding_mask=key_padding_mask, backend=self.backend,
             )
         else:
             out = plain_attention(q, k, v, key_padding_mask)
@@ -183,12 +186,14 @@ class KVCache:
 
     The prefix keys and values depend only on the weights (and on `prompt_offset`, the
     per-sample image feature of the multi-modal adapter), so they are computed once when the
-    cache is made and reused at every decoding step.
+    cache is made and reused at every decoding step. `prefixes` (per layer, None or a
+    per-sample (prefix_k, prefix_v, gate)) replaces them for a batch that mixes adapters
+    (`AdapterBank.prefixes`).
     """
 
     def __init__(self, model: LLaMAAdapter, batch_size: int, max_len: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 prompt_offset: torch.Tensor | None = None):
+                 prompt_offset: torch.Tensor | None = None, prefixes: list | None = None):
         args = model.args
         model.check_prompt_offset(prompt_offset, batch_size)
         weight = model.tok_embeddings.weight
@@ -199,6 +204,9 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.max_len = max_len
         self.length = 0
+        if prefixes is not None:  # each layer's (prefix_k, prefix_v, gate) of a mixed batch (AdapterBank)
+            self.prefixes = prefixes
+            return
         with torch.no_grad():
             self.prefixes = [
                 tuple(t.to(dtype) for t in layer.attention.adapter_prefix(

@@ -120,16 +120,17 @@ def check_prefix(prefix_k, prefix_v, n_seqs: int, Hkv: int, D: int, batch_name: 
         raise ValueError("prefix_k must hold at least one prefix token (P >= 1), got P = 0")
 
 
-def check_gate(gate: object, Hq: int, device: torch.device) -> torch.Tensor:
-    """The gate as a floating-point tensor of shape (), (1,) or (Hq,) on q's device."""
+def check_gate(gate: object, Hq: int, device: torch.device, n_seqs: int, batch_name: str = "B") -> torch.Tensor:
+    """The gate as a floating-point tensor of shape (), (1,), (Hq,) or (n_seqs, Hq) on q's device."""
     if isinstance(gate, numbers.Real) and not isinstance(gate, bool):
         gate = torch.tensor(float(gate), device=device)
     if not isinstance(gate, torch.Tensor):
         raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
     if not gate.is_floating_point():
         raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
-    if gate.shape not in ((), (1,), (Hq,)):
-        raise ValueError(f"gate must have shape (), (1,) or ({Hq},) (one per query head), got {tuple(gate.shape)}")
+    if gate.shape not in ((), (1,), (Hq,), (n_seqs, Hq)):
+        raise ValueError(f"gate must have shape (), (1,), ({Hq},) (one per query head) or ({n_seqs}, {Hq}) (one "
+                         f"per {batch_name} and query head), got {tuple(gate.shape)}")
     if gate.device != device:
         raise ValueError(f"gate must be on q's device {device}, got {gate.device}")
     return gate
@@ -151,7 +152,7 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, gate, causal, gate_activation, so
     check_key_value(k, v, Hq, Hkv, D)
     check_prefix(prefix_k, prefix_v, B, Hkv, D)
     check_like_q(q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
-    gate = check_gate(gate, Hq, q.device)
+    gate = check_gate(gate, Hq, q.device, B)
 
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
@@ -253,7 +254,8 @@ def gated_prefix_attention(
         k, v: (B, Hkv, S, D) word keys and values; Hq must be a multiple of Hkv.
         prefix_k, prefix_v: (Hkv, P, D) shared by the batch or (B, Hkv, P, D) per sample;
             the prefix is never masked.
-        gate: shape () or (1,) for one gate, (Hq,) for one per query head; any float dtype.
+        gate: shape () or (1,) for one gate, (Hq,) for one per query head, (B, Hq) for
+            one per sample and query head (a batch mixing adapters); any float dtype.
         causal: causal masking aligned to the bottom right (query t sees keys
             j <= t + S - T), so T new queries over S >= T cached keys work.
         gate_activation: "tanh" (the paper) or "identity" (PEFT's adaption prompt).
@@ -289,7 +291,7 @@ def gated_prefix_attention(
         return eager_attention(q, k, v, prefix_k, prefix_v, gate, **kwargs)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, prefix_k, prefix_v, gate, **kwargs)
-    gate_act = kernel_gate(gate, gate_activation, q.shape[1])
+    gate_act = kernel_gate(gate, gate_activation, q.shape[0], q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if use_decode_kernels(q, (q, k, v, prefix_k, prefix_v, gate), decode):  # they load only the keys held
         return custom_ops.gpa_decode(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, None, None, causal,
@@ -317,7 +319,11 @@ def use_decode_kernels(q: torch.Tensor, tensors: tuple, decode: bool | None) -> 
     return not needs_grad and 1 <= q.shape[2] <= MAX_DECODE_QUERIES
 
 
-def kernel_gate(gate: torch.Tensor, gate_activation: str, num_heads: int) -> torch.Tensor:
-    """act(gate) per query head in float32, as the kernels take it; autograd carries its
-    gradient back through the activation to the gate in the gate's own dtype."""
-    return activate_gate(gate.float(), gate_activation).reshape(-1).expand(num_heads).contiguous()
+def kernel_gate(gate: torch.Tensor, gate_activation: str, num_seqs: int, num_heads: int) -> torch.Tensor:
+    """act(gate) of each sequence and query head, flat (num_seqs * num_heads,) float32, as
+    the kernels take it (a shared gate repeated: the kernels index it one way); autograd
+    carries its gradient back through the expansion and the activation to the gate in the
+    gate's own dtype."""
+    act = activate_gate(gate.float(), gate_activation)
+    act = act.reshape(num_seqs if act.dim() == 2 else 1, -1)
+    return act.expand(num_seqs, num_heads).reshape(-1).contiguous()

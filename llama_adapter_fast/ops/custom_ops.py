@@ -119,7 +119,7 @@ def triton_attention(
     softmax_scale: float,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """The fused path on validated inputs; gate_act is act(gate) as float32 of shape (Hq,)."""
+    """The fused path on validated inputs; gate_act is act(gate) as float32 of shape (B * Hq,)."""
     out, _, _ = gpa_forward(q, k, v, prefix_k, prefix_v, gate_act, key_padding_mask, causal, softmax_scale,
                             deterministic)
     return out
@@ -229,7 +229,7 @@ def triton_varlen_attention(
     softmax_scale: float,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """The fused packed path on validated inputs; gate_act is act(gate) as float32 (Hq,)."""
+    """The fused packed path on validated inputs; gate_act is act(gate) as float32 (n_seqs * Hq,)."""
     out, _, _ = gpa_varlen_forward(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
                                    max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic)
     return out

@@ -145,7 +145,7 @@ def gated_prefix_attention_decode(
     check_key_value(k_cache, v_cache, Hq, Hkv, D, names=("k_cache", "v_cache"))
     check_prefix(prefix_k, prefix_v, B, Hkv, D)
     check_like_q(q, k_cache=k_cache, v_cache=v_cache, prefix_k=prefix_k, prefix_v=prefix_v)
-    gate = check_gate(gate, Hq, q.device)
+    gate = check_gate(gate, Hq, q.device, B)
     if cache_lengths is None:
         raise TypeError("cache_lengths must be an integer tensor of shape (B,)")
     cache_lengths = _check_cache_vector("cache_lengths", cache_lengths, B, q.device)
@@ -172,7 +172,7 @@ def gated_prefix_attention_decode(
         return _masked_reference(q, k_cache, v_cache, prefix_k, prefix_v, gate, allowed, gate_activation,
                                  softmax_scale, eager=backend == "eager")
     scale = float(softmax_scale) if softmax_scale is not None else D**-0.5
-    return custom_ops.gpa_decode(q, k_cache, v_cache, prefix_k, prefix_v, kernel_gate(gate, gate_activation, Hq),
+    return custom_ops.gpa_decode(q, k_cache, v_cache, prefix_k, prefix_v, kernel_gate(gate, gate_activation, B, Hq),
                                  None, cache_lengths, cache_starts, causal, scale)
 
 

@@ -71,10 +71,16 @@ def softmax_attend(scores: torch.Tensor, allowed: torch.Tensor | None, v: torch.
     return (probs.to(v.dtype) @ v).to(scores.dtype)
 
 
+def gate_weights(gate: torch.Tensor, gate_activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """act(gate) shaped to multiply (B, H, T, D): one for all, one per query head (Hq,) or
+    one per sample and query head (B, Hq)."""
+    a = activate_gate(gate.to(dtype), gate_activation)
+    return a[..., None, None] if a.dim() == 2 else a.reshape(-1, 1, 1)
+
+
 def gated_sum(o1: torch.Tensor, o2: torch.Tensor, gate: torch.Tensor, gate_activation: str) -> torch.Tensor:
-    """o1 + act(gate) * o2 in o1's dtype, the gate one per query head (or one for all)."""
-    a = activate_gate(gate.to(o1.dtype), gate_activation).reshape(-1, 1, 1)
-    return o1 + a * o2
+    """o1 + act(gate) * o2 in o1's dtype (see `gate_weights` for the gate's shapes)."""
+    return o1 + gate_weights(gate, gate_activation, o1.dtype) * o2
 
 
 def eager_attention(
@@ -142,7 +148,7 @@ def concat_attention(
     word_probs = torch.softmax(word_scores, dim=-1)
     if allowed is not None:
         word_probs = word_probs.masked_fill(~allowed, 0.0)
-    a = activate_gate(gate.to(acc), gate_activation).reshape(-1, 1, 1)
+    a = gate_weights(gate, gate_activation, acc)
     probs = torch.cat([a * prefix_probs, word_probs], dim=-1)
     return (probs @ values.to(acc)).to(q.dtype)
 

@@ -62,7 +62,7 @@ def make_inputs(c: Case, seed: int = 0) -> tuple[list[torch.Tensor], dict]:
         q, k, v = rand(c.B, c.Hq, c.T, c.D), rand(c.B, c.Hkv, S, c.D), rand(c.B, c.Hkv, S, c.D)
     prefix_shape = (c.Hkv, c.P, c.D) if c.shared_prefix else (c.B, c.Hkv, c.P, c.D)
     pk, pv = rand(*prefix_shape), rand(*prefix_shape)
-    gate_shape = tuple(c.Hq if d == "Hq" else d for d in c.gate_shape)
+    gate_shape = tuple({"Hq": c.Hq, "B": c.B}.get(d, d) for d in c.gate_shape)
     gate = (torch.rand(gate_shape, generator=g) * 1.5 + 0.25).to(DEVICE)  # non-zero, both signs below
     if gate.dim() > 0 and gate.numel() > 1:
         gate[::2] = -gate[::2]
@@ -144,7 +144,9 @@ def oracle_attention(
         a = gate
     else:
         raise ValueError(f"gate_activation {gate_activation!r}")
-    return o_words + a.to(o_prefix.dtype).reshape(1, -1, 1, 1) * o_prefix
+    a = a.to(o_prefix.dtype)
+    a = a.reshape(B, Hq, 1, 1) if a.dim() == 2 else a.reshape(1, -1, 1, 1)  # per sample and head, or shared
+    return o_words + a * o_prefix
 
 
 def packed_oracle(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate, **kwargs) -> torch.Tensor:
@@ -154,8 +156,9 @@ def packed_oracle(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate,
         q0, q1, k0, k1 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
         pk = prefix_k if prefix_k.dim() == 3 else prefix_k[i][None]
         pv = prefix_v if prefix_v.dim() == 3 else prefix_v[i][None]
+        g = gate if gate.dim() < 2 else gate[i][None]
         one = [x[None].transpose(1, 2) for x in (q[q0:q1], k[k0:k1], v[k0:k1])]  # (1, H, len, D)
-        outs.append(oracle_attention(*one, pk, pv, gate, **kwargs)[0].transpose(0, 1))
+        outs.append(oracle_attention(*one, pk, pv, g, **kwargs)[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
@@ -289,6 +292,7 @@ class PackedCase:
     P: int = 10
     causal: bool = True
     per_sequence_prefix: bool = True
+    per_sequence_gate: bool = False  # (N, Hq): one per sequence and query head
     dtype: torch.dtype = torch.float32
 
 
@@ -307,8 +311,8 @@ def make_packed_inputs(c: PackedCase, seed: int = 0) -> tuple[list[torch.Tensor]
     q, k, v = rand(sum(c.lens_q), c.Hq, c.D), rand(sum(lens_k), c.Hkv, c.D), rand(sum(lens_k), c.Hkv, c.D)
     prefix = (len(c.lens_q), c.Hkv, c.P, c.D) if c.per_sequence_prefix else (c.Hkv, c.P, c.D)
     pk, pv = rand(*prefix), rand(*prefix)
-    gate = (torch.rand(c.Hq, generator=g) + 0.25).to(DEVICE)
-    gate[::2] = -gate[::2]
+    gate = (torch.rand((len(c.lens_q), c.Hq) if c.per_sequence_gate else c.Hq, generator=g) + 0.25).to(DEVICE)
+    gate.view(-1)[::2] *= -1
     packing = (cumulative(c.lens_q), cumulative(lens_k), max(c.lens_q, default=0), max(lens_k, default=0))
     return [q, k, v, pk, pv, gate], dict(causal=c.causal), packing
 
@@ -363,6 +367,7 @@ def decode_oracle(q, k_cache, v_cache, cache_lengths, prefix_k, prefix_v, gate, 
         start = min(max(start, 0), end)
         pk = prefix_k if prefix_k.dim() == 3 else prefix_k[b:b + 1]
         pv = prefix_v if prefix_v.dim() == 3 else prefix_v[b:b + 1]
+        g = gate if gate.dim() < 2 else gate[b:b + 1]
         outs.append(oracle_attention(q[b:b + 1], k_cache[b:b + 1, :, start:end], v_cache[b:b + 1, :, start:end],
-                                     pk, pv, gate, **kwargs))
+                                     pk, pv, g, **kwargs))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

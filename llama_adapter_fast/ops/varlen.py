@@ -85,7 +85,7 @@ def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     check_prefix(prefix_k, prefix_v, n_seqs, Hkv, D, batch_name="sequence")
     max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, total_q)
     max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, total_k)
-    return check_gate(gate, Hq, q.device), max_q, max_k
+    return check_gate(gate, Hq, q.device, n_seqs, batch_name="sequence"), max_q, max_k
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -181,8 +181,9 @@ def varlen_reference(
     for i in range(len(lengths_q)):
         pk = prefix_k if prefix_k.dim() == 3 else prefix_k[i:i + 1]
         pv = prefix_v if prefix_v.dim() == 3 else prefix_v[i:i + 1]
+        g = gate if gate.dim() < 2 else gate[i:i + 1]
         out = attention(batch_of_one(pieces_q[i]), batch_of_one(pieces_k[i]), batch_of_one(pieces_v[i]),
-                        pk, pv, gate, **kwargs)
+                        pk, pv, g, **kwargs)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty(q.shape)
 
@@ -244,7 +245,7 @@ def gated_prefix_attention_varlen(
             return _padded_varlen(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, prefix_k, prefix_v,
                                   gate, **options)
         return varlen_reference(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_k, prefix_v, gate, **options)
-    gate_act = kernel_gate(gate, gate_activation, q.shape[1])
+    gate_act = kernel_gate(gate, gate_activation, cu_seqlens_q.numel() - 1, q.shape[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return custom_ops.triton_varlen_attention(q, k, v, prefix_k, prefix_v, gate_act, cu_seqlens_q, cu_seqlens_k,
                                               max_q, max_k, causal, scale, deterministic)

@@ -28,6 +28,7 @@ class DecodeCase:
     s_max: int | None = None  # the cache's capacity; default: the longest length + 5
     starts: tuple[int, ...] | None = None
     per_sample_prefix: bool = False
+    per_sample_gate: bool = False  # (B, Hq): one per sequence and query head
     causal: bool = True
     dtype: torch.dtype = torch.float32
 
@@ -42,8 +43,8 @@ def make(c: DecodeCase, seed: int = 0):
     # The cache as a preallocated (B, S_max, Hkv, D) buffer seen as (B, Hkv, S_max, D).
     k, v = rand(B, S, c.Hkv, c.D).transpose(1, 2), rand(B, S, c.Hkv, c.D).transpose(1, 2)
     prefix = (B, c.Hkv, c.P, c.D) if c.per_sample_prefix else (c.Hkv, c.P, c.D)
-    gate = (torch.rand(c.Hq, generator=g) + 0.25).to(DEVICE)
-    gate[::2] = -gate[::2]
+    gate = (torch.rand((B, c.Hq) if c.per_sample_gate else c.Hq, generator=g) + 0.25).to(DEVICE)
+    gate.view(-1)[::2] *= -1
     lengths = torch.tensor(c.lengths, dtype=torch.int32, device=DEVICE)
     starts = None if c.starts is None else torch.tensor(c.starts, device=DEVICE)
     return rand(B, c.Hq, c.T, c.D), k, v, lengths, starts, rand(*prefix), rand(*prefix), gate
@@ -75,6 +76,7 @@ CASES = {
     "t2_group1_left_padded": DecodeCase((40, 40, 40), Hq=2, Hkv=2, T=2, starts=(0, 7, 39)),  # one sees 1 key
     "t5_queries_before_the_start": DecodeCase((20, 30), Hq=4, Hkv=2, T=5, starts=(17, 0)),  # 2 see no key
     "t3_bidirectional": DecodeCase((70, 9), Hq=4, Hkv=2, T=3, causal=False, per_sample_prefix=True),
+    "t2_per_sample_gates": DecodeCase((90, 31, 7), Hq=4, Hkv=2, T=2, per_sample_prefix=True, per_sample_gate=True),
     "t1_d80": DecodeCase((333, 100), Hq=4, Hkv=2, D=80),
     "t2_d256": DecodeCase((300, 20), Hq=4, Hkv=2, T=2, D=256),  # float32 products as FMAs (ieee) past 128
     "t6_a_cache_far_longer": DecodeCase((50, 3), Hq=4, Hkv=2, T=3, s_max=1000),
@@ -106,7 +108,7 @@ def test_gpu_tiles(kernel, m, n, monkeypatch):
 
 def test_splits_change_nothing_but_rounding_and_repeat_exactly():
     q, k, v, lengths, starts, pk, pv, gate = make(CASES["t1_mqa_long"])
-    act = torch.tanh(gate.float())
+    act = torch.tanh(gate.float()).repeat(q.shape[0])  # one per sequence and head, as the kernels take it
     outs = [decode_forward(q, k, v, pk, pv, act, None, lengths, None, True, 32**-0.5, splits=s) for s in (1, 3, 10)]
     for out in outs[1:]:
         assert rel_error(out, outs[0]) < 1e-6

@@ -70,7 +70,7 @@ def test_grid_stays_within_cuda_limits():
     q = torch.empty(B, H, 1, D)
     k, v = torch.empty(B, H, 3, D), torch.empty(B, H, 3, D)
     pk, pv = torch.empty(H, 4, D), torch.empty(H, 4, D)
-    gate = torch.zeros(H)
+    gate = torch.zeros(B * H)  # act(gate) of each sequence and head
     with capture_launches() as launches:
         out, lse1, lse2 = fwd.forward(q, k, v, pk, pv, gate, None, True, 0.25)
         bwd.backward(torch.empty_like(out), q, k, v, pk, pv, gate, None, out, lse1, lse2, True, 0.25)

@@ -35,6 +35,9 @@ CASES = {
     "scalar_gate": Case(gate_shape=()),
     "one_gate": Case(gate_shape=(1,), shared_prefix=True),
     "identity_gate": Case(gate_activation="identity"),
+    # one gate per sample and head (a batch mixing adapters), with a per-sample or a shared prefix
+    "per_sample_gate": Case(gate_shape=("B", "Hq"), B=3),
+    "per_sample_gate_shared_prefix": Case(gate_shape=("B", "Hq"), shared_prefix=True, mask="random", T=18),
     "softmax_scale": Case(softmax_scale=0.3),
     "batch_one": Case(B=1, Hq=3, Hkv=1, T=40),
 }

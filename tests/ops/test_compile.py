@@ -44,7 +44,8 @@ def op_inputs(transposed: bool, shared_prefix: bool, padding: bool, seed: int = 
 def test_opcheck(variant):
     variant = dict(variant)
     causal, deterministic = variant.pop("causal"), variant.pop("deterministic")
-    q, k, v, pk, pv, gate_act, mask = op_inputs(**variant)
+    q, k, v, pk, pv, gate, mask = op_inputs(**variant)
+    gate_act = gate.repeat(q.shape[0])  # the custom ops take one per sequence and head
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, gate_act)]
     args = (*leaves, mask, causal, 0.25, deterministic)
     torch.library.opcheck(OPS.gpa_forward.default, args)

@@ -32,6 +32,8 @@ CASES = {
     "kv_cache_chunks": PackedCase((3, 1, 9), lens_k=(20, 33, 9)),  # bottom-right causal per sequence
     "empty_sequence_p70": PackedCase((8, 0, 19), lens_k=(8, 0, 19), P=70),
     "d80": PackedCase((11, 20), D=80),
+    "per_sequence_gates": PackedCase((9, 24, 12), per_sequence_gate=True),
+    "per_sequence_gates_shared_prefix": PackedCase((5, 17), per_sequence_gate=True, per_sequence_prefix=False),
     "no_word_keys": PackedCase((3, 18), lens_k=(0, 0)),  # the prefix alone (the dK/dV kernel has no keys)
 }
 
@@ -119,7 +121,8 @@ def test_bad_input(changes, error, words):
 def test_opcheck(deterministic):
     tensors, _, (cu_q, cu_k, max_q, max_k) = make_packed_inputs(PackedCase((5, 16, 2), D=16, P=3))
     q, k, v, pk, pv, gate = tensors
-    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, gate.tanh().detach())]
+    gate_act = gate.tanh().detach().repeat(cu_q.numel() - 1)  # the custom ops take one per sequence and head
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, gate_act)]
     args = (*leaves, cu_q, cu_k, max_q, max_k, True, 0.25, deterministic)
     torch.library.opcheck(OPS.gpa_varlen_forward.default, args)
     out, lse1, lse2 = custom_ops.gpa_varlen_forward(*args)
