@@ -18,12 +18,21 @@ op for the prefix alone (no word keys), shared by the batch.
 The modules keep their class hierarchy (the fused class subclasses PEFT's), their
 parameters and their state dict, so PEFT's save_pretrained, from_pretrained, adapter
 switching and disabling keep working.
+
+PEFT's ``adapter_names=`` (one adapter name per sample, "__base__" for the base model), which
+PEFT's LoRA takes in ``forward`` and ``generate``, works for fused adaption prompts too: a
+batch mixes the model's adapters, each sample with its own prefix and gate in one fused call
+per layer. (PEFT's own adaption prompt drops that argument and runs the active adapter on
+every sample.)
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.adaption_prompt.layer import AdaptedAttention
@@ -49,7 +58,11 @@ __all__ = [
     "FusedAdaptedAttentionGPT",
     "enable_fused_adaption_prompt",
     "disable_fused_adaption_prompt",
+    "BASE_ADAPTER_NAME",
 ]
+
+# PEFT's name for "no adapter" in adapter_names.
+BASE_ADAPTER_NAME = "__base__"
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # What the fused GPT-2 forward reads from transformers' GPT2Attention.
@@ -126,9 +139,14 @@ class FusedAdaptedAttention(AdaptedAttention):
     """
 
     fused_backend: str
+    # While a call with adapter_names runs: each sample's adapted attention of this layer
+    # (None for the base), set by `_mixed_batch`.
+    mixed_batch: list | None = None
 
     def forward(self, **kwargs):
         reason = _fallback_reason(self, kwargs)
+        if reason is not None and self.mixed_batch is not None:
+            raise ValueError(f"adapter_names: a batch that mixes adapters runs the fused op, but {reason}")
         if reason is not None:
             warnings.warn(f"fused adaption prompt: using PEFT's forward because {reason}", stacklevel=2)
             return super().forward(**kwargs)
@@ -149,9 +167,15 @@ class FusedAdaptedAttention(AdaptedAttention):
         window = getattr(attention.config, "sliding_window", None)
         packing, mask = resolve_packing(kwargs, mask, B, T, k.shape[2], causal=True, sliding_window=window)
         check_sliding_window(window, mask, k.shape[2], packing)
-        prefix_k, prefix_v = prefix_keys_values(attention, self.adaption_prompt, q.dtype, key_norm=False)
+        if self.mixed_batch is None:
+            prefix_k, prefix_v = prefix_keys_values(attention, self.adaption_prompt, q.dtype, key_norm=False)
+            gate = self.adaption_gate
+        else:
+            if packing is not None:
+                raise ValueError("adapter_names: packed sequences cannot mix adapters (one name per row of a batch)")
+            prefix_k, prefix_v, gate = self._mixed_prefix(q, B)
         out = masked_gated_prefix_attention(
-            q, k, v, prefix_k, prefix_v, self.adaption_gate, attention_mask=mask, gate_activation="identity",
+            q, k, v, prefix_k, prefix_v, gate, attention_mask=mask, gate_activation="identity",
             softmax_scale=attention.scaling, causal=True, backend=self.fused_backend, packing=packing,
         )
         out = attention.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -159,6 +183,24 @@ class FusedAdaptedAttention(AdaptedAttention):
         if bias is not None:
             out = out + bias  # PEFT's second o_proj adds the bias a second time
         return out, None
+
+    def _mixed_prefix(self, q: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample prefix keys and values (B, Hkv, P, D) and gates (B, Hq): each adapter's
+        prefix computed once; a sample of the base gets zeros under a zero gate."""
+        per_sample = self.mixed_batch
+        if len(per_sample) != batch_size:
+            raise ValueError(f"adapter_names must hold one name per sample of the batch ({batch_size}), got "
+                             f"{len(per_sample)}")
+        attention, heads = self.model, q.shape[1]
+        used = list(dict.fromkeys(m for m in per_sample if m is not None))
+        pairs = [prefix_keys_values(attention, m.adaption_prompt, q.dtype, key_norm=False) for m in used]
+        zero = q.new_zeros((attention.config.num_key_value_heads, self.adapter_len, attention.head_dim))
+        slot = torch.tensor([0 if m is None else used.index(m) + 1 for m in per_sample], device=q.device)
+        prefix_k = torch.stack([zero, *(k for k, _ in pairs)])[slot]
+        prefix_v = torch.stack([zero, *(v for _, v in pairs)])[slot]
+        gates = torch.stack([torch.zeros_like(self.adaption_gate).expand(heads),
+                             *(m.adaption_gate.expand(heads) for m in used)])
+        return prefix_k, prefix_v, gates[slot]
 
 
 def _gpt2_word_attention(attention: nn.Module, q, k, v, attention_mask, **kwargs) -> tuple[torch.Tensor, object]:
@@ -280,6 +322,55 @@ def _fused_class(module: _BaseAdaptedAttention) -> type:
     )
 
 
+def _layer_modules(adaption: AdaptionPromptModel, name: str) -> list[_BaseAdaptedAttention]:
+    """The adapted attentions of adapter `name`, layer by layer (in the model when active)."""
+    if name == adaption._active_adapter:
+        target = adaption.peft_config[name].target_modules
+        return [getattr(parent, target) for parent in adaption._parents[name]]
+    return adaption._cached_adapters[name]
+
+
+@contextmanager
+def _mixed_batch(adaption: AdaptionPromptModel, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    """PEFT's forward hooks of an adaption-prompt model (PeftModel enters them around forward
+    and generate): with `adapter_names`, each adapted layer of the active adapter serves
+    every sample with that sample's adapter of the same layer."""
+    if adapter_names is None:
+        yield
+        return
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
+        raise ValueError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}")
+    unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME and n not in adaption.peft_config}, key=str)
+    if unknown:
+        raise ValueError(f"adapter_names: no adapter named {unknown}; the model has {sorted(adaption.peft_config)} "
+                         f"and {BASE_ADAPTER_NAME!r} for the base")
+    active = adaption._active_adapter
+    config = adaption.peft_config[active]
+    for name in set(adapter_names) - {BASE_ADAPTER_NAME}:
+        other = adaption.peft_config[name]
+        if (other.adapter_layers, other.adapter_len, other.target_modules) != (
+                config.adapter_layers, config.adapter_len, config.target_modules):
+            raise ValueError(f"adapter_names: adapter {name!r} ({other.adapter_layers} layers x {other.adapter_len} "
+                             f"prompts) cannot share a batch with the active {active!r} ({config.adapter_layers} x "
+                             f"{config.adapter_len}): a mixed batch needs the same layers and prompt length")
+    wrapped = _layer_modules(adaption, active)
+    if not all(isinstance(m, FusedAdaptedAttention) for m in wrapped):
+        raise TypeError("adapter_names: a batch that mixes adapters needs the fused adaption prompt "
+                        "(enable_fused_adaption_prompt) on Llama or Mistral style attention")
+    per_adapter = {name: _layer_modules(adaption, name) for name in set(adapter_names) - {BASE_ADAPTER_NAME}}
+    for i, module in enumerate(wrapped):
+        module.mixed_batch = [None if n == BASE_ADAPTER_NAME else per_adapter[n][i] for n in adapter_names]
+    try:
+        yield
+    finally:
+        for module in wrapped:
+            module.mixed_batch = None
+
+
+def _adaption_models(model: nn.Module) -> list[AdaptionPromptModel]:
+    return [m for m in model.modules() if isinstance(m, AdaptionPromptModel)]
+
+
 def enable_fused_adaption_prompt(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make every adapted attention of a PEFT adaption-prompt model run the fused op.
 
@@ -292,6 +383,10 @@ def enable_fused_adaption_prompt(model: nn.Module, backend: str = "auto") -> nn.
     generation match PEFT's own forward within floating-point tolerance. Parameter names and
     the state dict do not change. Adapters added to the model later are not fused: call this
     again (it is idempotent).
+
+    PEFT's ``adapter_names=`` then works in ``forward`` and ``generate``: one adapter name
+    per sample ("__base__" for the base model), a batch mixing the model's adapters (of the
+    same layers and prompt length), each sample answered as its adapter alone.
 
     Args:
         model: a PeftModel (or its base model) made with ``AdaptionPromptConfig`` on a Llama,
@@ -313,6 +408,8 @@ def enable_fused_adaption_prompt(model: nn.Module, backend: str = "auto") -> nn.
     for module, cls in zip(modules, classes, strict=True):
         module.__class__ = cls
         module.fused_backend = backend
+    for adaption in _adaption_models(model):  # PeftModel enters these around forward and generate
+        adaption._enable_peft_forward_hooks = functools.partial(_mixed_batch, adaption)
     return model
 
 
@@ -324,4 +421,6 @@ def disable_fused_adaption_prompt(model: nn.Module) -> nn.Module:
         if isinstance(module, (FusedAdaptedAttention, FusedAdaptedAttentionGPT)):
             module.__class__ = type(module).__bases__[0]  # PEFT's own class
             del module.fused_backend
+    for adaption in _adaption_models(model):
+        adaption.__dict__.pop("_enable_peft_forward_hooks", None)
     return model

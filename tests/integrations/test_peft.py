@@ -348,3 +348,78 @@ def test_inference_mode_and_eager_masks(arch, op_calls):
         enable_fused_adaption_prompt(model, backend="sdpa")
         got = model.generate(**inputs, **kwargs)
     assert torch.equal(got, ref) and len(op_calls) == 2 * 4
+
+
+def two_adapter_model(arch: str = "llama") -> torch.nn.Module:
+    """PEFT's model with two adaption prompts of the same shape, both with open gates."""
+    model = peft_model(arch)
+    model.add_adapter("other", AdaptionPromptConfig(adapter_len=5, adapter_layers=2, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        model.set_adapter("other")
+        for name, param in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                param.fill_(-0.9)
+        model.set_adapter("default")
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_adapter_names_mix_adapters_in_one_batch(arch):
+    """PEFT's adapter_names convention: each row of one batch gets its adapter's logits and
+    greedy tokens (or the base's for "__base__"), as PEFT computes them for that adapter
+    alone. PEFT's own adaption prompt ignores the argument."""
+    model = two_adapter_model(arch)
+    inputs, names = batch(), ["other", "__base__", "default"]
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        alone, tokens = {}, {}
+        for name in ("other", "default", "__base__"):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone[name], tokens[name] = model(**inputs).logits, model.generate(**inputs, **gen)
+            else:
+                model.set_adapter(name)
+                alone[name], tokens[name] = model(**inputs).logits, model.generate(**inputs, **gen)
+        model.set_adapter("default")
+        torch.testing.assert_close(model(**inputs, adapter_names=names).logits, alone["default"])  # PEFT: ignored
+        enable_fused_adaption_prompt(model, backend="sdpa")
+        mixed = model(**inputs, adapter_names=names).logits
+        generated = model.generate(**inputs, adapter_names=names, **gen)
+    valid = inputs["attention_mask"].bool()
+    for b, name in enumerate(names):
+        assert_close(mixed[b][valid[b]], alone[name][b][valid[b]], 1e-5, name)
+        assert torch.equal(generated[b], tokens[name][b]), name
+    assert len({tuple(tokens[n][b].tolist()) for b, n in enumerate(names)}) == 3  # they really differ
+
+
+def test_adapter_names_through_the_decode_kernels():
+    model = two_adapter_model()
+    enable_fused_adaption_prompt(model, backend="sdpa")
+    names, gen = ["default", "other", "__base__"], dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(**batch(), adapter_names=names, **gen)
+        enable_fused_adaption_prompt(model.to(DEVICE), backend="triton")
+        inputs = {k: v.to(DEVICE) for k, v in batch().items()}
+        with expect_launches("decode", "decode_combine"):
+            tokens = model.generate(**inputs, adapter_names=names, **gen)
+    assert torch.equal(tokens.cpu(), expected)
+
+
+def test_adapter_names_refusals():
+    model = two_adapter_model()
+    model.add_adapter("short", AdaptionPromptConfig(adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
+    enable_fused_adaption_prompt(model, backend="sdpa")
+    inputs = batch()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"no adapter named \['nope'\]"):
+            model(**inputs, adapter_names=["nope", "default", "other"])
+        with pytest.raises(ValueError, match="'short' .* cannot share a batch"):
+            model(**inputs, adapter_names=["short", "default", "other"])
+        with pytest.raises(ValueError, match="one name per sample of the batch \\(3\\), got 2"):
+            model(**inputs, adapter_names=["default", "other"])
+        with pytest.raises(ValueError, match="one per sample"):
+            model(**inputs, adapter_names="default")
+        # Nothing stays behind: the next call without names is the active adapter's.
+        torch.testing.assert_close(model(**inputs).logits, model(**inputs, adapter_names=["default"] * 3).logits)
+        disable_fused_adaption_prompt(model)
+        assert "_enable_peft_forward_hooks" not in vars(model.base_model)
