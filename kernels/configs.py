@@ -267,8 +267,10 @@ def autotuner(kernel: str, fn):
         # The prefix tile (BLOCK_P, ONE_PREFIX_BLOCK) changes shared memory: the fit check reruns with it.
         # GROUP is a plain argument (one binary for every group size) but MHA and GQA may
         # prefer other tiles (the dK/dV loop runs over the group): each is tuned.
-        key=["HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "PREFIX_FIRST", "TMA", "DQ_DESC_ADD", "CAUSAL",
-             "HAS_MASK", "VARLEN", "T_BUCKET", "GROUP", "DOT_PRECISION"],
+        # Only the kernel's own parameters: Triton 3.9 refuses a key naming any other.
+        key=[name for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_P", "ONE_PREFIX_BLOCK", "PREFIX_FIRST", "TMA",
+                               "DQ_DESC_ADD", "CAUSAL", "HAS_MASK", "VARLEN", "T_BUCKET", "GROUP", "DOT_PRECISION")
+             if name in fn.arg_names],
         prune_configs_by={"early_config_prune": prune},
     )(fn)
     AUTOTUNERS[kernel] = tuned
