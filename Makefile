@@ -15,13 +15,15 @@ LITGPT_VERSION ?= 0.5.13
 export PYTHON CPU_TORCH TRITON LITGPT_VERSION
 LATEST := .venv-latest
 LOWEST := .venv-lowest
+# vLLM (the serving plugin's tests) pins its own torch, transformers and triton.
+VLLM_VENV := .venv-vllm
 # The dependencies whose declared floors `make test-lowest` installs.
 FLOORS := torch transformers peft
 # Without a GPU the Triton kernels run under Triton's interpreter (set before triton loads).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo demo-mm demo-real demo-op test test-latest test-lowest lock bench compile-report lint docs clean
+.PHONY: setup demo demo-mm demo-real demo-op test test-latest test-lowest test-vllm lock bench compile-report lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +39,16 @@ $(LATEST)/.installed: pyproject.toml scripts/setup_env.sh
 
 test-latest: $(LATEST)/.installed
 	$(INTERPRET) $(LATEST)/bin/python -m pytest -q tests
+
+# The vLLM plugin on the real SmolLM2 model, in vLLM's own environment (vLLM's CPU build
+# without a GPU): served logits against vLLM's own model and this package's, and the server.
+$(VLLM_VENV)/.installed: pyproject.toml scripts/setup_vllm_env.sh
+	rm -rf $(VLLM_VENV)
+	bash scripts/setup_vllm_env.sh $(VLLM_VENV)
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
 
 # The declared floors of torch, transformers and peft, everything else resolved around them.
 test-lowest: pyproject.toml scripts/setup_env.sh scripts/floors.py
@@ -90,4 +102,4 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(LOWEST) build dist site *.egg-info
+	rm -rf $(VENV) $(LATEST) $(LOWEST) $(VLLM_VENV) build dist site *.egg-info

@@ -4,13 +4,14 @@
     llama-adapter-fast generate --base BASE_DIR --adapter runs/adapter/adapter.safetensors \\
         --prompt "Give the opposite of the word." --input wet
     llama-adapter-fast convert model.gguf --out BASE_DIR   # a GGUF base as a Hugging Face folder
+    llama-adapter-fast serve --base BASE --adapter NAME=FILE -- --port 8000   # vLLM's server
     llama-adapter-fast demo     # everything on a tiny model and the bundled data, CPU-sized
     llama-adapter-fast demo-mm  # the multi-modal adapter: questions about pictures
     llama-adapter-fast demo-real  # a real pretrained model (SmolLM2-135M-Instruct, GGUF)
 
 Several GPUs or machines: torchrun --nproc_per_node 8 -m llama_adapter_fast.cli finetune ...
 
-One module per command (`finetune.py`, `generate.py`, `convert.py`, `pretrain.py`, `demos/`), each with
+One module per command (`finetune.py`, `generate.py`, `convert.py`, `pretrain.py`, `serve.py`, `demos/`), each with
 `add_parser(subparsers)` and `run(args) -> exit code`.
 """
 
@@ -19,11 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_adapter_fast.cli import convert, finetune, generate, pretrain
+from llama_adapter_fast.cli import convert, finetune, generate, pretrain, serve
 from llama_adapter_fast.cli.demos import multimodal, real, text
 
-COMMANDS = {"finetune": finetune, "generate": generate, "convert": convert, "pretrain": pretrain, "demo": text,
-            "demo-mm": multimodal, "demo-real": real}
+COMMANDS = {"finetune": finetune, "generate": generate, "convert": convert, "pretrain": pretrain, "serve": serve,
+            "demo": text, "demo-mm": multimodal, "demo-real": real}
 
 
 def build_parser() -> argparse.ArgumentParser:

