@@ -1,11 +1,14 @@
-"""`llama-adapter-fast serve`: an adapter behind vLLM's OpenAI-compatible server.
+"""`llama-adapter-fast serve`: adapters behind vLLM's OpenAI-compatible server.
 
-    llama-adapter-fast serve --base BASE --adapter NAME=FILE [-- VLLM_OPTIONS ...]
+    llama-adapter-fast serve --base BASE --adapter NAME=FILE [--adapter NAME=FILE ...] [-- VLLM_OPTIONS ...]
 
-The base (a Hugging Face LLaMA folder or a .gguf file, converted once) and the adapter go
-into a temporary model folder of the ``LlamaAdapterForCausalLM`` architecture (this
-package's vLLM plugin), served under NAME by ``python -m vllm.entrypoints.openai.api_server``
-with whatever options follow ``--`` (``--port``, ``--host``, ``--dtype``, ...).
+The base (a Hugging Face LLaMA folder or a .gguf file, converted once) goes into a temporary
+model folder of the ``LlamaAdapterForCausalLM`` architecture (this package's vLLM plugin),
+served under its own name (--base-name, default the base's file or folder name), and each
+adapter into a LoRA folder served under its NAME: a request's ``model`` field chooses the
+adapter, or the base, and one batch mixes them. ``python -m vllm.entrypoints.openai.api_server``
+runs it, with vLLM's LoRA path on and whatever options follow ``--`` (``--port``, ``--host``,
+``--dtype``, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a Hugging Face LLaMA folder or a .gguf file")
     p.add_argument("--adapter", required=True, action="append", metavar="NAME=FILE",
-                   help="the adapter and the name requests use for it (the request's model field)")
+                   help="an adapter and the name requests use for it (the request's model field); repeatable")
+    p.add_argument("--base-name", default=None, help="the name requests use for the base alone")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER,
                    help="after --: options of vLLM's server (--port 8000, --host 127.0.0.1, --dtype float32, ...)")
 
@@ -37,25 +41,36 @@ def parse_adapter(spec: str) -> tuple[str, str]:
 def run(args) -> int:
     from pathlib import Path
 
-    from llama_adapter_fast.integrations.vllm import check_vllm, served_model_folder
+    from llama_adapter_fast.integrations.vllm import check_vllm, lora_folder, served_model_folder
+    from llama_adapter_fast.integrations.vllm.folder import check_same_settings
+    from llama_adapter_fast.models.formats.native import read_adapter_config
     from llama_adapter_fast.training.bases import base_folder
 
     adapters = [parse_adapter(spec) for spec in args.adapter]
-    if len(adapters) > 1:
-        raise ValueError("--adapter: one adapter per server for now (several adapters in one engine, chosen per "
-                         "request, are not built yet); run one server per adapter")
-    (name, path), = adapters
-    if not Path(path).exists():
-        raise ValueError(f"--adapter: {path} does not exist")
+    base_name = args.base_name or Path(args.base).name.removesuffix(".gguf")
+    names = [name for name, _ in adapters] + [base_name]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--adapter: every adapter and the base (--base-name {base_name!r}) need a name of their "
+                         f"own, got {names}")
+    for _, path in adapters:
+        if not Path(path).exists():
+            raise ValueError(f"--adapter: {path} does not exist")
+    settings = read_adapter_config(adapters[0][1])
+    for _, path in adapters[1:]:
+        check_same_settings(settings, read_adapter_config(path), path)
     check_vllm()
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
     with tempfile.TemporaryDirectory(prefix="llama-adapter-fast-serve-") as tmp:
-        folder = served_model_folder(base_folder(args.base), path, Path(tmp) / "model")
+        base = base_folder(args.base)
+        folder = served_model_folder(base, None, Path(tmp) / "model", settings=settings)
+        loras = [f"{name}={lora_folder(base, path, Path(tmp) / 'adapters' / name)}" for name, path in adapters]
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                   "--served-model-name", name, *extra]
-        print("serving", name, "on", args.base, ":", " ".join(command), flush=True)
+                   "--served-model-name", base_name, "--enable-lora", "--max-loras", str(len(adapters)),
+                   "--max-lora-rank", "8", "--lora-modules", *loras, *extra]
+        print(f"serving {', '.join(n for n, _ in adapters)} and the base as {base_name!r}:", " ".join(command),
+              flush=True)
         try:
             return subprocess.call(command)
         except KeyboardInterrupt:  # the server got the same Ctrl-C and stops by itself

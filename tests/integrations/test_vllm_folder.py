@@ -11,8 +11,10 @@ import json
 import pytest
 
 from llama_adapter_fast import cli
-from llama_adapter_fast.integrations.vllm import ARCHITECTURE, served_model_folder
+from llama_adapter_fast.integrations.vllm import ARCHITECTURE, lora_folder, served_model_folder
+from llama_adapter_fast.integrations.vllm.folder import ADAPTER_FILE
 from llama_adapter_fast.models.config import ModelArgs
+from llama_adapter_fast.models.formats.native import read_adapter_config
 from llama_adapter_fast.models.llama import LLaMAAdapter
 
 transformers = pytest.importorskip("transformers")
@@ -44,6 +46,22 @@ def test_the_folder_links_the_base_and_names_the_adapter(tmp_path):
     assert json.loads((base / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]  # untouched
 
 
+def test_the_lora_folder_adds_nothing_and_carries_the_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    base, file = hf_base(tmp_path), adapter(tmp_path)
+    folder = lora_folder(base, file, tmp_path / "lora")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["target_modules"]) == ("LORA", 1, ["o_proj"])
+    weights = load_file(folder / "adapter_model.safetensors")
+    assert weights and all(not w.any() for w in weights.values())  # zeros: the LoRA adds exactly nothing
+    assert (folder / ADAPTER_FILE).resolve() == file.resolve()
+    settings = read_adapter_config(file)
+    served = served_model_folder(base, None, tmp_path / "served", settings=settings)
+    recorded = json.loads((served / "config.json").read_text())["llama_adapter"]
+    assert recorded == {k: settings[k] for k in ("adapter_len", "adapter_layers", "gate_activation", "scalar_gate")}
+
+
 def test_refusals_name_what_is_wrong(tmp_path, capsys):
     base = hf_base(tmp_path)
     with pytest.raises(ValueError, match="is for another base"):
@@ -58,9 +76,14 @@ def test_refusals_name_what_is_wrong(tmp_path, capsys):
     with pytest.raises(ValueError, match="has no config.json"):
         served_model_folder(tmp_path / "full", adapter(tmp_path), tmp_path / "c")
     file = adapter(tmp_path)
+    longer = tmp_path / "longer.safetensors"
+    LLaMAAdapter(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, adapter_len=6,
+                           adapter_layers=2)).save_adapter(longer)
     for argv, fragment in [
         (["--adapter", "noequals"], "expected NAME=FILE"),
-        (["--adapter", f"a={file}", "--adapter", f"b={file}"], "one adapter per server"),
+        (["--adapter", f"a={file}", "--adapter", f"a={file}"], "need a name of their own"),
+        (["--adapter", f"base={file}"], "need a name of their own"),  # the base's own name
+        (["--adapter", f"a={file}", "--adapter", f"b={longer}"], "adapter_len 6 (served: 4)"),
         (["--adapter", f"a={tmp_path / 'missing.safetensors'}"], "does not exist"),
     ]:
         assert cli.main(["serve", "--base", str(base), *argv]) == 2

