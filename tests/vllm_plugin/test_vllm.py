@@ -196,3 +196,14 @@ def test_serve_answers_each_adapter_and_the_base_on_a_loopback_port(base, tmp_pa
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_the_serving_benchmark_on_a_few_requests(tmp_path):
+    """Every path of benchmarks/bench_serving answers each request as the package does for
+    its adapter alone, and the results come as CSV, markdown and a plot."""
+    from benchmarks import bench_serving
+
+    rows = bench_serving.main(["--requests", "3", "--new-tokens", "3", "--rounds", "1", "--out", str(tmp_path)])
+    assert [r["path"] for r in rows] == list(bench_serving.PATHS)
+    assert all(r["agree_with_package_alone"] == 3 and r["tokens_per_s"] > 0 for r in rows)
+    assert {p.suffix for p in tmp_path.iterdir()} >= {".csv", ".md", ".png"}
