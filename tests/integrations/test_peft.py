@@ -277,16 +277,28 @@ def test_disable_restores_peft_forward(arch):
     torch.testing.assert_close(model(**inputs).logits, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_adapter_switching_and_disabling(arch, op_calls):
-    """Inactive adapters are fused too; switching and disabling keep PEFT's results."""
+def two_adapter_model(arch: str = "llama", adapter_len: int = 5, adapter_layers: int = 2,
+                      gate: float = -0.9) -> torch.nn.Module:
+    """PEFT's model with a second adaption prompt, "other" (the same shape as "default" by
+    default), both with open gates; "default" active."""
     model = peft_model(arch)
-    model.add_adapter("other", AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM"))
+    model.add_adapter("other", AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
+                                                    task_type="CAUSAL_LM"))
     with torch.no_grad():
         model.set_adapter("other")
         for name, param in model.named_parameters():
             if name.endswith("adaption_gate"):
-                param.fill_(0.8)
+                param.fill_(gate)
+        model.set_adapter("default")
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_switching_and_disabling(arch, op_calls):
+    """Inactive adapters are fused too; switching and disabling keep PEFT's results."""
+    model = two_adapter_model(arch, adapter_len=3, adapter_layers=1, gate=0.8)
+    with torch.no_grad():
+        model.set_adapter("other")
         inputs = batch()
         expected = {"other": model(**inputs).logits}
         model.set_adapter("default")
@@ -348,19 +360,6 @@ def test_inference_mode_and_eager_masks(arch, op_calls):
         enable_fused_adaption_prompt(model, backend="sdpa")
         got = model.generate(**inputs, **kwargs)
     assert torch.equal(got, ref) and len(op_calls) == 2 * 4
-
-
-def two_adapter_model(arch: str = "llama") -> torch.nn.Module:
-    """PEFT's model with two adaption prompts of the same shape, both with open gates."""
-    model = peft_model(arch)
-    model.add_adapter("other", AdaptionPromptConfig(adapter_len=5, adapter_layers=2, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        model.set_adapter("other")
-        for name, param in model.named_parameters():
-            if name.endswith("adaption_gate"):
-                param.fill_(-0.9)
-        model.set_adapter("default")
-    return model.eval()
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
