@@ -14,6 +14,7 @@ runs it, with vLLM's LoRA path on and whatever options follow ``--`` (``--port``
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,10 @@ def run(args) -> int:
                    "--max-lora-rank", "8", "--lora-modules", *loras, *extra]
         print(f"serving {', '.join(n for n, _ in adapters)} and the base as {base_name!r}:", " ".join(command),
               flush=True)
+        # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: adapters come and go
+        # while it runs (a request's lora_path may be an adapter file itself).
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         try:
-            return subprocess.call(command)
+            return subprocess.call(command, env=env)
         except KeyboardInterrupt:  # the server got the same Ctrl-C and stops by itself
             return 130

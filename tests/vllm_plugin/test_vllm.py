@@ -3,7 +3,8 @@ test-vllm`; skipped elsewhere): a zero gate gives vLLM's own logprobs bit for bi
 gates this package's greedy tokens and logprobs, a batch that mixes adapters (vLLM's LoRA
 path) and the base gives each request its own adapter's answer, and `llama-adapter-fast
 serve` answers completions and chat for each adapter and the base, streaming included,
-and refuses an unknown model with an HTTP error."""
+loads and unloads adapters while it runs, and answers an unknown model or an adapter of
+other settings with an HTTP error."""
 
 from __future__ import annotations
 
@@ -189,6 +190,21 @@ def test_serve_answers_each_adapter_and_the_base_on_a_loopback_port(base, tmp_pa
         assert events[-1] == "[DONE]" and len(events) > 2
         status, body = request(url + "/v1/completions", {"model": "nope", "prompt": "hi", "max_tokens": 2})
         assert status == 404 and "nope" in body
+        # Adapters come and go while it runs: the adapter file itself is the lora_path.
+        status, body = request(url + "/v1/load_lora_adapter", {"lora_name": "late",
+                                                               "lora_path": str(tmp_path / "b.safetensors")})
+        assert status == 200, body
+        status, body = request(url + "/v1/completions", {"model": "late", "prompt": PROMPTS[0], "max_tokens": 6,
+                                                         "temperature": 0})
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == texts["other"], body
+        assert request(url + "/v1/unload_lora_adapter", {"lora_name": "late"})[0] == 200
+        assert request(url + "/v1/completions", {"model": "late", "prompt": "hi", "max_tokens": 2})[0] == 404
+        # An adapter of other settings (a longer prompt) is refused with an error response.
+        model = LLaMAAdapter.from_hf(base, adapter_len=7, adapter_layers=15, dtype=torch.float32)
+        model.save_adapter(tmp_path / "longer.safetensors")
+        status, body = request(url + "/v1/load_lora_adapter", {"lora_name": "longer",
+                                                               "lora_path": str(tmp_path / "longer.safetensors")})
+        assert status >= 400 and "adapter_len" in body, (status, body)
         assert request(url + "/health")[0] == 200  # bad input did not take the server down
     finally:
         server.terminate()

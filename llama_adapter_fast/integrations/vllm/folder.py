@@ -94,8 +94,12 @@ def lora_folder(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     """The LoRA folder that serves `adapter` per request: PEFT's adapter_config.json and a
     rank-1 LoRA of zeros on the first layer's o_proj (it adds exactly nothing: vLLM needs
     some LoRA weight to carry the request's slot), and the adapter file, linked."""
-    base, out = Path(base), Path(out)
-    config = base_config(base)
+    return write_lora_folder(base_config(Path(base)), adapter, out, str(base))
+
+
+def write_lora_folder(config: dict, adapter: str | os.PathLike, out: str | os.PathLike, base_name: str = "") -> Path:
+    """`lora_folder` for a base described by its config.json `config`."""
+    out = Path(out)
     check_servable(config, adapter)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out: {out} is not empty")
@@ -107,10 +111,10 @@ def lora_folder(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                f"{target}.lora_B.weight": torch.zeros(width, 1)}, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": ["o_proj"], "base_model_name_or_path": str(base)}, indent=2) + "\n")
+        "target_modules": ["o_proj"], "base_model_name_or_path": base_name}, indent=2) + "\n")
     (out / ADAPTER_FILE).symlink_to(Path(adapter).resolve())
     return out
 
 
 __all__ = ["ADAPTER_FILE", "ARCHITECTURE", "SHARED_SETTINGS", "check_same_settings", "check_servable",
-           "lora_folder", "served_model_folder"]
+           "lora_folder", "served_model_folder", "write_lora_folder"]

@@ -7,7 +7,9 @@ layers through their punica wrapper (`token_lora_indices`, public on the wrapper
 LLaMA-Adapter is served as a LoRA adapter of zero weights whose folder also holds the
 adapter file (see `folder.lora_folder`); two hooks tell the model which adapter is where:
 
-- `WorkerLoRAManager._load_adapter(lora_request)`: records the folder of each LoRA id;
+- `WorkerLoRAManager._load_adapter(lora_request)`: lets the model check the adapter first
+  (and turn an adapter file into its LoRA folder, so that vLLM's `/v1/load_lora_adapter`
+  takes the file itself), then records the folder of each LoRA id;
 - `LoRAModelManager._set_adapter_mapping(mapping)`: after each mapping update, hands the
   model the LoRA id of every slot (`lora_index_to_id`).
 
@@ -37,6 +39,9 @@ def install() -> None:
 
     @functools.wraps(load_adapter)
     def _load_adapter(self, lora_request):
+        prepare = getattr(self._adapter_manager.model, "llama_adapter_lora_path", None)
+        if prepare is not None:  # a refusal here reaches the client as an error response
+            lora_request.lora_path = prepare(lora_request.lora_int_id, lora_request.lora_path)
         lora = load_adapter(self, lora_request)
         LORA_FOLDERS[lora_request.lora_int_id] = lora_request.lora_path
         return lora

@@ -22,6 +22,7 @@ Which adapter a token uses:
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,7 +31,12 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import extract_layer_index
 
 from llama_adapter_fast.integrations.vllm import check_vllm, hooks
-from llama_adapter_fast.integrations.vllm.folder import ADAPTER_FILE, check_same_settings
+from llama_adapter_fast.integrations.vllm.folder import (
+    ADAPTER_FILE,
+    check_same_settings,
+    check_servable,
+    write_lora_folder,
+)
 from llama_adapter_fast.models.formats.native import read_adapter, read_adapter_config, with_own_names
 from llama_adapter_fast.ops.reference import activate_gate
 
@@ -163,6 +169,24 @@ class LlamaAdapterForCausalLM(LlamaForCausalLM):
     def llama_adapter_slots(self, slot_ids: list[int | None]) -> None:
         """The LoRA id of each slot, after each of vLLM's mapping updates (see `hooks`)."""
         self._lora_state["slots"] = slot_ids
+
+    def llama_adapter_lora_path(self, lora_id: int, path: str) -> str:
+        """The LoRA folder of a request's adapter, checked against this model (called by
+        `hooks` before vLLM loads it): a folder of `lora_folder`, or an adapter file, put
+        into such a folder here. What this LoRA id held before is forgotten."""
+        source = Path(path)
+        adapter = source / ADAPTER_FILE if source.is_dir() else source
+        if not adapter.is_file():
+            raise ValueError(f"lora_path: {path} is neither an adapter file nor a folder holding {ADAPTER_FILE}")
+        config = self.config.to_dict()
+        check_servable(config, adapter)  # the base's width and depth; prompts and gates only
+        check_same_settings(self.config.llama_adapter, read_adapter_config(adapter), adapter)
+        if not source.is_dir():
+            source = write_lora_folder(config, adapter, tempfile.mkdtemp(prefix="llama-adapter-lora-"))
+        self._lora_files.pop(lora_id, None)
+        for attention in self.adapted_attentions():
+            attention.by_lora_id.pop(lora_id, None)
+        return str(source)
 
     def _read_lora_adapter(self, lora_id: int) -> dict[str, torch.Tensor]:
         if lora_id not in self._lora_files:
