@@ -60,6 +60,8 @@ class AdapterLlamaAttention(LlamaAttention):
             self.register_buffer("prefix_v", torch.zeros(self.num_kv_heads, P, self.head_dim), persistent=False)
             self.register_buffer("gate_act", torch.zeros(self.num_heads), persistent=False)
             self.by_lora_id: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            # The slots' prefixes stacked for the last slot layout: (layout, (keys, values, gates)).
+            self.stacked: tuple | None = None
             self.lora_state: dict = {}  # shared with the model: the LoRA id of each slot
 
     def rank_prefix(self, qkv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,14 +104,16 @@ class AdapterLlamaAttention(LlamaAttention):
         slot_ids = self.lora_state.get("slots")
         if wrapper is None or slot_ids is None:
             return None
-        entries = [self.adapter_of(i) for i in slot_ids]  # a slot without LoRA: the default
-        keys = torch.stack([e[0] for e in entries] + [self.prefix_k])
-        values = torch.stack([e[1] for e in entries] + [self.prefix_v])
-        gates = torch.stack([e[2] for e in entries] + [self.gate_act])
+        layout = tuple(slot_ids)
+        if self.stacked is None or self.stacked[0] != layout:  # restacked only when the slots change
+            entries = [self.adapter_of(i) for i in layout]  # a slot without LoRA: the default
+            self.stacked = (layout, tuple(torch.stack([e[j] for e in entries] + [default])
+                                          for j, default in enumerate((self.prefix_k, self.prefix_v, self.gate_act))))
+        keys, values, gates = self.stacked[1]
         slots = wrapper.token_lora_indices[:n].long()
         if slots.shape[0] < n:  # padded steps: the padding rows take the default
             slots = torch.cat([slots, slots.new_full((n - slots.shape[0],), -1)])
-        slots = torch.where(slots < 0, len(entries), slots)
+        slots = torch.where(slots < 0, len(layout), slots)
         return keys[slots], values[slots], gates[slots]
 
     def adapter_of(self, lora_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,6 +190,7 @@ class LlamaAdapterForCausalLM(LlamaForCausalLM):
         self._lora_files.pop(lora_id, None)
         for attention in self.adapted_attentions():
             attention.by_lora_id.pop(lora_id, None)
+            attention.stacked = None
         return str(source)
 
     def _read_lora_adapter(self, lora_id: int) -> dict[str, torch.Tensor]:
