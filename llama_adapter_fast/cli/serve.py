@@ -8,7 +8,8 @@ served under its own name (--base-name, default the base's file or folder name),
 adapter into a LoRA folder served under its NAME: a request's ``model`` field chooses the
 adapter, or the base, and one batch mixes them. ``python -m vllm.entrypoints.openai.api_server``
 runs it, with vLLM's LoRA path on and whatever options follow ``--`` (``--port``, ``--host``,
-``--dtype``, ...).
+``--dtype``, ...). An adapter with V2's bias, scale or norm tuning changes the base's own
+weights: it is served alone, under its NAME, its tuning folded into the weights.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from llama_adapter_fast.integrations.vllm import check_vllm, lora_folder, served_model_folder
+    from llama_adapter_fast.integrations.vllm.fold import has_tuning
     from llama_adapter_fast.integrations.vllm.folder import check_same_settings
     from llama_adapter_fast.models.formats.native import read_adapter_config
     from llama_adapter_fast.training.bases import base_folder
@@ -57,6 +59,10 @@ def run(args) -> int:
         if not Path(path).exists():
             raise ValueError(f"--adapter: {path} does not exist")
     settings = read_adapter_config(adapters[0][1])
+    tuned = [path for _, path in adapters if has_tuning(read_adapter_config(path))]
+    if tuned and (len(adapters) > 1 or args.base_name):
+        raise ValueError(f"--adapter: {tuned[0]} has V2's bias, scale or norm tuning, which is folded into the "
+                         f"served weights: serve it alone (one --adapter, no --base-name)")
     for _, path in adapters[1:]:
         check_same_settings(settings, read_adapter_config(path), path)
     check_vllm()
@@ -65,13 +71,19 @@ def run(args) -> int:
         extra = extra[1:]
     with tempfile.TemporaryDirectory(prefix="llama-adapter-fast-serve-") as tmp:
         base = base_folder(args.base)
-        folder = served_model_folder(base, None, Path(tmp) / "model", settings=settings)
-        loras = [f"{name}={lora_folder(base, path, Path(tmp) / 'adapters' / name)}" for name, path in adapters]
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                   "--served-model-name", base_name, "--enable-lora", "--max-loras", str(len(adapters)),
-                   "--max-lora-rank", "8", "--lora-modules", *loras, *extra]
-        print(f"serving {', '.join(n for n, _ in adapters)} and the base as {base_name!r}:", " ".join(command),
-              flush=True)
+        server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        if tuned:  # the adapter is the model: its tuning folded into the weights, no base, no LoRA
+            (name, path), = adapters
+            folder = served_model_folder(base, path, Path(tmp) / "model")
+            command = [*server, "--model", str(folder), "--served-model-name", name, *extra]
+            served = f"{name} (its V2 tuning folded into the weights)"
+        else:
+            folder = served_model_folder(base, None, Path(tmp) / "model", settings=settings)
+            loras = [f"{name}={lora_folder(base, path, Path(tmp) / 'adapters' / name)}" for name, path in adapters]
+            command = [*server, "--model", str(folder), "--served-model-name", base_name, "--enable-lora",
+                       "--max-loras", str(len(adapters)), "--max-lora-rank", "8", "--lora-modules", *loras, *extra]
+            served = f"{', '.join(n for n, _ in adapters)} and the base as {base_name!r}"
+        print(f"serving {served}:", " ".join(command), flush=True)
         # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: adapters come and go
         # while it runs (a request's lora_path may be an adapter file itself).
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}

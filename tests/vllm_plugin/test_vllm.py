@@ -1,10 +1,11 @@
 """The vLLM plugin on the real SmolLM2-135M-Instruct, in vLLM's own environment (`make
-test-vllm`; skipped elsewhere): a zero gate gives vLLM's own logprobs bit for bit, open
-gates this package's greedy tokens and logprobs, a batch that mixes adapters (vLLM's LoRA
-path) and the base gives each request its own adapter's answer, and `llama-adapter-fast
-serve` answers completions and chat for each adapter and the base, streaming included,
-loads and unloads adapters while it runs, and answers an unknown model or an adapter of
-other settings with an HTTP error."""
+test` runs it there; skipped elsewhere): a zero gate gives vLLM's own logprobs bit for bit,
+open gates this package's greedy tokens and logprobs, V2's tuning folded into the weights
+the tuned model's, a batch that mixes adapters (vLLM's LoRA path; the demo's trained
+adapter among them) and the base gives each request its own adapter's answer, and
+`llama-adapter-fast serve` answers completions and chat for the trained adapter, another
+and the base, streaming included, loads and unloads adapters while it runs, and answers an
+unknown model or an adapter of other settings or another base with an HTTP error."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,11 +35,15 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 
-from llama_adapter_fast.cli.demos.real import bundled_gguf
+from llama_adapter_fast.cli.demos.real import DEMO_FINETUNE, INSTRUCTION, bundled_gguf, date_records
 from llama_adapter_fast.integrations.vllm import lora_folder, served_model_folder
 from llama_adapter_fast.models import LLaMAAdapter
+from llama_adapter_fast.models.config import ModelArgs
 from llama_adapter_fast.models.formats.gguf import gguf_base_folder
 from llama_adapter_fast.models.formats.native import read_adapter_config
+from llama_adapter_fast.training.config import TrainConfig
+from llama_adapter_fast.training.recipes import finetune
+from llama_adapter_fast.training.tokenizer import HFTokenizer
 
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 2683, 359, 253, 1933, 30, 2683, 359, 253, 1142, 1184]]
 STEPS = 8
@@ -52,6 +58,25 @@ def base():
 def plain(base):
     """vLLM's own Llama on the base: the reference of a shut gate."""
     return engine_outputs(base, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """The adapter of `demo-real` (its settings and dates), trained for a few steps here."""
+    out = tmp_path_factory.mktemp("demo-real")
+    (out / "train.json").write_text(json.dumps(date_records(0, 64)))
+    result = finetune(TrainConfig(**{**DEMO_FINETUNE, "max_steps": 8, "warmup_steps": 2}, base=str(base),
+                                  data=str(out / "train.json"), out_dir=str(out / "adapter"), device="cpu",
+                                  save_every=8, seed=0, progress=False, plot=False))
+    assert result.final_loss < result.first_loss
+    return Path(result.adapter_path)
+
+
+def chat_prompt(base, words: str) -> list[int]:
+    """A date question of the demo in the base's chat template, as token ids."""
+    tokenizer = HFTokenizer(base)
+    return tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": f"{INSTRUCTION}\n\n{words}"}], True),
+                            bos=False)
 
 
 def write_adapter(base, path, gates: str, seed: int = 0) -> LLaMAAdapter:
@@ -112,18 +137,37 @@ def test_open_gates_give_the_packages_tokens_and_logprobs(base, plain, tmp_path)
     assert [list(o.token_ids) for o in outputs] != [list(o.token_ids) for o in plain]  # the adapter matters
 
 
-def test_a_batch_mixing_adapters_and_the_base_answers_each_as_alone(base, plain, tmp_path):
-    """vLLM's LoRA path chooses each request's adapter: one batch of two adapters, the base
-    and an adapter again, each row the package's greedy tokens for its adapter (the base's:
-    vLLM's own logprobs, bit for bit)."""
-    models = {name: write_adapter(base, tmp_path / f"{name}.safetensors", "open", seed)
-              for seed, name in enumerate(("a", "b"))}
-    files = {name: tmp_path / f"{name}.safetensors" for name in models}
+def test_v2_tuning_is_folded_into_the_served_weights(base, plain, tmp_path):
+    """An adapter with V2's bias, scale and norm tuning, served alone: its tuning folded into
+    vLLM's weights (biases turned on), its tokens and logprobs the package's tuned model's."""
+    model = LLaMAAdapter.from_hf(base, adapter_len=10, adapter_layers=15, dtype=torch.float32,
+                                 bias_tuning=("wq", "wk", "wv", "wo", "w1", "w2", "w3"), norm_tuning=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.8 if name.endswith(("prompt", "gate")) else 0.02))
+    model.save_adapter(tmp_path / "v2.safetensors")
+    outputs = engine_outputs(served_model_folder(base, tmp_path / "v2.safetensors", tmp_path / "served"), PROMPTS)
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        tokens, logprobs = package_greedy(model.eval(), prompt)
+        assert list(out.token_ids) == tokens, prompt
+        for step, token in enumerate(tokens):
+            assert abs(out.logprobs[step][token].logprob - float(logprobs[step][token])) < 2e-3
+    assert [list(o.token_ids) for o in outputs] != [list(o.token_ids) for o in plain]
+
+
+def test_a_batch_mixing_adapters_and_the_base_answers_each_as_alone(base, plain, trained, tmp_path):
+    """vLLM's LoRA path chooses each request's adapter: one batch of the demo's trained
+    adapter, another, the base and the trained one again, each row the package's greedy
+    tokens for its adapter (the base's: vLLM's own logprobs, bit for bit)."""
+    models = {"a": LLaMAAdapter.from_hf(base, adapter_len=10, adapter_layers=15, dtype=torch.float32).eval(),
+              "b": write_adapter(base, tmp_path / "b.safetensors", "open", 1)}
+    files = {"a": trained, "b": tmp_path / "b.safetensors"}
     folder = served_model_folder(base, None, tmp_path / "served", settings=read_adapter_config(files["a"]))
     requests = {name: LoRARequest(name, i + 1, str(lora_folder(base, files[name], tmp_path / f"lora-{name}")))
                 for i, name in enumerate(files)}
     names = ["a", None, "b", "a"]
-    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], chat_prompt(base, "July 4, 1976")]
     outputs = engine_outputs(folder, prompts, [None if n is None else requests[n] for n in names],
                              enable_lora=True, max_loras=2, max_lora_rank=8)
     for name, prompt, out in zip(names, prompts, outputs, strict=True):
@@ -151,8 +195,8 @@ def request(url: str, body: dict | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_serve_answers_each_adapter_and_the_base_on_a_loopback_port(base, tmp_path):
-    write_adapter(base, tmp_path / "a.safetensors", "open", 0)
+def test_serve_answers_each_adapter_and_the_base_on_a_loopback_port(base, trained, tmp_path):
+    (tmp_path / "a.safetensors").symlink_to(trained)  # the demo's trained adapter, served as "dates"
     write_adapter(base, tmp_path / "b.safetensors", "open", 1)
     port = free_port()
     server = subprocess.Popen(
@@ -205,6 +249,12 @@ def test_serve_answers_each_adapter_and_the_base_on_a_loopback_port(base, tmp_pa
         status, body = request(url + "/v1/load_lora_adapter", {"lora_name": "longer",
                                                                "lora_path": str(tmp_path / "longer.safetensors")})
         assert status >= 400 and "adapter_len" in body, (status, body)
+        # So is an adapter of another base (another width).
+        other = tmp_path / "other-base.safetensors"
+        LLaMAAdapter(ModelArgs(dim=64, n_layers=30, n_heads=8, n_kv_heads=2, vocab_size=61, adapter_len=10,
+                               adapter_layers=15)).save_adapter(other)
+        status, body = request(url + "/v1/load_lora_adapter", {"lora_name": "other-base", "lora_path": str(other)})
+        assert status >= 400 and "another base" in body, (status, body)
         assert request(url + "/health")[0] == 200  # bad input did not take the server down
     finally:
         server.terminate()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llama_adapter_fast.integrations.vllm.fold import check_foldable, has_tuning, tuning_config
 from llama_adapter_fast.models.formats.native import read_adapter, read_adapter_config, with_own_names
 
 ARCHITECTURE = "LlamaAdapterForCausalLM"
@@ -31,13 +32,21 @@ def check_same_settings(model_settings: dict, settings: dict, adapter: str | os.
                          + ", ".join(f"{k} {a!r} (served: {b!r})" for k, (a, b) in differ.items()))
 
 
-def check_servable(base_config: dict, adapter: str | os.PathLike) -> dict:
+def check_servable(base_config: dict, adapter: str | os.PathLike, fold: bool = False) -> dict:
     """The adapter's settings, after a ValueError naming `adapter` where vLLM's model cannot
-    compute it on this base: another base's width or depth, V2's tuning, litgpt's projection."""
+    compute it on this base: another base's width or depth, litgpt's projection, V2's tuning
+    that cannot be folded into the weights (see `fold`), or any V2 tuning without `fold` (an
+    adapter chosen per request shares the base's weights)."""
     settings = read_adapter_config(adapter)
-    if settings.get("bias_tuning") or settings.get("norm_tuning"):
-        raise ValueError(f"adapter {adapter}: V2's bias, scale and norm tuning are not served by vLLM yet "
-                         f"(prompts and gates only)")
+    if has_tuning(settings):
+        if not fold:
+            raise ValueError(f"adapter {adapter}: V2's bias, scale and norm tuning change the base's own weights, so "
+                             f"it cannot share a base with other adapters; serve it alone (one --adapter, no "
+                             f"--base-name), its tuning folded into the weights")
+        check_foldable(settings, adapter)
+        own = [flag for flag in ("attention_bias", "mlp_bias") if base_config.get(flag)]
+        if own:
+            raise ValueError(f"adapter {adapter}: V2's tuning folds into a base without biases; this base has {own}")
     if settings.get("prefix_projection", "own") != "own":
         raise ValueError(f"adapter {adapter}: the {settings['prefix_projection']!r} prefix projection is not served "
                          f"by vLLM yet")
@@ -55,12 +64,13 @@ def served_model_folder(base: str | os.PathLike, adapter: str | os.PathLike | No
                         settings: dict | None = None) -> Path:
     """Write the folder vLLM serves on `base` (a Hugging Face LLaMA folder) into `out`, a new
     or empty directory: the base's files as symbolic links, config.json with the
-    architecture and `adapter`'s absolute path (the default adapter of every request), or,
-    without one, the `settings` (SHARED_SETTINGS) of the adapters requests choose."""
+    architecture and `adapter`'s absolute path (the default adapter of every request; V2's
+    tuning is folded into the weights when vLLM loads them, and the biases it needs turned on),
+    or, without one, the `settings` (SHARED_SETTINGS) of the adapters requests choose."""
     base, out = Path(base), Path(out)
     config = base_config(base)
     if adapter is not None:
-        check_servable(config, adapter)
+        config.update(tuning_config(check_servable(config, adapter, fold=True)))
         llama_adapter = {"path": str(Path(adapter).resolve())}
     elif settings is not None:
         llama_adapter = {k: settings[k] for k in SHARED_SETTINGS}

@@ -31,6 +31,7 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import extract_layer_index
 
 from llama_adapter_fast.integrations.vllm import check_vllm, hooks
+from llama_adapter_fast.integrations.vllm.fold import fold_tuning, has_tuning
 from llama_adapter_fast.integrations.vllm.folder import (
     ADAPTER_FILE,
     check_same_settings,
@@ -182,6 +183,9 @@ class LlamaAdapterForCausalLM(LlamaForCausalLM):
         adapter = source / ADAPTER_FILE if source.is_dir() else source
         if not adapter.is_file():
             raise ValueError(f"lora_path: {path} is neither an adapter file nor a folder holding {ADAPTER_FILE}")
+        if has_tuning(self.config.llama_adapter):
+            raise ValueError(f"lora_path: {path}: this model's weights carry its own adapter's V2 tuning "
+                             f"({self.config.llama_adapter['path']}), so it serves no other adapter")
         config = self.config.to_dict()
         check_servable(config, adapter)  # the base's width and depth; prompts and gates only
         check_same_settings(self.config.llama_adapter, read_adapter_config(adapter), adapter)
@@ -202,10 +206,12 @@ class LlamaAdapterForCausalLM(LlamaForCausalLM):
         return self._lora_files[lora_id]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
         settings = self.config.llama_adapter
         state = with_own_names(read_adapter(settings["path"]).state, settings["adapter_layers"]) \
             if "path" in settings else None
+        if state is not None and has_tuning(settings):  # V2's tuning folded into the weights (see fold)
+            weights = fold_tuning(weights, state, settings, self.config.num_hidden_layers)
+        loaded = super().load_weights(weights)
         for attention in self.adapted_attentions():
             key = f"layers.{attention.layer_idx}.attention."
             if state is not None:
