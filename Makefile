@@ -17,13 +17,14 @@ LATEST := .venv-latest
 LOWEST := .venv-lowest
 # vLLM (the serving plugin's tests) pins its own torch, transformers and triton.
 VLLM_VENV := .venv-vllm
+VLLM_LATEST := .venv-vllm-latest
 # The dependencies whose declared floors `make test-lowest` installs.
 FLOORS := torch transformers peft
 # Without a GPU the Triton kernels run under Triton's interpreter (set before triton loads).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INTERPRET := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: setup demo demo-mm demo-real demo-op test test-latest test-lowest test-vllm lock bench compile-report lint docs clean
+.PHONY: setup demo demo-mm demo-real demo-op test test-latest test-lowest test-vllm lock lock-vllm bench compile-report lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -41,14 +42,23 @@ test-latest: $(LATEST)/.installed
 	$(INTERPRET) $(LATEST)/bin/python -m pytest -q tests
 
 # The vLLM plugin on the real SmolLM2 model, in vLLM's own environment (vLLM's CPU build
-# without a GPU): served logits against vLLM's own model and this package's, and the server.
-$(VLLM_VENV)/.installed: pyproject.toml scripts/setup_vllm_env.sh
+# without a GPU, the versions of constraints-vllm.txt): served logits against vLLM's own
+# model and this package's, and the server. `make test` runs these tests too.
+$(VLLM_VENV)/.installed: pyproject.toml scripts/setup_vllm_env.sh constraints-vllm.txt
 	rm -rf $(VLLM_VENV)
-	bash scripts/setup_vllm_env.sh $(VLLM_VENV)
+	bash scripts/setup_vllm_env.sh $(VLLM_VENV) constraints-vllm.txt
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
+
+# constraints-vllm.txt from a fresh resolve of what vLLM allows (not CI).
+lock-vllm: pyproject.toml scripts/setup_vllm_env.sh
+	rm -rf $(VLLM_LATEST)
+	bash scripts/setup_vllm_env.sh $(VLLM_LATEST)
+	( echo "# What scripts/setup_vllm_env.sh installs on a CPU machine (pip constraints); make lock-vllm writes this file from a fresh resolve."; \
+	  $(VLLM_LATEST)/bin/python -m pip freeze --all --exclude-editable --disable-pip-version-check \
+	  | grep -v -i -E '^(pip|torch|llama[-_]adapter[-_]fast|nvidia-.*)==' ) > constraints-vllm.txt
 
 # The declared floors of torch, transformers and peft, everything else resolved around them.
 test-lowest: pyproject.toml scripts/setup_env.sh scripts/floors.py
@@ -81,8 +91,14 @@ demo-real: setup
 demo-op: setup
 	$(INTERPRET) $(PY) -m llama_adapter_fast.cli.demos.op
 
+# The whole suite: the main environment's, then the vLLM plugin's in vLLM's own. vLLM's
+# environment (downloading and unpacking, mostly) builds while the main suite runs; its log
+# is $(VLLM_VENV).log.
 test: setup
-	$(INTERPRET) $(PY) -m pytest -q tests
+	@$(MAKE) --no-print-directory $(VLLM_VENV)/.installed > $(VLLM_VENV).log 2>&1 & vllm=$$!; \
+	$(INTERPRET) $(PY) -m pytest -q tests; main=$$?; \
+	wait $$vllm || { tail -n 30 $(VLLM_VENV).log; echo "vLLM's environment did not build: $(VLLM_VENV).log"; exit 1; }; \
+	test $$main -eq 0 && $(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
 
 # The GPU suite where there is a GPU; elsewhere the CPU part (kernel timings need a GPU).
 bench: setup
@@ -102,4 +118,4 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(LOWEST) $(VLLM_VENV) build dist site *.egg-info
+	rm -rf $(VENV) $(LATEST) $(LOWEST) $(VLLM_VENV) $(VLLM_LATEST) build dist site *.egg-info
